@@ -1,0 +1,28 @@
+"""Exception types shared by the spec, the NumPy reference and every backend.
+
+All derive from ValueError so callers that only know "bad input" still catch them.
+"""
+
+
+class CBAMError(ValueError):
+    """Base class of every error this package raises on purpose."""
+
+
+class SpecError(CBAMError):
+    """A CBAMSpec (or model spec) field is invalid, e.g. a zero hidden width or an even kernel."""
+
+
+class InputError(CBAMError):
+    """An input tensor has the wrong rank, channel count, layout or dtype."""
+
+
+class WeightsError(CBAMError):
+    """Canonical weights do not match a spec: missing/extra names, wrong shapes or dtypes."""
+
+
+class CheckpointError(CBAMError):
+    """A checkpoint file is missing, truncated, corrupt, or holds an invalid spec."""
+
+
+class DataError(CBAMError):
+    """A dataset file is missing, truncated, corrupt, has the wrong magic or a bad checksum."""

@@ -1,0 +1,338 @@
+"""CBAMSpec: every detail on which CBAM implementations disagree, as plain, frozen data.
+
+Imports neither torch nor jax. Everything derived from the fields (hidden width, canonical
+parameter names, shapes, layouts, input checks) is computed here, in one place, so the NumPy
+reference and every backend agree by construction.
+
+Canonical parameter layouts (framework-neutral, what `cbam_multi.weights` stores):
+
+=========================  ================  ==========================================
+name                       shape             layout / meaning
+=========================  ================  ==========================================
+channel.fc1.kernel         (C, hidden)       dense, (in, out): h = pooled @ kernel
+channel.fc1.bias           (hidden,)         only if ``mlp_bias``
+channel.fc2.kernel         (hidden, C)       dense, (in, out)
+channel.fc2.bias           (C,)              only if ``mlp_bias``
+spatial.conv.kernel        (k, k, 2, 1)      HWIO cross-correlation kernel; input channel i
+                                             is ``concat_order[i]`` ("mean" or "max")
+spatial.conv.bias          (1,)              only if ``spatial_bias``
+spatial.bn.scale/bias      (1,)              only if ``spatial_norm == "batchnorm"``
+spatial.bn.mean/var        (1,)              running statistics (not trained by gradient)
+=========================  ================  ==========================================
+
+BatchNorm convention (PyTorch's, used by the reference and converted for Flax):
+``running = (1 - momentum) * running + momentum * batch_stat``, the running variance is
+updated with the *unbiased* batch variance, normalisation uses the *biased* one.
+Flax's own ``BatchNorm(momentum=...)`` weighs the *old* value, i.e. ``flax_momentum = 1 - momentum``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+from cbam_multi.errors import InputError, SpecError
+
+POOLS = ("avg", "max", "lp", "lse")
+GATES = ("sigmoid", "hard_sigmoid")
+HIDDEN_RULES = ("floor", "round")
+NORMS = ("none", "batchnorm")
+MLP_KINDS = ("linear", "conv1x1")
+SPATIAL_MAPS = ("mean", "max")
+
+# Parameters moved by the optimizer vs. running statistics (state updated in train mode).
+TRAINABLE, STATISTIC = "param", "stat"
+
+SPEC_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class CBAMSpec:
+    """One CBAM block, fully specified. Defaults follow the seed blog (r=4, k=3, MLP bias)."""
+
+    channels: int
+    reduction: int = 4
+    hidden_rule: Literal["floor", "round"] = "floor"
+    mlp_bias: bool = True
+    mlp_kind: Literal["linear", "conv1x1"] = "linear"  # torch module form only; same maths
+    channel_pools: tuple[str, ...] = ("avg", "max")
+    spatial_kernel: int = 3
+    concat_order: tuple[str, str] = ("mean", "max")
+    spatial_bias: bool = True
+    spatial_norm: Literal["none", "batchnorm"] = "none"
+    norm_momentum: float = 0.1  # PyTorch convention: weight of the new batch statistic
+    norm_eps: float = 1e-5
+    norm_gamma_init: float = 1.0  # the official code zero-initialises the spatial BN scale
+    gate: Literal["sigmoid", "hard_sigmoid"] = "sigmoid"
+
+    def __post_init__(self) -> None:
+        # Accept lists (e.g. from JSON) but store tuples so the spec stays hashable.
+        object.__setattr__(self, "channel_pools", tuple(self.channel_pools))
+        object.__setattr__(self, "concat_order", tuple(self.concat_order))
+        self._validate()
+
+    # ----------------------------------------------------------------- presets
+    @classmethod
+    def seed(cls, channels: int, **overrides) -> "CBAMSpec":
+        """The blog this project started from: r=4, 3x3 spatial conv, biases, no BN."""
+        return cls(channels, **overrides)
+
+    @classmethod
+    def paper(cls, channels: int, **overrides) -> "CBAMSpec":
+        """Woo et al. 2018 as described: r=16, 7x7 spatial conv, [mean, max]."""
+        return cls(channels, **{"reduction": 16, "spatial_kernel": 7, **overrides})
+
+    @classmethod
+    def official(cls, channels: int, **overrides) -> "CBAMSpec":
+        """Jongchan/attention-module: r=16, k=7, [max, mean], conv without bias + BN(momentum 0.01),
+        BN scale zero-initialised (as its ResNet init does for SpatialGate)."""
+        return cls(
+            channels,
+            **{
+                "reduction": 16,
+                "spatial_kernel": 7,
+                "concat_order": ("max", "mean"),
+                "spatial_bias": False,
+                "spatial_norm": "batchnorm",
+                "norm_momentum": 0.01,
+                "norm_gamma_init": 0.0,
+                **overrides,
+            },
+        )
+
+    @classmethod
+    def timm(cls, channels: int, **overrides) -> "CBAMSpec":
+        """timm ``CbamModule`` defaults: rd_ratio 1/16 rounded (>=1), 1x1-conv MLP without bias,
+        k=7, [mean, max], ConvNormAct (conv without bias + BN momentum 0.1)."""
+        return cls(
+            channels,
+            **{
+                "reduction": 16,
+                "hidden_rule": "round",
+                "mlp_bias": False,
+                "mlp_kind": "conv1x1",
+                "spatial_kernel": 7,
+                "spatial_bias": False,
+                "spatial_norm": "batchnorm",
+                "norm_momentum": 0.1,
+                **overrides,
+            },
+        )
+
+    PRESETS = ("seed", "paper", "official", "timm")
+
+    @classmethod
+    def preset(cls, name: str, channels: int, **overrides) -> "CBAMSpec":
+        if name not in cls.PRESETS:
+            raise SpecError(f"unknown preset {name!r}; choose one of {cls.PRESETS}")
+        return getattr(cls, name)(channels, **overrides)
+
+    # ------------------------------------------------------------ validation
+    def _validate(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise SpecError(msg)
+
+        need(_is_int(self.channels) and self.channels >= 1, f"channels must be an int >= 1, got {self.channels!r}")
+        need(_is_int(self.reduction) and self.reduction >= 1, f"reduction must be an int >= 1, got {self.reduction!r}")
+        need(self.hidden_rule in HIDDEN_RULES, f"hidden_rule must be one of {HIDDEN_RULES}, got {self.hidden_rule!r}")
+        need(self.mlp_kind in MLP_KINDS, f"mlp_kind must be one of {MLP_KINDS}, got {self.mlp_kind!r}")
+        need(len(self.channel_pools) >= 1, "channel_pools must name at least one pool")
+        need(len(set(self.channel_pools)) == len(self.channel_pools), f"channel_pools repeats a pool: {self.channel_pools}")
+        for pool in self.channel_pools:
+            need(pool in POOLS, f"unknown channel pool {pool!r}; choose from {POOLS}")
+        need(
+            _is_int(self.spatial_kernel) and self.spatial_kernel >= 1 and self.spatial_kernel % 2 == 1,
+            f"spatial_kernel must be a positive odd int ('same' padding k//2 is only symmetric for odd k), "
+            f"got {self.spatial_kernel!r}",
+        )
+        need(
+            sorted(self.concat_order) == sorted(SPATIAL_MAPS),
+            f"concat_order must be ('mean', 'max') or ('max', 'mean'), got {self.concat_order!r}",
+        )
+        need(self.spatial_norm in NORMS, f"spatial_norm must be one of {NORMS}, got {self.spatial_norm!r}")
+        need(0.0 <= self.norm_momentum <= 1.0, f"norm_momentum must be in [0, 1], got {self.norm_momentum!r}")
+        need(self.norm_eps > 0.0, f"norm_eps must be > 0, got {self.norm_eps!r}")
+        need(self.gate in GATES, f"gate must be one of {GATES}, got {self.gate!r}")
+        for flag in ("mlp_bias", "spatial_bias"):
+            need(isinstance(getattr(self, flag), bool), f"{flag} must be a bool")
+        need(
+            self.hidden >= 1,
+            f"hidden width is 0: channels={self.channels} // reduction={self.reduction} with hidden_rule='floor'; "
+            f"use a smaller reduction or hidden_rule='round' (timm's rule keeps >= 1)",
+        )
+
+    # ------------------------------------------------------- derived facts
+    @property
+    def hidden(self) -> int:
+        """Width of the shared MLP's hidden layer."""
+        if self.hidden_rule == "floor":
+            return self.channels // self.reduction
+        # timm make_divisible(C / r, divisor=1, round_limit=0): round half up, at least 1.
+        return max(1, int(self.channels / self.reduction + 0.5))
+
+    @property
+    def padding(self) -> int:
+        return self.spatial_kernel // 2
+
+    @property
+    def has_norm(self) -> bool:
+        return self.spatial_norm == "batchnorm"
+
+    @property
+    def flax_momentum(self) -> float:
+        """The same BatchNorm momentum in Flax's convention (weight of the old running value)."""
+        return 1.0 - self.norm_momentum
+
+    PARTS = ("channel", "spatial")
+
+    def param_shapes(self, part: str | None = None) -> dict[str, tuple[int, ...]]:
+        """Canonical parameter names -> shapes, in a fixed order (see module docstring).
+
+        ``part`` ("channel" or "spatial") restricts to one gate's names, for the standalone modules.
+        """
+        if part is not None:
+            if part not in self.PARTS:
+                raise SpecError(f"part must be one of {self.PARTS} or None, got {part!r}")
+            return {n: s for n, s in self.param_shapes().items() if n.startswith(part + ".")}
+        c, h, k = self.channels, self.hidden, self.spatial_kernel
+        shapes: dict[str, tuple[int, ...]] = {"channel.fc1.kernel": (c, h)}
+        if self.mlp_bias:
+            shapes["channel.fc1.bias"] = (h,)
+        shapes["channel.fc2.kernel"] = (h, c)
+        if self.mlp_bias:
+            shapes["channel.fc2.bias"] = (c,)
+        shapes["spatial.conv.kernel"] = (k, k, 2, 1)
+        if self.spatial_bias:
+            shapes["spatial.conv.bias"] = (1,)
+        if self.has_norm:
+            for name in ("scale", "bias", "mean", "var"):
+                shapes[f"spatial.bn.{name}"] = (1,)
+        return shapes
+
+    def param_kinds(self) -> dict[str, str]:
+        """Canonical name -> TRAINABLE or STATISTIC (BN running mean/var)."""
+        return {n: STATISTIC if n.endswith((".mean", ".var")) else TRAINABLE for n in self.param_shapes()}
+
+    def param_layouts(self) -> dict[str, str]:
+        """Canonical name -> axis meaning, for humans and converters."""
+        layouts = {}
+        for name, shape in self.param_shapes().items():
+            layouts[name] = {2: "in,out", 4: "H,W,in,out"}.get(len(shape), "vector")
+        return layouts
+
+    def param_inits(self) -> dict[str, tuple[str, float]]:
+        """Canonical name -> ("uniform", bound) or ("constant", value).
+
+        Weights and biases follow PyTorch's default Linear/Conv init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
+        drawn by `cbam_multi.weights.init_weights` from one seeded NumPy generator so that every backend
+        starts from identical numbers.
+        """
+        shapes = self.param_shapes()
+        inits: dict[str, tuple[str, float]] = {}
+        for name, shape in shapes.items():
+            layer, leaf = name.rsplit(".", 1)
+            if layer.endswith(".bn"):
+                value = {"scale": self.norm_gamma_init, "bias": 0.0, "mean": 0.0, "var": 1.0}[leaf]
+                inits[name] = ("constant", value)
+            else:
+                kernel = shapes[f"{layer}.kernel"]
+                fan_in = 1
+                for d in kernel[:-1]:
+                    fan_in *= d
+                inits[name] = ("uniform", fan_in**-0.5)
+        return inits
+
+    def num_params(self, trainable_only: bool = True) -> int:
+        kinds = self.param_kinds()
+        total = 0
+        for name, shape in self.param_shapes().items():
+            if trainable_only and kinds[name] != TRAINABLE:
+                continue
+            n = 1
+            for d in shape:
+                n *= d
+            total += n
+        return total
+
+    # --------------------------------------------------------- input checks
+    def check_input(self, shape: Sequence[int], dtype_name: str, layout: Literal["NCHW", "NHWC"]) -> None:
+        """Raise InputError naming the problem if ``shape``/``dtype`` is not a valid input.
+
+        Shared by every backend so the messages are the same whichever framework you use.
+        """
+        shape = tuple(int(d) for d in shape)
+        if len(shape) != 4:
+            raise InputError(
+                f"CBAM expects a rank-4 {layout} tensor, got rank {len(shape)} with shape {shape}"
+                + (" (add a batch axis with x[None])" if len(shape) == 3 else "")
+            )
+        c_axis, other_axis = (1, 3) if layout == "NCHW" else (3, 1)
+        other_layout = "NHWC" if layout == "NCHW" else "NCHW"
+        if shape[c_axis] != self.channels:
+            hint = ""
+            if shape[other_axis] == self.channels:
+                fix = "x.permute(0, 3, 1, 2)" if layout == "NCHW" else "x.transpose(0, 2, 3, 1)"
+                hint = (
+                    f"; it looks like {other_layout} (channels on axis {other_axis}) but this backend "
+                    f"expects {layout}: convert with {fix}"
+                )
+            raise InputError(
+                f"CBAM expects {layout} input with {self.channels} channels on axis {c_axis}, "
+                f"got shape {shape}{hint}"
+            )
+        if 0 in shape:
+            raise InputError(f"CBAM input has an empty axis: shape {shape}")
+        if not _is_float_dtype_name(dtype_name):
+            raise InputError(
+                f"CBAM expects a floating-point input (float16/bfloat16/float32/float64), got dtype {dtype_name}; "
+                f"cast with x.float() / x.astype(jnp.float32)"
+            )
+
+    # ---------------------------------------------------------------- JSON
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["channel_pools"] = list(self.channel_pools)
+        d["concat_order"] = list(self.concat_order)
+        return {"format": "cbam_multi.CBAMSpec", "version": SPEC_FORMAT_VERSION, **d}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CBAMSpec":
+        d = dict(d)
+        fmt = d.pop("format", "cbam_multi.CBAMSpec")
+        version = d.pop("version", SPEC_FORMAT_VERSION)
+        if fmt != "cbam_multi.CBAMSpec":
+            raise SpecError(f"not a CBAMSpec: format {fmt!r}")
+        if version != SPEC_FORMAT_VERSION:
+            raise SpecError(f"CBAMSpec format version {version} is not supported (this is {SPEC_FORMAT_VERSION})")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise SpecError(f"unknown CBAMSpec field(s) {unknown}")
+        if "channels" not in d:
+            raise SpecError("CBAMSpec JSON lacks 'channels'")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, text: str) -> "CBAMSpec":
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SpecError(f"CBAMSpec JSON is not valid JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise SpecError(f"CBAMSpec JSON must be an object, got {type(d).__name__}")
+        return cls.from_dict(d)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_float_dtype_name(name: str) -> bool:
+    name = str(name).replace("torch.", "")
+    return name in ("float16", "bfloat16", "float32", "float64", "half", "float", "double")

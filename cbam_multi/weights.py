@@ -1,0 +1,157 @@
+"""Canonical weights: a flat dict of framework-neutral names -> NumPy arrays, in the layouts a spec
+declares (see `cbam_multi.spec`). Every backend has exactly one import and one export adapter to this
+format; checkpoints are this dict in a safetensors file with the spec's JSON in its metadata.
+
+Works for any spec object with ``param_shapes()``, ``param_inits()``, ``to_json()`` and a
+``from_json()`` classmethod registered in `SPEC_TYPES` (CBAMSpec, and the MNIST model spec).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from cbam_multi.errors import CheckpointError, SpecError, WeightsError
+from cbam_multi.spec import CBAMSpec
+
+Weights = dict[str, np.ndarray]
+
+SPEC_KEY = "cbam_multi.spec"
+SPEC_TYPE_KEY = "cbam_multi.spec_type"
+SPEC_TYPES: dict[str, type] = {"CBAMSpec": CBAMSpec}
+
+FLOAT_DTYPES = (np.float16, np.float32, np.float64)
+
+
+def register_spec_type(cls: type) -> type:
+    """Let checkpoints hold specs of ``cls`` (used as a class decorator)."""
+    SPEC_TYPES[cls.__name__] = cls
+    return cls
+
+
+def init_weights(spec, seed: int = 0, dtype=np.float32) -> Weights:
+    """Fresh canonical weights from one seeded NumPy generator, drawn in ``param_shapes()`` order."""
+    rng = np.random.default_rng(seed)
+    shapes = spec.param_shapes()
+    weights: Weights = {}
+    for name, (kind, value) in spec.param_inits().items():
+        shape = shapes[name]
+        if kind == "uniform":
+            arr = rng.uniform(-value, value, size=shape)
+        else:
+            arr = np.full(shape, value)
+        weights[name] = arr.astype(dtype)
+    return weights
+
+
+def validate_weights(weights: Mapping[str, np.ndarray], spec, part: str | None = None) -> None:
+    """Raise WeightsError listing every mismatch between ``weights`` and ``spec`` at once.
+
+    ``part`` checks only one gate's names (CBAMSpec: "channel" or "spatial").
+    """
+    expected = spec.param_shapes() if part is None else spec.param_shapes(part)
+    problems = []
+    missing = [n for n in expected if n not in weights]
+    extra = [n for n in weights if n not in expected]
+    if missing:
+        problems.append(f"missing {missing}")
+    if extra:
+        problems.append(f"unexpected {extra}")
+    for name, shape in expected.items():
+        if name not in weights:
+            continue
+        arr = np.asarray(weights[name])
+        if tuple(arr.shape) != tuple(shape):
+            problems.append(f"{name}: shape {tuple(arr.shape)}, spec says {tuple(shape)}")
+        if arr.dtype.type not in FLOAT_DTYPES and str(arr.dtype) != "bfloat16":
+            problems.append(f"{name}: dtype {arr.dtype} is not floating point")
+    if problems:
+        raise WeightsError(f"weights do not match {type(spec).__name__}: " + "; ".join(problems))
+
+
+def cast_weights(weights: Mapping[str, np.ndarray], dtype) -> Weights:
+    return {n: np.asarray(a).astype(dtype) for n, a in weights.items()}
+
+
+# ---------------------------------------------------------------- files
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_weights(path, weights: Mapping[str, np.ndarray], spec, extra_metadata: Mapping[str, str] | None = None) -> Path:
+    """Validate, then atomically write ``weights`` + the spec JSON as one safetensors file."""
+    from safetensors.numpy import save
+
+    validate_weights(weights, spec)
+    metadata = {SPEC_KEY: spec.to_json(), SPEC_TYPE_KEY: type(spec).__name__, **(extra_metadata or {})}
+    tensors = {n: np.ascontiguousarray(weights[n]) for n in spec.param_shapes()}
+    return atomic_write_bytes(path, save(tensors, metadata=metadata))
+
+
+def read_checkpoint(path) -> tuple[Weights, dict[str, str]]:
+    """Read every tensor and the metadata of a safetensors file; CheckpointError if it is not one."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    data = path.read_bytes()
+    try:
+        tensors = load(data)
+        metadata = _read_metadata(data)
+    except (SafetensorError, ValueError, OSError) as e:
+        raise CheckpointError(f"{path}: not a valid safetensors checkpoint (truncated or corrupt?): {e}") from None
+    return tensors, metadata
+
+
+def _read_metadata(data: bytes) -> dict[str, str]:
+    import json
+    import struct
+
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    return dict(header.get("__metadata__") or {})
+
+
+def spec_from_metadata(metadata: Mapping[str, str], where: str = "checkpoint"):
+    if SPEC_KEY not in metadata:
+        raise CheckpointError(f"{where}: no spec in the metadata (key {SPEC_KEY!r}); not a cbam_multi checkpoint")
+    type_name = metadata.get(SPEC_TYPE_KEY, "CBAMSpec")
+    if type_name not in SPEC_TYPES:
+        raise CheckpointError(f"{where}: unknown spec type {type_name!r}; known: {sorted(SPEC_TYPES)}")
+    try:
+        return SPEC_TYPES[type_name].from_json(metadata[SPEC_KEY])
+    except (SpecError, TypeError) as e:
+        raise CheckpointError(f"{where}: invalid spec in metadata: {e}") from None
+
+
+def load_weights(path, expected_spec=None) -> tuple[Weights, object]:
+    """Load (weights, spec) from a checkpoint written by `save_weights`. Fails whole: nothing is
+    returned unless every name, shape and dtype matches the stored spec (and ``expected_spec``)."""
+    tensors, metadata = read_checkpoint(path)
+    spec = spec_from_metadata(metadata, where=str(path))
+    if expected_spec is not None and spec != expected_spec:
+        raise WeightsError(f"{path}: checkpoint spec {spec} differs from the expected {expected_spec}")
+    try:
+        validate_weights(tensors, spec)
+    except WeightsError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    return {n: tensors[n] for n in spec.param_shapes()}, spec
