@@ -1,0 +1,279 @@
+"""Cross-framework parity: one table of cases, runners for every backend, one comparison routine.
+
+Used by ``parity_tests/`` (which assert) and by ``cbam-multi parity`` (which prints the table).
+torch and jax are imported lazily, inside the runners, so the core stays framework-free.
+
+For every case and dtype we compare, on the same input and the same fixed random cotangent:
+  * each backend (torch, Flax NNX, Flax linen) with the float64 NumPy oracle: outputs, BN running stats;
+  * torch -> canonical -> NNX and NNX -> canonical -> torch: outputs and gradients w.r.t. the input and
+    every trainable parameter;
+  * NNX with linen, and jit (or torch.compile) with eager.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from cbam_multi.reference import cbam_forward
+from cbam_multi.spec import STATISTIC, CBAMSpec
+from cbam_multi.weights import init_weights
+
+DTYPES = ("float64", "float32")
+
+# Tolerances, in one place. Outputs: max abs error. Gradients and BN statistics: max abs error divided
+# by max |reference| (gradients scale with the cotangent and the batch, so absolute bounds mislead).
+# float32 output bound is the one Hugging Face uses for PyTorch <-> Flax checks.
+TOLERANCES = {
+    "float64": {"y": 1e-10, "grad": 1e-10, "stats": 1e-10},
+    "float32": {"y": 1e-5, "grad": 1e-4, "stats": 1e-5},
+}
+
+
+@dataclass(frozen=True)
+class ParityCase:
+    preset: str
+    channels: int
+    batch: int
+    height: int
+    width: int
+    train: bool = False
+    overrides: tuple = ()  # ((field, value), ...) applied to the preset
+    compile: bool = False  # also compare torch.compile with eager (slow to compile: few cases)
+
+    @property
+    def spec(self) -> CBAMSpec:
+        return CBAMSpec.preset(self.preset, self.channels, **dict(self.overrides))
+
+    @property
+    def id(self) -> str:
+        extra = "".join(f"-{k}={_short(v)}" for k, v in self.overrides)
+        mode = "-train" if self.train else ""
+        return f"{self.preset}-C{self.channels}-B{self.batch}-{self.height}x{self.width}{mode}{extra}"
+
+
+def _short(v) -> str:
+    return "+".join(v) if isinstance(v, tuple) else str(v)
+
+
+CASES: tuple[ParityCase, ...] = (
+    ParityCase("seed", 16, 1, 1, 1),
+    ParityCase("seed", 4, 3, 7, 5),  # hidden width 1
+    ParityCase("seed", 64, 32, 28, 28, compile=True),
+    ParityCase("seed", 8, 3, 9, 9, overrides=(("channel_pools", ("avg", "max", "lp", "lse")), ("gate", "hard_sigmoid"))),
+    ParityCase("paper", 32, 2, 7, 5),
+    ParityCase("paper", 256, 2, 14, 14),
+    ParityCase("official", 64, 2, 56, 56),
+    ParityCase("official", 64, 2, 56, 56, train=True),
+    ParityCase("official", 16, 32, 7, 5, train=True, compile=True),
+    ParityCase("timm", 1, 1, 7, 5, train=True),
+    ParityCase("timm", 24, 1, 28, 28),
+    ParityCase("timm", 128, 4, 28, 28, train=True),
+)
+
+
+def case_inputs(case: ParityCase, seed: int = 0):
+    """Seeded float64 (weights, x NCHW, cotangent NCHW) shared by every backend."""
+    spec = case.spec
+    rng = np.random.default_rng(seed)
+    weights = init_weights(spec, seed=seed + 1, dtype=np.float64)
+    if spec.has_norm:
+        # Non-trivial BN state, so that transfer and eval mode are actually exercised.
+        weights["spatial.bn.scale"] = rng.uniform(0.5, 1.5, size=(1,))
+        weights["spatial.bn.bias"] = rng.normal(size=(1,))
+        weights["spatial.bn.mean"] = rng.normal(scale=0.1, size=(1,))
+        weights["spatial.bn.var"] = rng.uniform(0.5, 2.0, size=(1,))
+    shape = (case.batch, case.channels, case.height, case.width)
+    x = rng.normal(size=shape)
+    g = rng.normal(size=shape)
+    return weights, x, g
+
+
+@dataclass
+class RunResult:
+    y: np.ndarray  # NCHW
+    grads: dict[str, np.ndarray]  # "input" (NCHW) and canonical trainable names
+    stats: dict[str, np.ndarray]  # BN running stats after the call (train mode)
+    exported: dict[str, np.ndarray] = field(default_factory=dict)  # canonical weights before the call
+
+
+# ------------------------------------------------------------------ runners
+def run_torch(spec, weights, x, g, dtype: str, train: bool, compiled: bool = False) -> RunResult:
+    import torch
+
+    import cbam_multi.torch as ct
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    tdtype = getattr(torch, dtype)
+    model = ct.CBAM(spec, dtype=tdtype)
+    ct.import_weights(model, weights)
+    exported = ct.export_weights(model)
+    model.train(train)
+    fn = torch.compile(model) if compiled else model
+    xt = torch.tensor(x, dtype=tdtype, requires_grad=True)
+    y = fn(xt)
+    (y * torch.tensor(g, dtype=tdtype)).sum().backward()
+    grads = {"input": xt.grad.numpy(), **ct.export_grads(model)}
+    return RunResult(y.detach().numpy(), grads, _stats(spec, ct.export_weights(model), train), exported)
+
+
+def run_nnx(spec, weights, x, g, dtype: str, train: bool, jit: bool = False) -> RunResult:
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import cbam_multi.jax as cj
+
+    jdtype = getattr(jnp, dtype)
+    model = cj.CBAM(spec, dtype=jdtype)
+    cj.import_weights(model, weights)
+    exported = cj.export_weights(model)
+    model.train() if train else model.eval()
+    xj, gj = _nhwc(x, jdtype), _nhwc(g, jdtype)
+
+    def loss(m, xin):
+        y = m(xin)
+        return (y * gj).sum(), y
+
+    step = nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)
+    if jit:
+        step = nnx.jit(step)
+    (_, y), (gm, gx) = step(model, xj)
+    grads = {"input": _nchw(gx), **cj.export_grads(gm)}
+    return RunResult(_nchw(y), grads, _stats(spec, cj.export_weights(model), train), exported)
+
+
+def run_linen(spec, weights, x, g, dtype: str, train: bool) -> RunResult:
+    import jax
+    import jax.numpy as jnp
+
+    from cbam_multi.jax import linen
+
+    jdtype = getattr(jnp, dtype)
+    variables = linen.import_variables({n: np.asarray(a, dtype) for n, a in weights.items()}, spec)
+    model = linen.CBAM(spec, dtype=jdtype)
+    params, rest = variables["params"], {k: v for k, v in variables.items() if k != "params"}
+    xj, gj = _nhwc(x, jdtype), _nhwc(g, jdtype)
+
+    @jax.jit
+    def step(params, xin):
+        def loss(p, xi):
+            out = model.apply({"params": p, **rest}, xi, train=train, mutable=["batch_stats"] if train else False)
+            y, updates = out if train else (out, {})
+            return (y * gj).sum(), (y, updates)
+
+        (_, (y, updates)), (gp, gx) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, xin)
+        return y, updates, gp, gx
+
+    y, updates, gp, gx = step(params, xj)
+    grads = {"input": _nchw(gx), **linen.export_variables({"params": gp})}
+    after = linen.export_variables({"params": params, **rest, **updates})
+    return RunResult(_nchw(y), grads, _stats(spec, after, train), linen.export_variables(variables))
+
+
+def _nhwc(a, dtype):
+    import jax.numpy as jnp
+
+    return jnp.asarray(np.transpose(a, (0, 2, 3, 1)), dtype=dtype)
+
+
+def _nchw(a) -> np.ndarray:
+    return np.transpose(np.asarray(a), (0, 3, 1, 2))
+
+
+def _stats(spec, weights, train: bool) -> dict[str, np.ndarray]:
+    if not (train and spec.has_norm):
+        return {}
+    kinds = spec.param_kinds()
+    return {n: np.asarray(a) for n, a in weights.items() if kinds.get(n) == STATISTIC}
+
+
+# --------------------------------------------------------------- comparing
+@dataclass(frozen=True)
+class Row:
+    case: str
+    dtype: str
+    check: str  # e.g. "torch~oracle", "torch->nnx"
+    quantity: str  # "y", "stats", "grad"
+    error: float
+    tol: float
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.error <= self.tol)  # NaN fails
+
+
+def max_abs(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape:
+        return float("inf")
+    return float(np.max(np.abs(a - b))) if a.size else 0.0
+
+
+def rel_err(a, b) -> float:
+    scale = float(np.max(np.abs(np.asarray(b, np.float64)))) if np.size(b) else 0.0
+    return max_abs(a, b) / max(scale, 1e-30)
+
+
+def _compare(case_id, dtype, check, got: RunResult, ref: RunResult | None, oracle=None) -> list[Row]:
+    tol = TOLERANCES[dtype]
+    rows = []
+    if oracle is not None:
+        y_ref, stats_ref = oracle
+        rows.append(Row(case_id, dtype, check, "y", max_abs(got.y, y_ref), tol["y"]))
+        if stats_ref:
+            err = max(rel_err(got.stats.get(n), s) for n, s in stats_ref.items())
+            rows.append(Row(case_id, dtype, check, "stats", err, tol["stats"]))
+        return rows
+    rows.append(Row(case_id, dtype, check, "y", max_abs(got.y, ref.y), tol["y"]))
+    if set(got.grads) != set(ref.grads):
+        rows.append(Row(case_id, dtype, check, "grad-names", float("inf"), 0.0))
+    else:
+        err = max(rel_err(got.grads[n], ref.grads[n]) for n in ref.grads)
+        rows.append(Row(case_id, dtype, check, "grad", err, tol["grad"]))
+    if ref.stats:
+        err = max(rel_err(got.stats.get(n), s) for n, s in ref.stats.items())
+        rows.append(Row(case_id, dtype, check, "stats", err, tol["stats"]))
+    return rows
+
+
+def check_case(case: ParityCase, dtype: str, backends=("torch", "jax"), with_compile: bool | None = None) -> list[Row]:
+    """Run every comparison for one case and dtype; returns one Row per (check, quantity)."""
+    spec = case.spec
+    weights, x, g = case_inputs(case)
+    y_ref, stats_ref = cbam_forward(x, weights, spec, train=case.train)
+    oracle = (y_ref, stats_ref)
+    cid, train = case.id, case.train
+    rows: list[Row] = []
+    run: dict[str, Callable[..., RunResult]] = {}
+    if "torch" in backends:
+        run["torch"] = lambda w, **kw: run_torch(spec, w, x, g, dtype, train, **kw)
+    if "jax" in backends:
+        run["nnx"] = lambda w, **kw: run_nnx(spec, w, x, g, dtype, train, **kw)
+        run["linen"] = lambda w: run_linen(spec, w, x, g, dtype, train)
+    results = {name: fn(weights) for name, fn in run.items()}
+    for name, res in results.items():
+        rows += _compare(cid, dtype, f"{name}~oracle", res, None, oracle)
+    if "torch" in results and "nnx" in results:
+        # Each side runs with the weights the *other* side exported, and must reproduce its outputs/grads.
+        rows += _compare(cid, dtype, "torch->nnx", run["nnx"](results["torch"].exported), results["torch"])
+        rows += _compare(cid, dtype, "nnx->torch", run["torch"](results["nnx"].exported), results["nnx"])
+    if "nnx" in results:
+        rows += _compare(cid, dtype, "linen~nnx", results["linen"], results["nnx"])
+        rows += _compare(cid, dtype, "nnx.jit~eager", run["nnx"](weights, jit=True), results["nnx"])
+    if "torch" in results and (case.compile if with_compile is None else with_compile):
+        rows += _compare(cid, dtype, "compile~eager", run["torch"](weights, compiled=True), results["torch"])
+    return rows
+
+
+def format_table(rows: list[Row]) -> str:
+    header = f"{'case':<44} {'dtype':<8} {'check':<14} {'qty':<6} {'max err':>10} {'tol':>8}  ok"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(
+            f"{r.case:<44} {r.dtype:<8} {r.check:<14} {r.quantity:<6} {r.error:>10.2e} {r.tol:>8.0e}  "
+            f"{'ok' if r.ok else 'FAIL'}"
+        )
+    return "\n".join(lines)

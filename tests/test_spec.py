@@ -1,0 +1,89 @@
+"""CBAMSpec: presets, validation, derived facts, JSON round trip, input checks."""
+
+import dataclasses
+
+import pytest
+
+from cbam_multi import CBAMSpec, InputError, SpecError
+
+
+@pytest.mark.parametrize("preset", CBAMSpec.PRESETS)
+def test_presets_round_trip_json(preset):
+    spec = CBAMSpec.preset(preset, 64)
+    assert CBAMSpec.from_json(spec.to_json()) == spec
+    assert hash(spec) == hash(CBAMSpec.from_json(spec.to_json()))
+
+
+def test_preset_values_match_the_implementations_they_name():
+    seed, paper, official, timm = (CBAMSpec.preset(p, 64) for p in CBAMSpec.PRESETS)
+    assert (seed.reduction, seed.spatial_kernel, seed.mlp_bias, seed.spatial_norm) == (4, 3, True, "none")
+    assert (paper.reduction, paper.spatial_kernel, paper.concat_order) == (16, 7, ("mean", "max"))
+    assert official.concat_order == ("max", "mean") and not official.spatial_bias
+    assert (official.spatial_norm, official.norm_momentum, official.norm_gamma_init) == ("batchnorm", 0.01, 0.0)
+    assert (timm.hidden_rule, timm.mlp_bias, timm.mlp_kind, timm.norm_momentum) == ("round", False, "conv1x1", 0.1)
+    assert official.flax_momentum == pytest.approx(0.99)
+
+
+@pytest.mark.parametrize(
+    "channels, reduction, rule, hidden",
+    [(64, 16, "floor", 4), (64, 4, "floor", 16), (24, 16, "floor", 1), (24, 16, "round", 2),
+     (8, 16, "round", 1), (1, 16, "round", 1), (40, 16, "round", 3), (7, 2, "floor", 3)],
+)
+def test_hidden_width_rules(channels, reduction, rule, hidden):
+    assert CBAMSpec(channels, reduction=reduction, hidden_rule=rule).hidden == hidden
+
+
+def test_zero_hidden_width_is_a_clear_error():
+    with pytest.raises(SpecError, match="hidden width is 0.*hidden_rule='round'"):
+        CBAMSpec(8, reduction=16)
+
+
+@pytest.mark.parametrize(
+    "field, value, words",
+    [("spatial_kernel", 4, "odd"), ("spatial_kernel", 0, "odd"), ("concat_order", ("mean", "mean"), "concat_order"),
+     ("channel_pools", ("avg", "median"), "unknown channel pool"), ("channel_pools", (), "at least one"),
+     ("gate", "tanh", "gate"), ("spatial_norm", "layernorm", "spatial_norm"), ("channels", 0, "channels"),
+     ("reduction", 1.5, "reduction"), ("norm_momentum", 1.5, "norm_momentum"), ("mlp_bias", 1, "bool")],
+)
+def test_invalid_fields_name_the_problem(field, value, words):
+    with pytest.raises(SpecError, match=words):
+        CBAMSpec(**{"channels": 16, field: value})
+
+
+def test_param_shapes_follow_the_flags():
+    spec = CBAMSpec(32, reduction=4, spatial_kernel=5)
+    assert spec.param_shapes() == {
+        "channel.fc1.kernel": (32, 8), "channel.fc1.bias": (8,), "channel.fc2.kernel": (8, 32),
+        "channel.fc2.bias": (32,), "spatial.conv.kernel": (5, 5, 2, 1), "spatial.conv.bias": (1,),
+    }
+    official = CBAMSpec.official(32)
+    assert "spatial.conv.bias" not in official.param_shapes()
+    assert official.param_kinds()["spatial.bn.var"] == "stat"
+    assert set(official.param_shapes("spatial")) == {
+        "spatial.conv.kernel", "spatial.bn.scale", "spatial.bn.bias", "spatial.bn.mean", "spatial.bn.var"}
+    assert official.num_params() == 2 * 32 * 2 + 2 + 32 + 7 * 7 * 2 + 2
+
+
+def test_json_rejects_foreign_or_unknown_content():
+    with pytest.raises(SpecError, match="not valid JSON"):
+        CBAMSpec.from_json("{not json")
+    with pytest.raises(SpecError, match="unknown CBAMSpec field"):
+        CBAMSpec.from_dict({**CBAMSpec(8).to_dict(), "reduciton": 2})
+    with pytest.raises(SpecError, match="version"):
+        CBAMSpec.from_dict({**CBAMSpec(8).to_dict(), "version": 99})
+
+
+def test_spec_is_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        CBAMSpec(8).channels = 4
+
+
+@pytest.mark.parametrize(
+    "shape, dtype, layout, words",
+    [((8, 5, 5), "float32", "NCHW", "rank-4.*x\\[None\\]"), ((1, 5, 5, 8), "float32", "NCHW", "looks like NHWC"),
+     ((1, 8, 5, 5), "float32", "NHWC", "looks like NCHW"), ((1, 9, 5, 5), "float32", "NCHW", "8 channels on axis 1"),
+     ((1, 8, 5, 5), "int64", "NCHW", "floating-point"), ((1, 8, 0, 5), "float32", "NCHW", "empty axis")],
+)
+def test_input_checks_name_the_problem(shape, dtype, layout, words):
+    with pytest.raises(InputError, match=words):
+        CBAMSpec(8, reduction=2).check_input(shape, dtype, layout)
