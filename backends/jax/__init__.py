@@ -1,0 +1,33 @@
+"""JAX / Flax backend of cbam-multi: CBAM as Flax NNX modules (default), linen modules and pure functions.
+
+Layout is NHWC (channels last, Flax's native layout); canonical weights need no transposes.
+float64 needs ``jax.config.update("jax_enable_x64", True)`` before creating arrays, else JAX
+silently computes in float32.
+
+Usage::
+
+    import jax.numpy as jnp
+    from cbam_multi import CBAMSpec
+    from cbam_multi.jax import CBAM, export_weights
+    model = CBAM(CBAMSpec.paper(64), seed=0)           # NNX module, canonical seeded init
+    y = model(jnp.ones((8, 32, 32, 64)))                 # NHWC in, NHWC out
+
+Pure functions: ``cbam_multi.jax.functional.cbam(params, x, spec, train=False) -> (y, new_stats)``;
+linen: ``cbam_multi.jax.linen.CBAM(spec, seed)``. BatchNorm follows PyTorch's momentum convention
+(``spec.norm_momentum``); Flax's own ``BatchNorm`` momentum would be ``spec.flax_momentum``.
+"""
+
+from cbam_multi.jax import functional, linen
+from cbam_multi.jax.modules import CBAM, ChannelAttention, SpatialAttention
+from cbam_multi.jax.weights import export_grads, export_weights, import_weights
+
+__all__ = [
+    "CBAM",
+    "ChannelAttention",
+    "SpatialAttention",
+    "export_weights",
+    "import_weights",
+    "export_grads",
+    "functional",
+    "linen",
+]

@@ -1,0 +1,203 @@
+"""Pure, jit-compatible CBAM maths in JAX, NHWC. The only place in this backend with the maths.
+
+``params`` is a flat dict of canonical names (``spec.param_shapes()``, canonical layouts: dense
+kernels (in, out), conv kernel HWIO) -> arrays; ``spec`` is a frozen, hashable `CBAMSpec` and must be
+a static argument under ``jax.jit`` (``static_argnames=("spec", "train")``).
+
+Every check here looks only at shapes and dtypes, which are static under tracing, so the same
+functions run eagerly, under ``jit`` and under ``grad``. Numerics follow `cbam_multi.reference`:
+
+* compute happens in the input dtype (parameters are cast to it);
+* reductions (avg/lp/lse pools, the channel mean map, BatchNorm statistics) run in at least float32
+  and are cast back, so bfloat16/float16 inputs do not accumulate in half precision;
+* BatchNorm uses PyTorch's convention (``spec.norm_momentum`` is the weight of the *new* batch
+  statistic; the running variance gets the *unbiased* batch variance, normalisation the biased one).
+  Flax's ``BatchNorm`` cannot do the unbiased update, hence the hand-written BN below.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cbam_multi.errors import InputError, WeightsError
+from cbam_multi.spec import CBAMSpec
+from cbam_multi.weights import init_weights
+
+Params = Mapping[str, jax.Array]
+
+BN_STATS = ("spatial.bn.mean", "spatial.bn.var")
+
+__all__ = ["channel_attention", "spatial_attention", "cbam", "init_params", "check_input", "BN_STATS"]
+
+
+# ------------------------------------------------------------------ static checks (trace time)
+def check_input(x, spec: CBAMSpec, *, train: bool = False) -> None:
+    """Raise InputError for a bad input; shape/dtype only, so it is safe inside ``jit``."""
+    spec.check_input(x.shape, str(x.dtype), "NHWC")
+    if train and spec.has_norm:
+        n = x.shape[0] * x.shape[1] * x.shape[2]
+        if n < 2:
+            raise InputError(
+                "BatchNorm in train mode needs more than 1 value per channel (B*H*W >= 2), "
+                f"got input shape {tuple(x.shape)}"
+            )
+
+
+def _check_params(params: Params, spec: CBAMSpec, part: str | None) -> None:
+    """Names and shapes of the params ``part`` needs (extra names are ignored); WeightsError lists all."""
+    problems = []
+    expected = spec.param_shapes(part)
+    missing = [n for n in expected if n not in params]
+    if missing:
+        problems.append(f"missing {missing}")
+    for name, shape in expected.items():
+        if name in params and tuple(jnp.shape(params[name])) != tuple(shape):
+            problems.append(f"{name}: shape {tuple(jnp.shape(params[name]))}, spec says {tuple(shape)}")
+    if problems:
+        raise WeightsError("params do not match CBAMSpec: " + "; ".join(problems))
+
+
+def _checked_input(x, spec: CBAMSpec, train: bool = False) -> jax.Array:
+    """Check shape/dtype as given (before any conversion), then return a JAX array."""
+    if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+        x = jnp.asarray(x)
+    check_input(x, spec, train=train)
+    return x if isinstance(x, jax.Array) else jnp.asarray(x)
+
+
+def _acc_dtype(dtype) -> jnp.dtype:
+    """Accumulation dtype: at least float32 (float64 stays float64)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+# ------------------------------------------------------------------ pieces
+def _gate(z: jax.Array, kind: str) -> jax.Array:
+    if kind == "sigmoid":
+        return jax.nn.sigmoid(z)
+    return jnp.clip(z / 6.0 + 0.5, 0.0, 1.0)  # hard_sigmoid = relu6(z + 3) / 6, as the reference
+
+
+def _pool_hw(x: jax.Array, kind: str) -> jax.Array:
+    """Global pool over H, W of an NHWC array -> (B, C), in the input dtype."""
+    if kind == "max":
+        return jnp.max(x, axis=(1, 2))
+    xa = x.astype(_acc_dtype(x.dtype))
+    if kind == "avg":
+        p = jnp.mean(xa, axis=(1, 2))
+    elif kind == "lp":  # official code: F.lp_pool2d(x, 2, (H, W)) = sqrt(sum x^2)
+        p = jnp.sqrt(jnp.sum(xa * xa, axis=(1, 2)))
+    else:  # "lse": log of the *sum* (not the mean) of exponentials, max-shifted
+        p = jax.nn.logsumexp(xa, axis=(1, 2))
+    return p.astype(x.dtype)
+
+
+def _channel(params: Params, x: jax.Array, spec: CBAMSpec) -> jax.Array:
+    dt = x.dtype
+    b, c = x.shape[0], x.shape[3]
+    npools = len(spec.channel_pools)
+    # One MLP call on all pools stacked along the batch: (npools * B, C).
+    pooled = jnp.concatenate([_pool_hw(x, kind) for kind in spec.channel_pools], axis=0)
+    h = pooled @ params["channel.fc1.kernel"].astype(dt)
+    if spec.mlp_bias:
+        h = h + params["channel.fc1.bias"].astype(dt)
+    h = jax.nn.relu(h)
+    o = h @ params["channel.fc2.kernel"].astype(dt)
+    if spec.mlp_bias:
+        o = o + params["channel.fc2.bias"].astype(dt)
+    logits = o.reshape(npools, b, c).sum(axis=0) if npools > 1 else o
+    return x * _gate(logits, spec.gate)[:, None, None, :]
+
+
+def _batch_norm(z: jax.Array, params: Params, spec: CBAMSpec, train: bool):
+    """BatchNorm of the single spatial-logit channel z (B, H, W, 1) in >= float32. Returns (out, stats)."""
+    acc = _acc_dtype(z.dtype)
+    za = z.astype(acc)
+    run_mean = params["spatial.bn.mean"]
+    run_var = params["spatial.bn.var"]
+    if train:
+        n = z.size  # static
+        mean = jnp.mean(za)
+        var = jnp.mean(jnp.square(za - mean))  # biased: used to normalise
+        # PyTorch convention: m weighs the new statistic (Flax's momentum would be spec.flax_momentum
+        # = 1 - m, the weight of the old value); the running variance gets the unbiased variance.
+        m = spec.norm_momentum
+        sacc = _acc_dtype(run_mean.dtype)
+        new_mean = (1.0 - m) * run_mean.astype(sacc) + m * mean.astype(sacc)
+        new_var = (1.0 - m) * run_var.astype(sacc) + m * var.astype(sacc) * (n / (n - 1))
+        stats = {
+            "spatial.bn.mean": jax.lax.stop_gradient(new_mean).astype(run_mean.dtype),
+            "spatial.bn.var": jax.lax.stop_gradient(new_var).astype(run_var.dtype),
+        }
+    else:
+        mean = run_mean.astype(acc)[0]
+        var = run_var.astype(acc)[0]
+        stats = {}
+    scale = params["spatial.bn.scale"].astype(acc)[0]
+    bias = params["spatial.bn.bias"].astype(acc)[0]
+    out = (za - mean) / jnp.sqrt(var + spec.norm_eps) * scale + bias
+    return out.astype(z.dtype), stats
+
+
+def _spatial(params: Params, x: jax.Array, spec: CBAMSpec, train: bool):
+    dt = x.dtype
+    maps = {
+        "mean": jnp.mean(x.astype(_acc_dtype(dt)), axis=3).astype(dt),
+        "max": jnp.max(x, axis=3),
+    }
+    m = jnp.stack([maps[k] for k in spec.concat_order], axis=-1)  # (B, H, W, 2)
+    p = spec.padding
+    z = jax.lax.conv_general_dilated(
+        m,
+        params["spatial.conv.kernel"].astype(dt),
+        window_strides=(1, 1),
+        padding=((p, p), (p, p)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )  # (B, H, W, 1); precision follows jax_default_matmul_precision
+    if spec.spatial_bias:
+        z = z + params["spatial.conv.bias"].astype(dt)
+    stats = {}
+    if spec.has_norm:
+        z, stats = _batch_norm(z, params, spec, train)
+    return x * _gate(z, spec.gate), stats
+
+
+# ------------------------------------------------------------------ public API
+def channel_attention(params: Params, x, spec: CBAMSpec) -> jax.Array:
+    """Channel gate on NHWC ``x``: ``x * gate(MLP(pool_1) + ... + MLP(pool_n))``."""
+    x = _checked_input(x, spec)
+    _check_params(params, spec, "channel")
+    return _channel(params, x, spec)
+
+
+def spatial_attention(params: Params, x, spec: CBAMSpec, *, train: bool = False):
+    """Spatial gate on NHWC ``x``. Returns ``(y, new_stats)``; ``new_stats`` holds the updated
+    ``spatial.bn.mean``/``spatial.bn.var`` in train mode with BatchNorm, else ``{}``."""
+    x = _checked_input(x, spec, train)
+    _check_params(params, spec, "spatial")
+    return _spatial(params, x, spec, train)
+
+
+def cbam(params: Params, x, spec: CBAMSpec, *, train: bool = False):
+    """CBAM on NHWC ``x``: channel gate, then spatial gate. Returns ``(y, new_stats)``."""
+    x = _checked_input(x, spec, train)
+    _check_params(params, spec, None)
+    return _spatial(params, _channel(params, x, spec), spec, train)
+
+
+def init_params(spec: CBAMSpec, seed: int = 0, dtype=jnp.float32, part: str | None = None) -> dict[str, jax.Array]:
+    """Canonical seeded parameters (`cbam_multi.weights.init_weights`) as a flat dict of JAX arrays.
+
+    BatchNorm running statistics are kept in at least float32 (as Flax does), whatever ``dtype``.
+    """
+    w = init_weights(spec, seed, np.float64)
+    names = spec.param_shapes(part)
+    return {n: jnp.asarray(w[n], dtype=stat_dtype(dtype) if n in BN_STATS else dtype) for n in names}
+
+
+def stat_dtype(dtype) -> jnp.dtype:
+    """Storage dtype of BatchNorm running statistics for parameters of ``dtype`` (>= float32)."""
+    return _acc_dtype(dtype)

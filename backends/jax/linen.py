@@ -1,0 +1,126 @@
+"""Flax linen modules for CBAM (NHWC), over the same pure functions as the NNX modules.
+
+Variables: ``{"params": {"channel": {"fc1": {"kernel", "bias"}, "fc2": {...}}, "spatial": {"conv": {...},
+"bn": {"scale", "bias"}}}, "batch_stats": {"spatial": {"bn": {"mean", "var"}}}}`` - joining the keys
+with "." gives the canonical names. The initializers ignore the PRNG key and return the canonical
+seeded weights, so ``model.init(key, x) == init_variables(spec, seed)``.
+
+Train mode: ``model.apply(variables, x, train=True, mutable=["batch_stats"])`` returns
+``(y, {"batch_stats": ...})``. BatchNorm momentum is PyTorch's ``spec.norm_momentum`` (weight of the
+new statistic); in Flax's ``nn.BatchNorm(momentum=...)`` convention it would be ``spec.flax_momentum``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from cbam_multi.jax import functional as F
+from cbam_multi.jax.weights import export_variables, import_variables, init_variables
+from cbam_multi.spec import CBAMSpec
+
+__all__ = ["ChannelAttention", "SpatialAttention", "CBAM", "init_variables", "export_variables", "import_variables"]
+
+
+class _Layer(nn.Module):
+    """Declares the variables of one canonical layer (``prefix`` e.g. "spatial.bn") and returns their
+    values by canonical name; with ``update`` (canonical name -> new value) it writes running stats."""
+
+    spec: CBAMSpec
+    seed: int
+    dtype: Any
+    prefix: str
+
+    @nn.compact
+    def __call__(self, update: Optional[Mapping[str, jax.Array]] = None) -> dict[str, jax.Array]:
+        kinds = self.spec.param_kinds()
+        part = self.prefix.split(".")[0]
+        names = [n for n in self.spec.param_shapes(part) if n.rsplit(".", 1)[0] == self.prefix]
+        values, stats = {}, {}
+        for name in names:
+            leaf = name.rsplit(".", 1)[1]
+            init = lambda *_, _n=name: F.init_params(self.spec, self.seed, self.dtype, part=part)[_n]  # noqa: E731
+            if kinds[name] == "stat":
+                stats[name] = self.variable("batch_stats", leaf, init)
+                values[name] = stats[name].value
+            else:
+                values[name] = self.param(leaf, init)  # the rng is ignored: canonical seeded values
+        if update and not self.is_initializing():
+            for name, value in update.items():
+                stats[name].value = value
+        return values
+
+
+def _layers(spec: CBAMSpec, part: str) -> list[str]:
+    seen = []
+    for name in spec.param_shapes(part):
+        layer = name.rsplit(".", 1)[0]
+        if layer not in seen:
+            seen.append(layer)
+    return seen
+
+
+class _Gate(nn.Module):
+    """Common setup: one `_Layer` submodule per canonical layer of ``part``."""
+
+    spec: CBAMSpec
+    seed: int = 0
+    dtype: Any = jnp.float32
+
+    part = None  # set by subclasses
+
+    def setup(self):
+        # Attribute name = canonical layer name ("fc1", "conv", "bn"), hence the variable paths.
+        for layer in _layers(self.spec, self.part):
+            setattr(self, layer.split(".")[1], _Layer(self.spec, self.seed, self.dtype, layer))
+
+    def values(self) -> dict[str, jax.Array]:
+        out = {}
+        for layer in _layers(self.spec, self.part):
+            out.update(getattr(self, layer.split(".")[1])())
+        return out
+
+
+class ChannelAttention(_Gate):
+    """CBAM channel gate; ``__call__(x, *, train=False)`` (``train`` is accepted for symmetry)."""
+
+    part = "channel"
+
+    def __call__(self, x, *, train: bool = False):
+        return F.channel_attention(self.values(), x, self.spec)
+
+
+class SpatialAttention(_Gate):
+    """CBAM spatial gate; with BatchNorm and ``train=True`` pass ``mutable=["batch_stats"]``."""
+
+    part = "spatial"
+
+    def update_stats(self, stats) -> None:
+        if stats:
+            self.bn(stats)
+
+    def __call__(self, x, *, train: bool = False):
+        y, stats = F.spatial_attention(self.values(), x, self.spec, train=train)
+        self.update_stats(stats)
+        return y
+
+
+class CBAM(nn.Module):
+    """CBAM block on NHWC input: submodules ``channel`` and ``spatial``, one `F.cbam` call."""
+
+    spec: CBAMSpec
+    seed: int = 0
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        self.channel = ChannelAttention(self.spec, self.seed, self.dtype)
+        self.spatial = SpatialAttention(self.spec, self.seed, self.dtype)
+
+    def __call__(self, x, *, train: bool = False):
+        params = {**self.channel.values(), **self.spatial.values()}
+        y, stats = F.cbam(params, x, self.spec, train=train)
+        self.spatial.update_stats(stats)
+        return y

@@ -1,0 +1,133 @@
+"""The MNIST classifier (`cbam_multi.model.MNISTNetSpec`) as a Flax NNX module, NHWC, with this backend's CBAM.
+
+Every variable sits at the path of its canonical name (``model.block0.conv0.kernel`` is
+``"block0.conv0.kernel"``, ``model.block1.cbam.channel.fc1.kernel`` is ``"block1.cbam.channel.fc1.kernel"``),
+so canonical weights need no transposes: conv kernels are HWIO and the NHWC flatten before
+``head.fc1`` is the canonical row order. Values start from `cbam_multi.weights.init_weights(spec, seed)`,
+identical to `cbam_multi.torch.model.MNISTNet(spec, seed=seed)`.
+
+Train/eval: ``model.train()`` / ``model.eval()`` (only matters for CBAM specs with BatchNorm, whose
+running statistics are ``nnx.BatchStat`` and update in train mode).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cbam_multi.errors import InputError, WeightsError
+from cbam_multi.model import MNISTNetSpec
+from cbam_multi.weights import init_weights, validate_weights
+
+from .modules import CBAM
+
+__all__ = ["MNISTNet", "export_weights", "import_weights", "export_grads", "model_variables"]
+
+
+class _Block(nnx.Module):
+    """Container: ``conv0 .. conv{n-1}`` (nnx.Conv) and, unless the spec disables it, ``cbam``."""
+
+
+class _Head(nnx.Module):
+    """Container: ``fc1``, ``fc2`` (nnx.Linear)."""
+
+
+class MNISTNet(nnx.Module):
+    """Per block: convs_per_block x (k x k 'same' conv + ReLU), CBAM, 2x2 max-pool; then dense+ReLU, dense.
+
+    NHWC input ``(B, 28, 28, 1)`` -> logits ``(B, num_classes)``; computes in ``dtype``.
+    """
+
+    def __init__(self, spec: MNISTNetSpec | None = None, *, dtype=jnp.float32, seed: int = 0, use_running_average: bool = False):
+        spec = MNISTNetSpec() if spec is None else spec
+        if not isinstance(spec, MNISTNetSpec):
+            raise TypeError(f"spec must be a MNISTNetSpec, got {type(spec).__name__}")
+        self.spec = spec
+        self.dtype = jnp.dtype(dtype)
+        # The flax initializers draw throw-away values; import_weights below sets the canonical ones.
+        # (Default initializers keep the graphdef identical between instances, so jitted steps are reused.)
+        rngs = nnx.Rngs(0)
+        k, p = spec.kernel, spec.kernel // 2
+        for i in range(len(spec.conv_channels)):
+            setattr(self, f"block{i}", _Block())
+        for i, j, c_in, c_out in spec.conv_layers():
+            conv = nnx.Conv(c_in, c_out, (k, k), padding=((p, p), (p, p)), dtype=dtype, param_dtype=dtype, rngs=rngs)
+            setattr(getattr(self, f"block{i}"), f"conv{j}", conv)
+        if spec.cbam:
+            for i in range(len(spec.conv_channels)):
+                getattr(self, f"block{i}").cbam = CBAM(
+                    spec.cbam_spec(i), dtype=dtype, seed=seed, use_running_average=use_running_average
+                )
+        self.head = _Head()
+        self.head.fc1 = nnx.Linear(spec.flat_features, spec.dense, dtype=dtype, param_dtype=dtype, rngs=rngs)
+        self.head.fc2 = nnx.Linear(spec.dense, spec.num_classes, dtype=dtype, param_dtype=dtype, rngs=rngs)
+        import_weights(self, init_weights(spec, seed, np.float64))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        spec = self.spec
+        spec.check_input(x.shape, str(x.dtype), "NHWC")
+        if x.dtype != self.dtype:
+            raise InputError(f"input is {x.dtype} but MNISTNet computes in {self.dtype}: cast the input")
+        h = x
+        for i in range(len(spec.conv_channels)):
+            block = getattr(self, f"block{i}")
+            for j in range(spec.convs_per_block):
+                h = jax.nn.relu(getattr(block, f"conv{j}")(h))
+            if spec.cbam:
+                h = block.cbam(h)
+            h = nnx.max_pool(h, (2, 2), strides=(2, 2))
+        h = jax.nn.relu(self.head.fc1(h.reshape(h.shape[0], -1)))  # NHWC flatten = canonical row order
+        return self.head.fc2(h)
+
+
+def _check_model(model) -> MNISTNetSpec:
+    if not isinstance(model, MNISTNet):
+        raise TypeError(f"expected a cbam_multi.jax MNISTNet, got {type(model).__name__}")
+    return model.spec
+
+
+def model_variables(model: MNISTNet) -> dict[str, nnx.Variable]:
+    """Canonical name -> the model's Variable, in spec order (names = '.'-joined state paths)."""
+    spec = _check_model(model)
+    flat = {".".join(map(str, path)): var for path, var in nnx.to_flat_state(nnx.state(model))}
+    names = list(spec.param_shapes())
+    if sorted(flat) != sorted(names):
+        raise WeightsError(
+            f"MNISTNet variables do not match the spec: extra {sorted(set(flat) - set(names))}, "
+            f"missing {sorted(set(names) - set(flat))}"
+        )
+    # nnx.state returns detached Variables; look the live ones up on the module for writing.
+    out = {}
+    for name in names:
+        node = model
+        for part in name.split("."):
+            node = getattr(node, part)
+        out[name] = node
+    return out
+
+
+def export_weights(model: MNISTNet) -> dict[str, np.ndarray]:
+    """Canonical weights of the whole model (NumPy copies, spec order)."""
+    return {name: np.array(var[...]) for name, var in model_variables(model).items()}
+
+
+def import_weights(model: MNISTNet, weights: Mapping[str, np.ndarray]) -> MNISTNet:
+    """Set the model's variables from canonical ``weights`` in place (validated and converted first)."""
+    variables = model_variables(model)
+    arrays = {n: np.asarray(a) for n, a in weights.items()}
+    validate_weights(arrays, model.spec)
+    new = {name: jnp.asarray(arrays[name], dtype=var[...].dtype) for name, var in variables.items()}
+    for name, var in variables.items():
+        var.set_value(new[name])
+    return model
+
+
+def export_grads(grads) -> dict[str, np.ndarray]:
+    """Canonical names -> gradients, from the ``nnx.State`` that ``nnx.grad`` returns for a MNISTNet."""
+    if not isinstance(grads, nnx.State):
+        raise TypeError(f"expected the nnx.State from nnx.grad, got {type(grads).__name__}")
+    return {".".join(map(str, path)): np.asarray(v[...] if isinstance(v, nnx.Variable) else v) for path, v in nnx.to_flat_state(grads)}

@@ -1,0 +1,121 @@
+"""Flax NNX modules for CBAM (NHWC). Thin stateful wrappers over `cbam_multi.jax.functional`.
+
+Parameters start from the canonical seeded weights (`cbam_multi.weights.init_weights`), so a torch
+and a JAX module built from the same spec and seed are identical; no ``rngs`` argument is needed.
+
+State layout: every leaf sits at the path of its canonical name, e.g. ``CBAM.channel.fc1.kernel`` is
+``nnx.state(model)["channel"]["fc1"]["kernel"]`` and ``"channel.fc1.kernel"`` in canonical weights.
+Trainable tensors are ``nnx.Param``; the BatchNorm running statistics are ``nnx.BatchStat`` (kept in
+at least float32) and are updated in place when the module is in train mode.
+
+BatchNorm mode: ``SpatialAttention.use_running_average`` (False = train, the default, like a fresh
+``torch.nn.Module`` and ``nnx.BatchNorm``), toggled by ``model.train()`` / ``model.eval()`` or
+``nnx.view(model, use_running_average=...)``. Momentum is PyTorch's ``spec.norm_momentum`` (weight of
+the new statistic); Flax's ``nnx.BatchNorm`` convention would be ``spec.flax_momentum`` = 1 - m.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from cbam_multi.jax import functional as F
+from cbam_multi.spec import CBAMSpec
+
+__all__ = ["ChannelAttention", "SpatialAttention", "CBAM"]
+
+
+class _Layer(nnx.Module):
+    """A named group of variables (``fc1``, ``conv``, ``bn``...): holds leaves, computes nothing."""
+
+
+def _build(module: nnx.Module, spec: CBAMSpec, part: str, dtype, seed: int) -> None:
+    """Create the Param/BatchStat leaves of ``part`` on ``module`` at their canonical sub-paths."""
+    kinds = spec.param_kinds()
+    for name, value in F.init_params(spec, seed, dtype, part=part).items():
+        _, layer, leaf = name.split(".")
+        if not hasattr(module, layer):
+            setattr(module, layer, _Layer())
+        var = nnx.BatchStat(value) if kinds[name] == "stat" else nnx.Param(value)
+        setattr(getattr(module, layer), leaf, var)
+
+
+def variables_of(module: nnx.Module) -> dict[str, nnx.Variable]:
+    """Canonical name -> the module's Variable object (its own part only for a gate module)."""
+    out = {}
+    for part, sub in _parts(module):
+        for name in module.spec.param_shapes(part):
+            _, layer, leaf = name.split(".")
+            out[name] = getattr(getattr(sub, layer), leaf)
+    return out
+
+
+def _parts(module: nnx.Module):
+    if isinstance(module, CBAM):
+        return (("channel", module.channel), ("spatial", module.spatial))
+    if isinstance(module, (ChannelAttention, SpatialAttention)):
+        return ((module.part, module),)
+    raise TypeError(f"expected a cbam_multi.jax CBAM/ChannelAttention/SpatialAttention, got {type(module).__name__}")
+
+
+def _values(module: nnx.Module) -> dict[str, jax.Array]:
+    return {n: v[...] for n, v in variables_of(module).items()}
+
+
+class ChannelAttention(nnx.Module):
+    """CBAM channel gate. Leaves: ``fc1.kernel`` (C, hidden), ``fc1.bias``, ``fc2.kernel``, ``fc2.bias``."""
+
+    part = "channel"
+
+    def __init__(self, spec: CBAMSpec, *, dtype=jnp.float32, seed: int = 0):
+        self.spec = spec
+        self.dtype = dtype
+        _build(self, spec, self.part, dtype, seed)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return F.channel_attention(_values(self), x, self.spec)
+
+
+class SpatialAttention(nnx.Module):
+    """CBAM spatial gate. Leaves: ``conv.kernel`` (k, k, 2, 1) HWIO, ``conv.bias``, and with BatchNorm
+    ``bn.scale``/``bn.bias`` (Param) and ``bn.mean``/``bn.var`` (BatchStat)."""
+
+    part = "spatial"
+
+    def __init__(self, spec: CBAMSpec, *, dtype=jnp.float32, seed: int = 0, use_running_average: bool = False):
+        self.spec = spec
+        self.dtype = dtype
+        self.use_running_average = use_running_average
+        _build(self, spec, self.part, dtype, seed)
+
+    def set_view(self, use_running_average: bool | None = None):
+        """Used by ``nnx.view(model, use_running_average=...)``."""
+        if use_running_average is not None:
+            self.use_running_average = use_running_average
+
+    def _update_stats(self, stats) -> None:
+        for name, value in stats.items():
+            getattr(self.bn, name.rsplit(".", 1)[1])[...] = value
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y, stats = F.spatial_attention(_values(self), x, self.spec, train=not self.use_running_average)
+        self._update_stats(stats)
+        return y
+
+
+class CBAM(nnx.Module):
+    """CBAM block (channel gate, then spatial gate) on NHWC input; submodules ``.channel``, ``.spatial``."""
+
+    part = None
+
+    def __init__(self, spec: CBAMSpec, *, dtype=jnp.float32, seed: int = 0, use_running_average: bool = False):
+        self.spec = spec
+        self.dtype = dtype
+        self.channel = ChannelAttention(spec, dtype=dtype, seed=seed)
+        self.spatial = SpatialAttention(spec, dtype=dtype, seed=seed, use_running_average=use_running_average)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y, stats = F.cbam(_values(self), x, self.spec, train=not self.spatial.use_running_average)
+        self.spatial._update_stats(stats)
+        return y
