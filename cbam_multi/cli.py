@@ -1,6 +1,10 @@
 """`cbam-multi` command line: a thin layer over the library. Each subcommand lives in one function.
 
     cbam-multi parity [--preset P ...] [--dtype D ...] [--backends torch jax] [--compile]
+    cbam-multi parity --train [--steps 200] [--dtype D ...]       # torch vs JAX training trajectories
+    cbam-multi train --backend torch|jax [--epochs N --batch-size B --lr LR --seed S --no-cbam --dataset D
+                     --data-dir DIR --n-train N --n-test N --out DIR --resume --init-from CKPT --dtype D ...]
+    cbam-multi evaluate --backend torch|jax --checkpoint CKPT_OR_RUN_DIR [--dataset D --data-dir DIR ...]
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from cbam_multi.spec import CBAMSpec
 
 def cmd_parity(args: argparse.Namespace) -> int:
     """Print max errors per case, backend pair and quantity; exit 1 if any exceeds its tolerance."""
+    if getattr(args, "train", False):
+        return cmd_parity_train(args)
     import jax
 
     # float64 cases need x64; parity is about exact maths, so no reduced-precision matmuls either.
@@ -40,8 +46,213 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", nargs="+", choices=("float64", "float32"), default=["float64", "float32"])
     p.add_argument("--backends", nargs="+", choices=("torch", "jax"), default=["torch", "jax"])
     p.add_argument("--compile", action="store_true", help="compare torch.compile with eager on every case (slow)")
+    p.add_argument("--train", action="store_true", help="instead: torch vs JAX MNIST training trajectories (loss per step)")
+    p.add_argument("--steps", type=int, default=200, help="with --train: optimizer steps (default 200)")
+    p.add_argument("--batch-size", type=int, default=64, help="with --train: batch size (default 64)")
+    p.add_argument("--data-dir", default=None, help="with --train: MNIST IDX folder (default $CBAM_MNIST_DIR or ../shared/mnist)")
     p.set_defaults(func=cmd_parity)
+
+    add_train_parser(sub)
+    add_evaluate_parser(sub)
+    add_plot_parser(sub)
     return parser
+
+
+# ---------------------------------------------------------------- training (train / evaluate / parity --train)
+def _setup_jax(dtype: str) -> None:
+    """JAX computes float64 only in x64 mode; turn it on when asked for float64."""
+    if dtype == "float64":
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
+        jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def _default_data_dir(dataset: str):
+    from cbam_multi.training import default_mnist_dir
+
+    if dataset == "sample":
+        return None
+    d = default_mnist_dir()
+    return None if d is None else str(d)
+
+
+def cmd_parity_train(args: argparse.Namespace) -> int:
+    """Train the same model from the same init on the same batches in torch and JAX; print the loss curves."""
+    import tempfile
+
+    from cbam_multi.training import format_trajectory, trajectory_parity
+
+    if "float64" in args.dtype:
+        _setup_jax("float64")
+    data_dir = args.data_dir or _default_data_dir("mnist")
+    failed = 0
+    for dtype in args.dtype:
+        with tempfile.TemporaryDirectory(prefix="cbam-trajectory-") as tmp:
+            report = trajectory_parity(args.steps, dtype, batch_size=args.batch_size, data_dir=data_dir, out_root=tmp)
+        print(format_trajectory(report, every=max(1, args.steps // 20)) + "\n")
+        failed += not report["ok"]
+    return 1 if failed else 0
+
+
+def add_train_parser(sub) -> None:
+    from cbam_multi.config import DATASETS, OPTIMIZERS, SCHEDULES
+
+    p = sub.add_parser("train", help="train MNISTNet (CBAM) on MNIST with torch or JAX; metrics + checkpoints in --out")
+    p.add_argument("--backend", choices=("torch", "jax"), help="default: the --config file's, else torch")
+    p.add_argument("--config", help="a TrainConfig JSON file; the flags below override its fields")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--optimizer", choices=OPTIMIZERS)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--schedule", choices=SCHEDULES)
+    p.add_argument("--warmup-frac", type=float)
+    p.add_argument("--augment-shift", type=int, help="random translation by up to this many pixels (0 = off)")
+    p.add_argument("--seed", type=int, help="model init seed")
+    p.add_argument("--data-seed", type=int, help="batch order / augmentation seed")
+    p.add_argument("--no-cbam", action="store_true", help="baseline without CBAM blocks")
+    p.add_argument("--dataset", choices=DATASETS, help="auto (default): full MNIST if found, else the bundled sample")
+    p.add_argument("--data-dir", help="folder with the MNIST IDX files (default $CBAM_MNIST_DIR or ../shared/mnist)")
+    p.add_argument("--n-train", type=int, help="use the first N training images")
+    p.add_argument("--n-test", type=int, help="use the first N test images")
+    p.add_argument("--eval-batch-size", type=int)
+    p.add_argument("--out", help="run directory (default runs/mnist-<backend>[-nocbam])")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its train_state.safetensors")
+    p.add_argument("--init-from", help="start from this model checkpoint (file or run dir, either framework)")
+    p.add_argument("--dtype", choices=("float32", "float64"))
+    p.add_argument("--stop-after-epoch", type=int, help="stop after this epoch (as if interrupted; continue with --resume)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    p.add_argument("--print-config", action="store_true", help="print the effective TrainConfig JSON and exit")
+    p.set_defaults(func=cmd_train)
+
+
+def train_config_from_args(args: argparse.Namespace):
+    import dataclasses
+    from pathlib import Path
+
+    from cbam_multi.config import TrainConfig
+
+    config = TrainConfig.from_json(Path(args.config).read_text()) if args.config else TrainConfig()
+    flags = {
+        "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "optimizer": args.optimizer,
+        "weight_decay": args.weight_decay, "schedule": args.schedule, "warmup_frac": args.warmup_frac,
+        "augment_shift": args.augment_shift, "seed": args.seed, "data_seed": args.data_seed,
+        "dataset": args.dataset, "data_dir": args.data_dir, "n_train": args.n_train, "n_test": args.n_test,
+        "eval_batch_size": args.eval_batch_size, "init_from": args.init_from, "dtype": args.dtype,
+    }
+    changes = {k: v for k, v in flags.items() if v is not None}
+    if args.backend is not None:
+        changes["backend"] = args.backend
+    if args.no_cbam:
+        changes["model"] = dataclasses.replace(config.model, cbam=False)
+    if args.resume:
+        changes["resume"] = True
+    if args.no_progress:
+        changes["progress"] = False
+    if args.out is not None:
+        changes["out"] = args.out
+    elif not args.config:
+        nocbam = not changes.get("model", config.model).cbam
+        changes["out"] = "runs/mnist-{backend}" + ("-nocbam" if nocbam else "")
+    config = config.replace(**changes)
+    if config.data_dir is None:
+        config = config.replace(data_dir=_default_data_dir(config.dataset))
+    return config
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Thin layer: flags -> TrainConfig -> <backend>.train.train_and_evaluate; prints a per-epoch table."""
+    config = train_config_from_args(args)
+    if args.print_config:
+        print(config.to_json(indent=2))
+        return 0
+    if config.backend == "jax":
+        _setup_jax(config.dtype)
+    from cbam_multi.training import train_and_evaluate
+
+    metrics = train_and_evaluate(config, stop_after_epoch=args.stop_after_epoch)
+    ds = metrics["dataset"]
+    print(f"{metrics['backend']} on {metrics['device']}; data {ds['name']} ({ds['n_train']} train / {ds['n_test']} test)")
+    print(f"{'epoch':>5} {'train loss':>10} {'test loss':>9} {'test acc':>8} {'s/epoch':>8} {'img/s':>7}")
+    for e in metrics["epochs"]:
+        print(
+            f"{e['epoch']:>5} {e['train_loss']:>10.4f} {e['test_loss']:>9.4f} {100 * e['test_accuracy']:>7.2f}% "
+            f"{e['epoch_seconds']:>8.1f} {e['images_per_s']:>7.0f}"
+        )
+    print(f"metrics: {config.out_dir / 'metrics.json'}; checkpoint: {metrics['checkpoint']}")
+    return 0
+
+
+def add_evaluate_parser(sub) -> None:
+    from cbam_multi.config import DATASETS
+
+    p = sub.add_parser("evaluate", help="evaluate a model checkpoint (written by either framework) on the test split")
+    p.add_argument("--backend", choices=("torch", "jax"), default="torch")
+    p.add_argument("--checkpoint", required=True, help="checkpoint.safetensors or a run directory")
+    p.add_argument("--dataset", choices=DATASETS, default="auto")
+    p.add_argument("--data-dir")
+    p.add_argument("--n-test", type=int)
+    p.add_argument("--batch-size", type=int, default=1000)
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--json", action="store_true", help="print the result as JSON (predictions included)")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    if args.backend == "jax":
+        _setup_jax(args.dtype)
+    from cbam_multi.training import evaluate
+
+    result = evaluate(
+        args.checkpoint, backend=args.backend, dataset=args.dataset,
+        data_dir=args.data_dir or _default_data_dir(args.dataset), n_test=args.n_test,
+        batch_size=args.batch_size, dtype=args.dtype,
+    )
+    if args.json:
+        out = {k: v for k, v in result.items() if k != "logits"}
+        out["predictions"] = result["predictions"].tolist()
+        print(json.dumps(out))
+    else:
+        ds = result["dataset"]
+        print(
+            f"{result['backend']}: {result['checkpoint']} (written by {result['written_by']}) on {ds['name']} "
+            f"{ds['n_test']} test images: accuracy {100 * result['accuracy']:.2f}% ({result['correct']}/{result['n']}), "
+            f"loss {result['loss']:.4f}"
+        )
+    return 0
+
+
+def add_plot_parser(sub) -> None:
+    p = sub.add_parser("plot", help="PNGs: both backends' training curves overlaid; digits with attention maps")
+    p.add_argument("runs", nargs="+", help="run directories (or metrics.json files) to overlay, e.g. runs/mnist-*")
+    p.add_argument("--checkpoint", help="model checkpoint for the attention grid (default: the first run's)")
+    p.add_argument("--n-images", type=int, default=8)
+    p.add_argument("--dataset", choices=("auto", "mnist", "sample"), default="auto")
+    p.add_argument("--data-dir")
+    p.add_argument("--out", default="runs/plots", help="folder for curves.png and attention.png")
+    p.set_defaults(func=cmd_plot)
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from cbam_multi import plots
+    from cbam_multi.data import load_mnist
+
+    out = Path(args.out)
+    print(f"curves: {plots.plot_curves(args.runs, out / 'curves.png')}")
+    checkpoint = Path(args.checkpoint or args.runs[0])
+    if checkpoint.is_dir():
+        checkpoint = checkpoint / "checkpoint.safetensors"
+    _setup_jax("float32")
+    ds = load_mnist(args.data_dir or _default_data_dir(args.dataset), dataset=args.dataset)
+    n = args.n_images
+    path = plots.plot_attention(checkpoint, ds.test_images[:n], ds.test_labels[:n], out / "attention.png")
+    print(f"attention: {path}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -60,8 +60,9 @@ class MNISTNetSpec:
             )
         if self.cbam_preset not in CBAMSpec.PRESETS:
             raise SpecError(f"cbam_preset must be one of {CBAMSpec.PRESETS}, got {self.cbam_preset!r}")
-        for i in range(len(self.conv_channels)):
-            self.cbam_spec(i)  # raises SpecError early, e.g. a zero hidden width
+        if self.cbam:
+            for i in range(len(self.conv_channels)):
+                self.cbam_spec(i)  # raises SpecError early, e.g. a zero hidden width
 
     # ------------------------------------------------------------ derived
     def cbam_spec(self, block: int) -> CBAMSpec:

@@ -31,3 +31,7 @@ __all__ = [
     "functional",
     "linen",
 ]
+
+# MNIST classifier and training, importable here but not (yet) in __all__ (whole-model canonical weights: cbam_multi.jax.model.export_weights / import_weights)
+from cbam_multi.jax.model import MNISTNet  # noqa: E402
+from cbam_multi.jax.train import evaluate, train_and_evaluate  # noqa: E402

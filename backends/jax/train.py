@@ -117,6 +117,19 @@ def _flat(state) -> dict[str, Any]:
     return {".".join(map(str, path)): v for path, v in nnx.to_flat_state(state)}
 
 
+def _set_counts(opt_state, step: int):
+    """Set EVERY ``count`` in an optax state (inject_hyperparams' and scale_by_adam's: the bias
+    correction uses the latter) to ``step``. (optax.tree_utils.tree_set stops at the first match.)"""
+
+    def visit(path, leaf):
+        last = path[-1] if path else None
+        if getattr(last, "name", None) == "count":
+            return jnp.asarray(step, dtype=leaf.dtype)
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(visit, opt_state)
+
+
 class _Predictor:
     """Eval-mode logits of NHWC NumPy batches; pads a ragged tail to the compiled batch size."""
 
@@ -179,9 +192,8 @@ class JaxTrainer:
             for name, var in flat.items():
                 var.set_value(jnp.asarray(np.asarray(slots[slot][name]), dtype=var[...].dtype))
             values[_SLOT_FIELDS[slot]] = template
-        counts = {"count": jnp.asarray(step, jnp.int32)}
-        # every 'count' (inject_hyperparams' and scale_by_adam's) is the number of steps taken
-        self.opt_state = optax.tree_utils.tree_set(state, **values, **counts)
+        state = optax.tree_utils.tree_set(state, **values) if values else state
+        self.opt_state = _set_counts(state, step)
 
     def get_opt_state(self) -> dict[str, dict[str, np.ndarray]]:
         out = {}
@@ -195,10 +207,14 @@ class JaxTrainer:
         return np.asarray(lr, dtype=self.dtype)
 
     def warmup(self, x: np.ndarray, y: np.ndarray) -> float:
-        """Compile the train step (ahead of time, so epoch timings exclude compilation) and prediction."""
+        """Compile the train step and the prediction function, so epoch timings exclude compilation.
+
+        The step runs once on copies of the state (its buffers are donated), which fills jit's cache.
+        """
         t0 = time.perf_counter()
-        args = (self.params, self.rest, self.opt_state, jnp.asarray(x, self.dtype), jnp.asarray(y), self._lr(self.config.lr))
-        self._step.lower(*args).compile()
+        copies = jax.tree.map(jnp.copy, (self.params, self.rest, self.opt_state))
+        jax.block_until_ready(self._step(*copies, jnp.asarray(x, self.dtype), jnp.asarray(y), self._lr(self.config.lr)))
+        self._predictor(np.zeros((1,) + x.shape[1:], x.dtype), self.params, self.rest)
         return time.perf_counter() - t0
 
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float):

@@ -1,0 +1,179 @@
+"""MNIST training and evaluation with PyTorch (eager, CPU or CUDA): ``train_and_evaluate`` and ``evaluate``.
+
+The epoch loop, schedule, batches, metrics and checkpoint formats are shared with the JAX backend
+(`cbam_multi.training`); this module only provides the torch `Trainer`. Optimizers are torch.optim's
+own Adam / AdamW / SGD with every hyper-parameter taken from the `TrainConfig` (see `cbam_multi.config`
+for the update formulas, identical to the optax chains of `cbam_multi.jax.train`).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cbam_multi import training
+from cbam_multi.config import ConfigError, TrainConfig
+from cbam_multi.data import Dataset
+from cbam_multi.model import MNISTNetSpec
+
+from .model import MNISTNet, export_weights, import_weights, model_layouts
+from .weights import to_numpy
+
+__all__ = ["train_and_evaluate", "evaluate", "TorchTrainer", "make_optimizer"]
+
+# canonical slot name -> torch optimizer state key
+_SLOT_KEYS = {"mu": "exp_avg", "nu": "exp_avg_sq", "momentum": "momentum_buffer"}
+
+
+def make_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
+    """torch.optim optimizer with every hyper-parameter explicit (lr is overwritten every step)."""
+    common = dict(lr=config.lr, weight_decay=config.weight_decay, foreach=False, maximize=False)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, betas=config.betas, eps=config.eps, amsgrad=False, **common)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, betas=config.betas, eps=config.eps, amsgrad=False, **common)
+    return torch.optim.SGD(params, momentum=config.momentum, dampening=0.0, nesterov=config.nesterov, **common)
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class TorchTrainer:
+    """`cbam_multi.training.Trainer` for torch: NCHW model, torch.optim, canonical state in and out."""
+
+    backend = "torch"
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.dtype = getattr(torch, config.dtype)
+        self.dev = _device()
+        self.model = MNISTNet(config.model, dtype=self.dtype, seed=config.seed).to(self.dev)
+        self.layouts = model_layouts(config.model)
+        named = dict(self.model.named_parameters())
+        # canonical trainable name -> its torch parameter, in spec order (the optimizer's param order)
+        self.params = {n: named[lay.torch_name] for n, lay in self.layouts.items() if lay.trainable}
+        self.optimizer = make_optimizer(config, list(self.params.values()))
+        self.slots = training.optimizer_slots(config)
+        self.step = 0
+
+    # ---------------------------------------------------------------- weights / optimizer state
+    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        import_weights(self.model, weights)
+
+    def get_weights(self) -> dict[str, np.ndarray]:
+        return export_weights(self.model)
+
+    def set_opt_state(self, slots: Mapping[str, Mapping[str, np.ndarray]], step: int) -> None:
+        """Install canonical optimizer slots (converted to torch layouts) as if ``step`` steps were taken."""
+        self.optimizer.state.clear()
+        for name, p in self.params.items():
+            lay = self.layouts[name]
+            state: dict[str, torch.Tensor] = {}
+            if self.config.optimizer in ("adam", "adamw"):
+                # torch keeps the Adam step as a float tensor of the default scalar dtype (exact for ints < 2**24)
+                state["step"] = torch.tensor(float(step), dtype=_scalar_dtype())
+            for slot in self.slots:
+                arr = np.array(lay.to_torch(np.asarray(slots[slot][name])), order="C", copy=True)
+                state[_SLOT_KEYS[slot]] = torch.from_numpy(arr).to(device=p.device, dtype=p.dtype)
+            if state:
+                self.optimizer.state[p] = state
+        self.step = int(step)
+
+    def get_opt_state(self) -> dict[str, dict[str, np.ndarray]]:
+        out: dict[str, dict[str, np.ndarray]] = {slot: {} for slot in self.slots}
+        for name, p in self.params.items():
+            lay = self.layouts[name]
+            state = self.optimizer.state.get(p, {})
+            for slot in self.slots:
+                value = state.get(_SLOT_KEYS[slot])
+                arr = np.zeros(tuple(p.shape), to_numpy(p.detach()).dtype) if value is None else to_numpy(value)
+                out[slot][name] = np.array(lay.to_canonical(arr), order="C", copy=True)
+        return out
+
+    # ---------------------------------------------------------------- steps
+    def _batch(self, x: np.ndarray) -> torch.Tensor:
+        # NHWC -> NCHW; with one channel this is a free view of the same memory
+        return torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).to(self.dev)
+
+    def warmup(self, x: np.ndarray, y: np.ndarray) -> float:
+        return 0.0  # eager: nothing to compile
+
+    def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> torch.Tensor:
+        self.model.train()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        logits = self.model(self._batch(x))
+        loss = F.cross_entropy(logits, torch.from_numpy(np.asarray(y)).to(self.dev), reduction="mean")
+        loss.backward()
+        self.optimizer.step()
+        self.step += 1
+        return loss.detach()
+
+    def losses(self, handles: Sequence[torch.Tensor]) -> np.ndarray:
+        return torch.stack(list(handles)).double().cpu().numpy()
+
+    @torch.inference_mode()
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        self.model.eval()
+        return self.model(self._batch(x)).cpu().numpy()
+
+    def device(self) -> str:
+        if self.dev.type == "cuda":
+            return f"torch cuda: {torch.cuda.get_device_name(self.dev)}"
+        return f"torch cpu ({torch.get_num_threads()} threads)"
+
+
+def _scalar_dtype() -> torch.dtype:
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def train_and_evaluate(config: TrainConfig, *, data: Dataset | None = None, stop_after_epoch: int | None = None) -> dict:
+    """Train and evaluate ``config`` with PyTorch; see `cbam_multi.training.fit` (identical in JAX).
+
+    Writes ``<out>/metrics.json``, ``<out>/checkpoint.safetensors`` and ``<out>/train_state.safetensors``
+    after every epoch; ``data`` overrides loading (a preloaded `cbam_multi.data.Dataset`).
+    """
+    if config.backend != "torch":
+        raise ConfigError(f"cbam_multi.torch.train got a config for backend {config.backend!r}; use config.replace(backend='torch')")
+    return training.fit(config, TorchTrainer, data=data, stop_after_epoch=stop_after_epoch)
+
+
+def evaluate(
+    checkpoint,
+    *,
+    dataset: str = "auto",
+    data_dir=None,
+    n_test: int | None = None,
+    batch_size: int = 1000,
+    dtype: str = "float32",
+    data: Dataset | None = None,
+    progress: bool = False,
+) -> dict:
+    """Evaluate a model checkpoint written by either backend (file or run directory) on the test split.
+
+    Returns ``{"accuracy", "loss", "predictions", "logits", "correct", "n", ...}``; the tail batch is kept.
+    """
+
+    def build(weights, spec: MNISTNetSpec, dtype_name: str):
+        model = MNISTNet(spec, dtype=getattr(torch, dtype_name)).to(_device())
+        import_weights(model, weights)
+        model.eval()
+
+        @torch.inference_mode()
+        def predict(x: np.ndarray) -> np.ndarray:
+            xt = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).to(_device())
+            return model(xt).cpu().numpy()
+
+        return predict, "torch"
+
+    if dtype not in ("float32", "float64"):
+        raise ConfigError(f"dtype must be float32 or float64, got {dtype!r}")
+    return training.evaluate_checkpoint(
+        checkpoint, build, dataset=dataset, data_dir=data_dir, n_test=n_test, batch_size=batch_size,
+        dtype=dtype, data=data, progress=progress,
+    )
