@@ -4,6 +4,7 @@
     cbam-multi parity --train [--steps 200] [--dtype D ...]       # torch vs JAX training trajectories
     cbam-multi train --backend torch|jax [--epochs N --batch-size B --lr LR --seed S --no-cbam --dataset D
                      --data-dir DIR --n-train N --n-test N --out DIR --resume --init-from CKPT --dtype D ...]
+                     [--distributed]   # data parallel: torchrun (torch DDP) / multi-host JAX; see docs/SCALE_OUT.md
     cbam-multi evaluate --backend torch|jax --checkpoint CKPT_OR_RUN_DIR [--dataset D --data-dir DIR ...]
 """
 
@@ -120,7 +121,14 @@ def add_train_parser(sub) -> None:
     p.add_argument("--out", help="run directory (default runs/mnist-<backend>[-nocbam])")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its train_state.safetensors")
     p.add_argument("--init-from", help="start from this model checkpoint (file or run dir, either framework)")
-    p.add_argument("--dtype", choices=("float32", "float64"))
+    p.add_argument("--dtype", choices=("float32", "float64", "bfloat16"), help="bfloat16 = mixed precision (float32 weights)")
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="data-parallel over processes: torch = DDP under torchrun (automatic when WORLD_SIZE > 1); "
+        "jax = jax.distributed.initialize() (automatic when JAX_COORDINATOR_ADDRESS is set). "
+        "A single JAX process always uses all its local devices.",
+    )
     p.add_argument("--stop-after-epoch", type=int, help="stop after this epoch (as if interrupted; continue with --resume)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     p.add_argument("--print-config", action="store_true", help="print the effective TrainConfig JSON and exit")
@@ -161,6 +169,24 @@ def train_config_from_args(args: argparse.Namespace):
     return config
 
 
+def _setup_distributed(backend: str, requested: bool) -> bool:
+    """Join the process group / JAX cluster when asked (``--distributed``) or launched for it. Returns
+    whether this process is the main one (the one that prints)."""
+    if backend == "torch":
+        from cbam_multi.torch import distributed
+
+        if requested or distributed.launched_by_torchrun():
+            distributed.init_distributed()
+        return distributed.rank() == 0
+    from cbam_multi.jax import sharding
+
+    if requested or sharding.distributed_requested():
+        sharding.initialize_distributed()  # before anything touches a JAX device
+    import jax
+
+    return jax.process_index() == 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Thin layer: flags -> TrainConfig -> <backend>.train.train_and_evaluate; prints a per-epoch table."""
     config = train_config_from_args(args)
@@ -169,9 +195,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     if config.backend == "jax":
         _setup_jax(config.dtype)
+    main_process = _setup_distributed(config.backend, getattr(args, "distributed", False))
     from cbam_multi.training import train_and_evaluate
 
-    metrics = train_and_evaluate(config, stop_after_epoch=args.stop_after_epoch)
+    try:
+        metrics = train_and_evaluate(config, stop_after_epoch=args.stop_after_epoch)
+    finally:
+        if config.backend == "torch":
+            from cbam_multi.torch import distributed
+
+            distributed.shutdown()
+    if not main_process:
+        return 0
     ds = metrics["dataset"]
     print(f"{metrics['backend']} on {metrics['device']}; data {ds['name']} ({ds['n_train']} train / {ds['n_test']} test)")
     print(f"{'epoch':>5} {'train loss':>10} {'test loss':>9} {'test acc':>8} {'s/epoch':>8} {'img/s':>7}")

@@ -37,7 +37,7 @@ from cbam_multi.model import MNISTNetSpec
 BACKENDS = ("torch", "jax")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "linear")
-DTYPES = ("float32", "float64")
+DTYPES = ("float32", "float64", "bfloat16")  # bfloat16 = mixed precision: bf16 compute, float32 parameters
 DATASETS = ("auto", "mnist", "sample")
 
 CONFIG_FORMAT_VERSION = 1
@@ -93,7 +93,7 @@ class TrainConfig:
     # ------------------------------------------------------------------ reproducibility / numerics
     seed: int = 0  # model init: cbam_multi.weights.init_weights(spec, seed)
     data_seed: int = 0  # batch order: cbam_multi.data.iterate_batches(seed=data_seed, epoch=e)
-    dtype: str = "float32"
+    dtype: str = "float32"  # "bfloat16": bf16 compute, float32 parameters/optimizer state/checkpoints (`param_dtype`)
     # ------------------------------------------------------------------ augmentation (framework-free, seeded NumPy)
     augment_shift: int = 1  # random translation of every training image by up to this many pixels (0 = off)
     # ------------------------------------------------------------------ data
@@ -165,6 +165,17 @@ class TrainConfig:
             raise ConfigError("invalid TrainConfig: " + "; ".join(problems))
 
     # ------------------------------------------------------------------ derived
+    @property
+    def param_dtype(self) -> str:
+        """Storage dtype of parameters, optimizer state, checkpoints and the prepared data: ``dtype``,
+        except for mixed precision (``bfloat16``), whose master copy is float32."""
+        return "float32" if self.dtype == "bfloat16" else self.dtype
+
+    @property
+    def mixed_precision(self) -> bool:
+        """True when compute runs in a lower precision than `param_dtype` (``dtype="bfloat16"``)."""
+        return self.dtype != self.param_dtype
+
     @property
     def out_dir(self) -> Path:
         return Path(self.out.format(backend=self.backend))

@@ -107,7 +107,7 @@ def optimizer_slots(config: TrainConfig) -> tuple[str, ...]:
 # ------------------------------------------------------------------ data
 @dataclass(frozen=True, eq=False)
 class PreparedData:
-    """Normalized NHWC arrays in the training dtype (identical bytes for both backends)."""
+    """Normalized NHWC arrays in the training parameter dtype (identical bytes for both backends)."""
 
     name: str
     source: str
@@ -129,7 +129,7 @@ def load_dataset(dataset: str = "auto", data_dir=None, data: Dataset | None = No
 
 def prepare_data(config: TrainConfig, data: Dataset | None = None) -> PreparedData:
     ds = subset(load_dataset(config.dataset, config.data_dir, data), config.n_train, config.n_test)
-    dt = np.dtype(config.dtype)
+    dt = np.dtype(config.param_dtype)  # bfloat16 runs feed float32 and cast on the device
     return PreparedData(
         ds.name,
         ds.source,
@@ -287,6 +287,12 @@ class Trainer(Protocol):
     def predict(self, x: np.ndarray) -> np.ndarray: ...  # logits, eval mode
     def device(self) -> str: ...
 
+    # Optional (data parallelism; defaults in brackets):
+    #   is_main: bool            only the main process writes files and prints [True]
+    #   parallel: dict           {"engine", "processes", "devices", ...} recorded in the metrics [one process]
+    # ``train_step`` always receives the GLOBAL batch (the same on every process, from `iterate_batches`);
+    # a data-parallel trainer feeds its devices their slices and returns the loss of the global batch.
+
 
 # ------------------------------------------------------------------ the loop
 def fit(
@@ -311,6 +317,8 @@ def fit(
     schedule = lr_schedule(config, steps_per_epoch)
 
     trainer = make_trainer(config)
+    is_main = bool(getattr(trainer, "is_main", True))  # data parallel: only process 0 writes and prints
+    show = config.progress and is_main
     history: list[dict] = []
     start_epoch, step, started = 0, 0, {"how": "fresh", "seed": config.seed}
     if config.resume:
@@ -326,7 +334,7 @@ def fit(
                 f"{state_path}: step {state.step} != epoch {state.epoch} x {steps_per_epoch} steps per epoch "
                 f"(different data size?)"
             )
-        if config.epochs != state.config.epochs and config.schedule != "constant":
+        if config.epochs != state.config.epochs and config.schedule != "constant" and is_main:
             print(
                 f"note: resuming with epochs={config.epochs} (checkpoint planned {state.config.epochs}): the lr "
                 f"schedule is recomputed over the new length",
@@ -356,6 +364,7 @@ def fit(
         "model": {"num_params": config.model.num_params(), "spec": config.model.to_dict()},
         "versions": versions(),
         "device": trainer.device(),
+        "parallel": getattr(trainer, "parallel", {"engine": "none", "processes": 1, "devices": 1}),
         "host": host_info(),
         "steps_per_epoch": steps_per_epoch,
         "total_steps": total_steps,
@@ -368,7 +377,7 @@ def fit(
     for epoch in range(start_epoch, config.epochs):
         handles, lrs = [], []
         aug = augment_rng(config, epoch)
-        bar = _bar(None, config.progress, total=steps_per_epoch, desc=f"{trainer.backend} epoch {epoch + 1}/{config.epochs}")
+        bar = _bar(None, show, total=steps_per_epoch, desc=f"{trainer.backend} epoch {epoch + 1}/{config.epochs}")
         t0 = time.perf_counter()
         for i, idx in enumerate(iterate_batches(n, config.batch_size, seed=config.data_seed, epoch=epoch)):
             lr = schedule(step)
@@ -377,7 +386,7 @@ def fit(
             lrs.append(lr)
             step += 1
             bar.update(1)
-            if config.progress and (i % 50 == 49 or i == steps_per_epoch - 1):
+            if show and (i % 50 == 49 or i == steps_per_epoch - 1):
                 bar.set_postfix(loss=f"{float(trainer.losses(handles[-1:])[0]):.4f}", lr=f"{lr:.2e}")
         losses = trainer.losses(handles)  # waits for the last step
         train_seconds = time.perf_counter() - t0
@@ -400,12 +409,13 @@ def fit(
             "train_losses": [float(v) for v in losses],
         }
         history.append(record)
-        weights = trainer.get_weights()
-        save_weights(out / CHECKPOINT_FILE, weights, config.model, extra_metadata={"cbam_multi.written_by": trainer.backend, "cbam_multi.epoch": str(epoch + 1)})
-        TrainState(config, weights, trainer.get_opt_state(), step, epoch + 1, history, trainer.backend).save(out / TRAIN_STATE_FILE)
+        weights, opt_state = trainer.get_weights(), trainer.get_opt_state()  # on every process (no collectives)
         metrics = _metrics(base, history)
-        write_json_atomic(out / METRICS_FILE, metrics)
-        if config.progress:
+        if is_main:  # atomic writes, by one process only
+            save_weights(out / CHECKPOINT_FILE, weights, config.model, extra_metadata={"cbam_multi.written_by": trainer.backend, "cbam_multi.epoch": str(epoch + 1)})
+            TrainState(config, weights, opt_state, step, epoch + 1, history, trainer.backend).save(out / TRAIN_STATE_FILE)
+            write_json_atomic(out / METRICS_FILE, metrics)
+        if show:
             print(
                 f"[{trainer.backend}] epoch {epoch + 1}/{config.epochs}: train loss {record['train_loss']:.4f}, "
                 f"test loss {ev['loss']:.4f}, test acc {100 * ev['accuracy']:.2f}%, {train_seconds:.1f} s "
@@ -458,7 +468,7 @@ def evaluate_checkpoint(
     if not isinstance(spec, MNISTNetSpec):
         raise CheckpointError(f"{path}: holds a {type(spec).__name__}, not an MNISTNetSpec model")
     ds = subset(load_dataset(dataset, data_dir, data), None, n_test)
-    x = normalize(ds.test_images, np.dtype(dtype))
+    x = normalize(ds.test_images, np.dtype("float32" if dtype == "bfloat16" else dtype))  # bf16: cast on the device
     predict, backend = build_predict(weights, spec, dtype)
     result = evaluate_arrays(predict, x, ds.test_labels, batch_size, progress, desc=f"{backend} eval")
     result.update(
@@ -553,13 +563,19 @@ def _bar(iterable, enabled: bool, **kwargs):
 
 # ------------------------------------------------------------------ cross-framework trajectory parity
 # THE tolerance table of training parity (tests and `cbam-multi parity --train` both use it).
-# Same init, same batches, same lrs; torch vs JAX for N optimizer steps (default config: AdamW, cosine
-# schedule, batch 64, real MNIST). Quantities:
-#   loss_rel:        max over steps of |loss_torch - loss_jax| / |loss_torch|
-#   window_loss_rel: |mean loss of the last N/4 steps, torch / jax - 1|   (smoothed curves)
-#   weights_rel:     max over tensors of max|w_torch - w_jax| / max|w_torch| after the last step
+# Same init, same batches, same lrs; two runs of N optimizer steps (default config: AdamW, cosine
+# schedule, real MNIST). Keys are (kind, longest horizon in steps); a run uses the first row of its kind
+# whose horizon covers it (so a 1-step row bounds the first loss of a longer run: same weights, forward only).
+# Kinds:
+#   "float64", "float32", "bfloat16":  torch vs JAX in that dtype (batch 64);
+#   "bfloat16-vs-float32":             one backend, mixed precision (bf16 compute, float32 params) vs float32;
+#   "sharded:float64|float32":         JAX data-parallel over 4 devices (jax.sharding) vs 1 device;
+#   "ddp:float64|float32":             torch DDP, 2 processes (gloo) vs 1 process, same global batch.
+# Quantities:
+#   loss_rel:        max over steps of |loss_a - loss_b| / |loss_a|
+#   window_loss_rel: |mean loss of the last N/4 steps, a / b - 1|   (smoothed curves)
+#   weights_rel:     max over tensors of max|w_a - w_b| / max|w_a| after the last step
 #   agreement:       fraction of equal test predictions (1,000 images) of the two final models
-# Rows are (dtype, longest horizon in steps); a run uses the first row whose horizon covers it.
 # None = not bounded at that horizon.
 # Measured (2-core CPU, torch 2.13 / jax 0.10.2):
 #   float64, 30 and 200 steps: loss_rel <= 2.3e-15, weights_rel <= 2.3e-13, agreement 1.0.
@@ -570,16 +586,35 @@ def _bar(iterable, enabled: bool, **kwargs):
 #   leaves 1e-3 at step ~45 and reaches 8e-2, JAX float32 stays below 3.3e-3 over 200 steps (with
 #   torch.backends.mkldnn disabled torch float32 tracks float64 to 2e-6 over 30 steps); with SGD both
 #   stay within ~1e-7 of float64 over 30 steps.
-# Bounds = measured worst case with >= 4x margin.
+#   bfloat16, 30 steps, data seeds 0-5 (`trajectory_parity(..., runs=...)`):
+#     first step (forward only): loss_rel <= 1.6e-5 (torch vs JAX and bf16 vs float32, both backends);
+#     torch-bf16 vs jax-bf16: loss_rel <= 0.077, window_loss_rel <= 0.038, weights_rel <= 0.85, agreement >= 0.970;
+#     bf16 vs float32: torch loss_rel <= 0.12, jax <= 0.066; window_loss_rel <= 0.038; weights_rel <= 0.85;
+#     agreement >= 0.951 (test accuracy within 0.9 points either way). bf16 rounding (8-bit mantissa) of
+#     activations dominates: torch-bf16 vs jax-bf16 differ about as much as either differs from float32.
+#   sharded (JAX, 4 forced host devices vs 1), 20 steps of 64, data seeds 0-3, presets seed and official (BN):
+#     float64 loss_rel <= 1.6e-15, weights_rel <= 2.4e-12; float32 loss_rel <= 4.5e-6, weights_rel <= 1.3e-3.
+#     Multi-process (2 processes x 2 devices, float64, 10 steps of 32): loss_rel 2.2e-16, weights_rel 1.2e-13.
+#   ddp (torch, torchrun 2 x gloo vs 1 process), 20 steps of 32, data seeds 0-3: float64 loss_rel <= 2.2e-16;
+#     float32 loss_rel <= 1.9e-7, weights_rel <= 2.2e-4.
+# Bounds = measured worst case with >= 4x margin (sharded/ddp float64: the 1e-10 scale-out criterion).
 TRAJECTORY_TOLERANCES: dict[tuple[str, int], dict[str, float | None]] = {
     ("float64", 200): {"loss_rel": 1e-8, "window_loss_rel": 1e-8, "weights_rel": 1e-8, "agreement": 1.0},
     ("float32", 50): {"loss_rel": 5e-3, "window_loss_rel": 5e-3, "weights_rel": 5e-2, "agreement": 0.995},
     ("float32", 200): {"loss_rel": None, "window_loss_rel": 5e-2, "weights_rel": None, "agreement": 0.99},
+    ("bfloat16", 1): {"loss_rel": 1e-4, "window_loss_rel": None, "weights_rel": None, "agreement": None},
+    ("bfloat16", 30): {"loss_rel": 0.3, "window_loss_rel": 0.15, "weights_rel": None, "agreement": 0.88},
+    ("bfloat16-vs-float32", 1): {"loss_rel": 1e-4, "window_loss_rel": None, "weights_rel": None, "agreement": None},
+    ("bfloat16-vs-float32", 30): {"loss_rel": 0.5, "window_loss_rel": 0.15, "weights_rel": None, "agreement": 0.8},
+    ("sharded:float64", 20): {"loss_rel": 1e-10, "window_loss_rel": 1e-10, "weights_rel": 1e-8, "agreement": 1.0},
+    ("sharded:float32", 20): {"loss_rel": 2e-5, "window_loss_rel": 2e-5, "weights_rel": 5e-3, "agreement": 0.995},
+    ("ddp:float64", 20): {"loss_rel": 1e-10, "window_loss_rel": 1e-10, "weights_rel": 1e-8, "agreement": 1.0},
+    ("ddp:float32", 20): {"loss_rel": 1e-6, "window_loss_rel": 1e-6, "weights_rel": 1e-3, "agreement": 0.995},
 }
 
 
 def trajectory_tolerance(dtype: str, steps: int) -> dict[str, float | None]:
-    """The `TRAJECTORY_TOLERANCES` row for ``steps`` steps in ``dtype``."""
+    """The `TRAJECTORY_TOLERANCES` row for ``steps`` steps of kind ``dtype`` (a dtype or e.g. ``"ddp:float32"``)."""
     rows = sorted((h, tol) for (d, h), tol in TRAJECTORY_TOLERANCES.items() if d == dtype)
     for horizon, tol in rows:
         if steps <= horizon:
@@ -607,58 +642,69 @@ def trajectory_parity(
     data_dir=None,
     out_root=None,
     base: TrainConfig | None = None,
+    runs: Sequence[tuple[str, str]] | None = None,
+    tolerance: str | None = None,
 ) -> dict:
-    """Train ``steps`` optimizer steps in torch and in JAX from the same init on the same batches and
-    compare the per-step losses, the final weights and the final models' test predictions.
+    """Train ``steps`` optimizer steps twice from the same init on the same batches and compare the
+    per-step losses, the final weights and the final models' test predictions.
 
-    Both runs are ordinary `train_and_evaluate` calls (one epoch of ``steps * batch_size`` examples),
-    so everything the real runs use is exercised. Returns a report dict (see `format_trajectory`).
+    By default the two runs are torch and JAX in ``dtype``; ``runs`` names any two ``(backend, dtype)``
+    runs instead, e.g. ``[("torch", "float32"), ("torch", "bfloat16")]`` for mixed precision against
+    float32. ``tolerance`` is the `TRAJECTORY_TOLERANCES` row kind (default ``dtype``). Both runs are
+    ordinary `train_and_evaluate` calls (one epoch of ``steps * batch_size`` examples), so everything
+    the real runs use is exercised. Returns a report dict (see `format_trajectory`); ``losses_torch`` /
+    ``losses_jax`` hold the first / second run's losses.
     """
     import tempfile
 
     base = base or TrainConfig()
     root = Path(out_root) if out_root is not None else Path(tempfile.mkdtemp(prefix="cbam-trajectory-"))
+    pair = list(runs) if runs is not None else [("torch", dtype), ("jax", dtype)]
+    if len(pair) != 2 or pair[0] == pair[1]:
+        raise ValueError(f"runs must name two different (backend, dtype) runs, got {pair}")
     cfg = base.replace(
         epochs=1,
         batch_size=batch_size,
         n_train=steps * batch_size,
         n_test=n_test,
         eval_batch_size=min(base.eval_batch_size, n_test),
-        dtype=dtype,
         dataset=dataset,
         data_dir=None if data_dir is None else str(data_dir),
-        out=str(root / "{backend}"),
         resume=False,
         init_from=None,
         progress=False,
     )
-    runs, weights, preds = {}, {}, {}
-    for backend in ("torch", "jax"):
-        c = cfg.replace(backend=backend)
-        runs[backend] = train_and_evaluate(c, data=data)
-        weights[backend] = load_weights(c.out_dir / CHECKPOINT_FILE)[0]
-    for backend in ("torch", "jax"):
+    labels = [f"{b}-{d}" if runs is not None else b for b, d in pair]
+    results, weights, preds = [], [], []
+    for (backend, dt), label in zip(pair, labels):
+        c = cfg.replace(backend=backend, dtype=dt, out=str(root / label))
+        results.append(train_and_evaluate(c, data=data))
+        weights.append(load_weights(c.out_dir / CHECKPOINT_FILE)[0])
+    for (backend, dt), label in zip(pair, labels):
         ev = evaluate(
-            cfg.replace(backend=backend).out_dir, backend=backend, data=data, dataset=dataset,
-            data_dir=cfg.data_dir, n_test=n_test, batch_size=cfg.eval_batch_size, dtype=dtype,
+            root / label, backend=backend, data=data, dataset=dataset,
+            data_dir=cfg.data_dir, n_test=n_test, batch_size=cfg.eval_batch_size, dtype=dt,
         )
-        preds[backend] = ev["predictions"]
-    lt = np.asarray(runs["torch"]["epochs"][0]["train_losses"])
-    lj = np.asarray(runs["jax"]["epochs"][0]["train_losses"])
+        preds.append(ev["predictions"])
+    lt = np.asarray(results[0]["epochs"][0]["train_losses"])
+    lj = np.asarray(results[1]["epochs"][0]["train_losses"])
     loss_rel = np.abs(lt - lj) / np.abs(lt)
     window = max(1, steps // 4)
     window_loss_rel = float(abs(lt[-window:].mean() / lj[-window:].mean() - 1.0))
     w_rel = {
-        n: float(np.abs(weights["torch"][n].astype(np.float64) - weights["jax"][n]).max() / max(np.abs(weights["torch"][n]).max(), 1e-30))
-        for n in weights["torch"]
+        n: float(np.abs(weights[0][n].astype(np.float64) - weights[1][n]).max() / max(np.abs(weights[0][n]).max(), 1e-30))
+        for n in weights[0]
     }
     worst = max(w_rel, key=w_rel.get)
-    tol = trajectory_tolerance(dtype, steps)
+    kind = tolerance or dtype
+    tol = trajectory_tolerance(kind, steps)
     report = {
         "steps": steps,
-        "dtype": dtype,
+        "dtype": dtype if runs is None else " vs ".join(labels),
+        "tolerance_row": kind,
+        "runs": labels,
         "batch_size": batch_size,
-        "dataset": runs["torch"]["dataset"],
+        "dataset": results[0]["dataset"],
         "losses_torch": lt,
         "losses_jax": lj,
         "loss_rel": loss_rel,
@@ -667,8 +713,8 @@ def trajectory_parity(
         "window": window,
         "weights_rel": float(w_rel[worst]),
         "worst_weight": worst,
-        "agreement": float((preds["torch"] == preds["jax"]).mean()),
-        "accuracy": {b: runs[b]["final"]["test_accuracy"] for b in runs},
+        "agreement": float((preds[0] == preds[1]).mean()),
+        "accuracy": {label: r["final"]["test_accuracy"] for label, r in zip(labels, results)},
         "tolerances": tol,
         "out": str(root),
     }
@@ -681,10 +727,11 @@ def trajectory_parity(
 
 def format_trajectory(report: dict, every: int = 10) -> str:
     lt, lj, rel = report["losses_torch"], report["losses_jax"], report["loss_rel"]
+    first, second = report.get("runs", ["torch", "jax"])
     lines = [
         f"trajectory parity: {report['steps']} steps, {report['dtype']}, batch {report['batch_size']}, "
         f"data {report['dataset']['name']} ({report['dataset']['n_train']} train / {report['dataset']['n_test']} test)",
-        f"{'step':>6} {'loss torch':>22} {'loss jax':>22} {'rel diff':>10}",
+        f"{'step':>6} {'loss ' + first:>22} {'loss ' + second:>22} {'rel diff':>10}",
     ]
     for i in range(len(lt)):
         if i % every == 0 or i == len(lt) - 1:
@@ -694,12 +741,14 @@ def format_trajectory(report: dict, every: int = 10) -> str:
     def bound(v):
         return "not bounded at this length" if v is None else f"tol {v:.0e}"
 
+    agreement_bound = "not bounded" if tol["agreement"] is None else f"tol >= {100 * tol['agreement']:.1f}%"
+
     lines += [
         f"max loss rel diff    {report['max_loss_rel']:.3e}  ({bound(tol['loss_rel'])})",
         f"last {report['window']} steps mean   {report['window_loss_rel']:.3e}  ({bound(tol['window_loss_rel'])})",
         f"final weights rel    {report['weights_rel']:.3e}  ({bound(tol['weights_rel'])}; worst {report['worst_weight']})",
-        f"test predictions     {100 * report['agreement']:.2f}% equal (tol >= {100 * tol['agreement']:.1f}%); "
-        f"accuracy torch {100 * report['accuracy']['torch']:.2f}%, jax {100 * report['accuracy']['jax']:.2f}%",
+        f"test predictions     {100 * report['agreement']:.2f}% equal ({agreement_bound}); accuracy "
+        + ", ".join(f"{k} {100 * v:.2f}%" for k, v in report["accuracy"].items()),
         "OK" if report["ok"] else "FAIL",
     ]
     return "\n".join(lines)

@@ -136,70 +136,15 @@ class OfficialCBAM(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------
-# Faithful minimal copy of timm's CbamModule: huggingface/pytorch-image-models, timm/layers/cbam.py
-# (ChannelAttn, SpatialAttn, CbamModule), with timm/layers/helpers.py make_divisible and a minimal
-# timm/layers/conv_bn_act.py ConvNormAct (conv -> bn, apply_act=False; 'same' padding k//2 for stride 1;
-# BatchNormAct2d is a BatchNorm2d with an identity act, so its state_dict keys are BatchNorm2d's).
-def timm_make_divisible(v, divisor=8, min_value=None, round_limit=0.9):
-    min_value = min_value or divisor
-    new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
-    if new_v < round_limit * v:
-        new_v += divisor
-    return new_v
+# timm's CbamModule: a faithful minimal copy of timm/layers/cbam.py lives in benchmarks/anchors.py
+# (timm itself is not importable everywhere); one copy serves these parity tests and the benchmarks.
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-
-class TimmConvNormAct(nn.Module):
-    def __init__(self, in_channels, out_channels, kernel_size=1, bias=False, apply_act=True):
-        super().__init__()
-        assert not apply_act
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
-        self.bn = nn.BatchNorm2d(out_channels)
-
-    def forward(self, x):
-        return self.bn(self.conv(x))
-
-
-class TimmChannelAttn(nn.Module):
-    def __init__(self, channels, rd_ratio=1.0 / 16, rd_channels=None, rd_divisor=1, act_layer=nn.ReLU,
-                 gate_layer="sigmoid", mlp_bias=False):
-        super().__init__()
-        if not rd_channels:
-            rd_channels = timm_make_divisible(channels * rd_ratio, rd_divisor, round_limit=0.0)
-        self.fc1 = nn.Conv2d(channels, rd_channels, 1, bias=mlp_bias)
-        self.act = act_layer(inplace=True)
-        self.fc2 = nn.Conv2d(rd_channels, channels, 1, bias=mlp_bias)
-        self.gate = nn.Sigmoid()  # create_act_layer('sigmoid')
-
-    def forward(self, x):
-        x_avg = self.fc2(self.act(self.fc1(x.mean((2, 3), keepdim=True))))
-        x_max = self.fc2(self.act(self.fc1(x.amax((2, 3), keepdim=True))))
-        return x * self.gate(x_avg + x_max)
-
-
-class TimmSpatialAttn(nn.Module):
-    def __init__(self, kernel_size=7, gate_layer="sigmoid"):
-        super().__init__()
-        self.conv = TimmConvNormAct(2, 1, kernel_size, apply_act=False)
-        self.gate = nn.Sigmoid()
-
-    def forward(self, x):
-        x_attn = torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
-        x_attn = self.conv(x_attn)
-        return x * self.gate(x_attn)
-
-
-class TimmCbamModule(nn.Module):
-    def __init__(self, channels, rd_ratio=1.0 / 16, rd_channels=None, rd_divisor=1, spatial_kernel_size=7,
-                 act_layer=nn.ReLU, gate_layer="sigmoid", mlp_bias=False):
-        super().__init__()
-        self.channel = TimmChannelAttn(channels, rd_ratio=rd_ratio, rd_channels=rd_channels, rd_divisor=rd_divisor,
-                                       act_layer=act_layer, gate_layer=gate_layer, mlp_bias=mlp_bias)
-        self.spatial = TimmSpatialAttn(spatial_kernel_size, gate_layer=gate_layer)
-
-    def forward(self, x):
-        x = self.channel(x)
-        x = self.spatial(x)
-        return x
+_ROOT = str(Path(__file__).resolve().parents[1])  # the repository root, for `benchmarks`
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+from benchmarks.anchors import TimmCbamModule  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------------

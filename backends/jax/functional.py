@@ -31,7 +31,7 @@ Params = Mapping[str, jax.Array]
 
 BN_STATS = ("spatial.bn.mean", "spatial.bn.var")
 
-__all__ = ["channel_attention", "spatial_attention", "cbam", "init_params", "check_input", "BN_STATS"]
+__all__ = ["channel_attention", "spatial_attention", "spatial_gate", "cbam", "init_params", "check_input", "BN_STATS"]
 
 
 # ------------------------------------------------------------------ static checks (trace time)
@@ -96,6 +96,11 @@ def _pool_hw(x: jax.Array, kind: str) -> jax.Array:
 
 
 def _channel(params: Params, x: jax.Array, spec: CBAMSpec) -> jax.Array:
+    return x * _channel_gate(params, x, spec)[:, None, None, :]
+
+
+def _channel_gate(params: Params, x: jax.Array, spec: CBAMSpec) -> jax.Array:
+    """The channel gate values (B, C) of NHWC ``x``."""
     dt = x.dtype
     b, c = x.shape[0], x.shape[3]
     npools = len(spec.channel_pools)
@@ -109,7 +114,7 @@ def _channel(params: Params, x: jax.Array, spec: CBAMSpec) -> jax.Array:
     if spec.mlp_bias:
         o = o + params["channel.fc2.bias"].astype(dt)
     logits = o.reshape(npools, b, c).sum(axis=0) if npools > 1 else o
-    return x * _gate(logits, spec.gate)[:, None, None, :]
+    return _gate(logits, spec.gate)
 
 
 def _batch_norm(z: jax.Array, params: Params, spec: CBAMSpec, train: bool):
@@ -142,10 +147,33 @@ def _batch_norm(z: jax.Array, params: Params, spec: CBAMSpec, train: bool):
     return out.astype(z.dtype), stats
 
 
-def _spatial(params: Params, x: jax.Array, spec: CBAMSpec, train: bool):
+def _channel_mean(x: jax.Array, gated_from=None) -> jax.Array:
+    """Mean over channels of NHWC ``x`` -> (B, H, W), accumulated in >= float32.
+
+    ``gated_from=(x0, g)`` says ``x == x0 * g[:, None, None, :]`` (the channel-gated tensor inside `cbam`).
+    For float32/float64 the mean is then taken as the contraction ``sum_c x0 * g / C``: XLA:CPU runs it
+    as one matrix-vector pass over ``x0``, fused-free, instead of a separate reduction over the
+    materialised product (-20 % forward time for a 64x64x28x28 block on CPU). Same maths; only the
+    summation order differs. Half precision keeps the reduction of the rounded product, as before.
+    """
+    dt = x.dtype
+    if gated_from is not None and dt in (jnp.float32, jnp.float64):
+        x0, g = gated_from
+        s = jnp.einsum("bhwc,bc->bhw", x0, g, precision=jax.lax.Precision.HIGHEST)
+        return s / x.shape[3]
+    return jnp.mean(x.astype(_acc_dtype(dt)), axis=3).astype(dt)
+
+
+def _spatial(params: Params, x: jax.Array, spec: CBAMSpec, train: bool, gated_from=None):
+    s, stats = _spatial_gate(params, x, spec, train, gated_from)
+    return x * s, stats
+
+
+def _spatial_gate(params: Params, x: jax.Array, spec: CBAMSpec, train: bool, gated_from=None):
+    """The spatial attention map (B, H, W, 1) and the BN stats update."""
     dt = x.dtype
     maps = {
-        "mean": jnp.mean(x.astype(_acc_dtype(dt)), axis=3).astype(dt),
+        "mean": _channel_mean(x, gated_from),
         "max": jnp.max(x, axis=3),
     }
     m = jnp.stack([maps[k] for k in spec.concat_order], axis=-1)  # (B, H, W, 2)
@@ -162,7 +190,7 @@ def _spatial(params: Params, x: jax.Array, spec: CBAMSpec, train: bool):
     stats = {}
     if spec.has_norm:
         z, stats = _batch_norm(z, params, spec, train)
-    return x * _gate(z, spec.gate), stats
+    return _gate(z, spec.gate), stats
 
 
 # ------------------------------------------------------------------ public API
@@ -181,11 +209,20 @@ def spatial_attention(params: Params, x, spec: CBAMSpec, *, train: bool = False)
     return _spatial(params, x, spec, train)
 
 
+def spatial_gate(params: Params, x, spec: CBAMSpec, *, train: bool = False):
+    """The spatial attention map (B, H, W, 1) that `spatial_attention` multiplies into NHWC ``x``.
+    Returns ``(map, new_stats)``, like `spatial_attention`."""
+    x = _checked_input(x, spec, train)
+    _check_params(params, spec, "spatial")
+    return _spatial_gate(params, x, spec, train)
+
+
 def cbam(params: Params, x, spec: CBAMSpec, *, train: bool = False):
     """CBAM on NHWC ``x``: channel gate, then spatial gate. Returns ``(y, new_stats)``."""
     x = _checked_input(x, spec, train)
     _check_params(params, spec, None)
-    return _spatial(params, _channel(params, x, spec), spec, train)
+    g = _channel_gate(params, x, spec)
+    return _spatial(params, x * g[:, None, None, :], spec, train, gated_from=(x, g))
 
 
 def init_params(spec: CBAMSpec, seed: int = 0, dtype=jnp.float32, part: str | None = None) -> dict[str, jax.Array]:

@@ -73,15 +73,21 @@ class _Head(nnx.Module):
 class MNISTNet(nnx.Module):
     """Per block: convs_per_block x (k x k 'same' conv + ReLU), CBAM, 2x2 max-pool; then dense+ReLU, dense.
 
-    NHWC input ``(B, 28, 28, 1)`` -> logits ``(B, num_classes)``; computes in ``dtype``.
+    NHWC input ``(B, 28, 28, 1)`` -> logits ``(B, num_classes)``; computes in ``dtype``. Parameters are
+    stored in ``param_dtype`` (default: ``dtype``); ``dtype=bfloat16, param_dtype=float32`` is mixed
+    precision: float32 master weights cast to bf16 inside the forward pass (Flax's ``dtype``/``param_dtype``).
     """
 
-    def __init__(self, spec: MNISTNetSpec | None = None, *, dtype=jnp.float32, seed: int = 0, use_running_average: bool = False):
+    def __init__(
+        self, spec: MNISTNetSpec | None = None, *, dtype=jnp.float32, seed: int = 0, use_running_average: bool = False,
+        param_dtype=None,
+    ):
         spec = MNISTNetSpec() if spec is None else spec
         if not isinstance(spec, MNISTNetSpec):
             raise TypeError(f"spec must be a MNISTNetSpec, got {type(spec).__name__}")
         self.spec = spec
         self.dtype = jnp.dtype(dtype)
+        param_dtype = self.dtype if param_dtype is None else jnp.dtype(param_dtype)
         # The flax initializers draw throw-away values; import_weights below sets the canonical ones.
         # (Default initializers keep the graphdef identical between instances, so jitted steps are reused.)
         rngs = nnx.Rngs(0)
@@ -89,16 +95,16 @@ class MNISTNet(nnx.Module):
         for i in range(len(spec.conv_channels)):
             setattr(self, f"block{i}", _Block())
         for i, j, c_in, c_out in spec.conv_layers():
-            conv = nnx.Conv(c_in, c_out, (k, k), padding=((p, p), (p, p)), dtype=dtype, param_dtype=dtype, rngs=rngs)
+            conv = nnx.Conv(c_in, c_out, (k, k), padding=((p, p), (p, p)), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
             setattr(getattr(self, f"block{i}"), f"conv{j}", conv)
         if spec.cbam:
             for i in range(len(spec.conv_channels)):
                 getattr(self, f"block{i}").cbam = CBAM(
-                    spec.cbam_spec(i), dtype=dtype, seed=seed, use_running_average=use_running_average
+                    spec.cbam_spec(i), dtype=param_dtype, seed=seed, use_running_average=use_running_average
                 )
         self.head = _Head()
-        self.head.fc1 = nnx.Linear(spec.flat_features, spec.dense, dtype=dtype, param_dtype=dtype, rngs=rngs)
-        self.head.fc2 = nnx.Linear(spec.dense, spec.num_classes, dtype=dtype, param_dtype=dtype, rngs=rngs)
+        self.head.fc1 = nnx.Linear(spec.flat_features, spec.dense, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.head.fc2 = nnx.Linear(spec.dense, spec.num_classes, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         import_weights(self, init_weights(spec, seed, np.float64))
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -165,3 +171,44 @@ def export_grads(grads) -> dict[str, np.ndarray]:
     if not isinstance(grads, nnx.State):
         raise TypeError(f"expected the nnx.State from nnx.grad, got {type(grads).__name__}")
     return {".".join(map(str, path)): np.asarray(v[...] if isinstance(v, nnx.Variable) else v) for path, v in nnx.to_flat_state(grads)}
+
+
+class _RecordInput(nnx.Module):
+    """Stands in for a CBAM block during `attention_maps`: hands its input to ``record``, then runs it."""
+
+    def __init__(self, inner: CBAM, record):
+        self.inner, self.record = inner, record
+
+    def __call__(self, h: jax.Array) -> jax.Array:
+        self.record(self.inner, h)
+        return self.inner(h)
+
+
+def attention_maps(model: MNISTNet, x: jax.Array) -> list[jax.Array]:
+    """The spatial-attention map (B, H, W) of every CBAM block for NHWC images ``x``, in eval mode.
+
+    Runs the model once (eagerly) with each CBAM block wrapped to record its input (mirrors the torch
+    `attention_maps`), then evaluates that block's gates on it with the pure functions.
+    """
+    from cbam_multi.jax import functional as F
+    from cbam_multi.jax.weights import export_weights as export_block
+
+    spec = _check_model(model)
+    if not spec.cbam:
+        raise InputError("this MNISTNet has no CBAM blocks (cbam=False): no attention maps")
+    model.eval()
+    inputs: list = []
+    blocks = [getattr(model, f"block{i}") for i in range(len(spec.conv_channels))]
+    originals = [b.cbam for b in blocks]
+    for b in blocks:
+        b.cbam = _RecordInput(b.cbam, lambda m, h: inputs.append((m, h)))
+    try:
+        model(x)
+    finally:
+        for b, original in zip(blocks, originals):
+            b.cbam = original
+    maps = []
+    for m, h in inputs:
+        gate, _ = F.spatial_gate(export_block(m.spatial), m.channel(h), m.spec)
+        maps.append(gate[..., 0])
+    return maps

@@ -9,8 +9,22 @@ The epoch loop, schedule, batches, metrics and checkpoint formats are shared wit
 * optimizers are optax chains matching torch.optim exactly (formulas in `cbam_multi.config`), wrapped
   in ``optax.inject_hyperparams`` so the learning rate of `cbam_multi.training.lr_at` is an input of
   the compiled step (no recompilation, the same numbers as torch);
-* compiled steps are cached per (graphdef, optimizer, dtype), so repeated runs in one process
+* compiled steps are cached per (graphdef, optimizer, dtype, mesh), so repeated runs in one process
   (tests, resumes) compile once.
+
+Scale-out and precision (see docs/SCALE_OUT.md and `cbam_multi.jax.sharding`):
+
+* data parallel over ``jax.devices()`` (all processes' devices) with ``jax.sharding``: parameters,
+  statistics and optimizer state replicated (``NamedSharding(mesh, P())``), the batch split over the
+  ``"data"`` axis (``P("data")``), fed per process with ``jax.make_array_from_process_local_data``;
+  XLA inserts the all-reduces. One device = a one-device mesh: the same numbers as unsharded code;
+* ``dtype="bfloat16"``: mixed precision. The model computes in bf16 (inputs cast inside the step,
+  float32 parameters cast to bf16 where they are used, Flax's ``dtype``/``param_dtype``), gradients
+  arrive in float32 (the transpose of the cast), optax updates float32 master weights; the loss
+  (softmax cross-entropy) runs on float32 logits. Checkpoints stay float32.
+* TPU-ready step: static shapes (the last partial batch is dropped; evaluation pads its tail to the
+  compiled size), no host callbacks or syncs inside ``jit`` (losses are fetched once per epoch),
+  donated parameter / statistic / optimizer buffers.
 """
 
 from __future__ import annotations
@@ -29,6 +43,7 @@ from cbam_multi.config import ConfigError, TrainConfig
 from cbam_multi.data import Dataset
 from cbam_multi.model import MNISTNetSpec
 
+from . import sharding
 from .model import MNISTNet, export_weights, import_weights
 
 __all__ = ["train_and_evaluate", "evaluate", "JaxTrainer", "make_optimizer"]
@@ -38,14 +53,20 @@ _SLOT_FIELDS = {"mu": "mu", "nu": "nu", "momentum": "trace"}
 
 
 def _check_dtype(dtype: str) -> jnp.dtype:
-    if dtype not in ("float32", "float64"):
-        raise ConfigError(f"dtype must be float32 or float64, got {dtype!r}")
+    """The compute dtype (float32, float64 or bfloat16)."""
+    if dtype not in ("float32", "float64", "bfloat16"):
+        raise ConfigError(f"dtype must be float32, float64 or bfloat16, got {dtype!r}")
     if dtype == "float64" and not jax.config.jax_enable_x64:
         raise ConfigError(
             "dtype float64 needs JAX's x64 mode (else JAX silently computes in float32): call "
             "jax.config.update('jax_enable_x64', True) first (the CLI does this for --dtype float64)"
         )
     return jnp.dtype(dtype)
+
+
+def _param_dtype(dtype: str) -> jnp.dtype:
+    """Storage dtype of parameters / optimizer state: float32 for bfloat16 (mixed precision)."""
+    return jnp.dtype("float32" if dtype == "bfloat16" else dtype)
 
 
 def _optimizer_key(config: TrainConfig) -> tuple:
@@ -73,43 +94,62 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
         momentum = config.momentum if config.momentum > 0 else None
         return optax.chain(*decay(), optax.sgd(learning_rate, momentum=momentum, nesterov=config.nesterov))
 
-    return optax.inject_hyperparams(factory, hyperparam_dtype=jnp.dtype(config.dtype))(learning_rate=config.lr)
+    return optax.inject_hyperparams(factory, hyperparam_dtype=_param_dtype(config.dtype))(learning_rate=config.lr)
 
 
 _STEP_CACHE: dict[Any, Any] = {}
 _PREDICT_CACHE: dict[Any, Any] = {}
 
 
-def _train_step_fn(graphdef, config: TrainConfig):
-    key = (graphdef, _optimizer_key(config))
+def _train_step_fn(graphdef, config: TrainConfig, mesh):
+    """``(tx, step)``: the optax transformation and the ONE jitted, donating, data-parallel train step
+    ``step(params, rest, opt_state, x, y, lr) -> (params, rest, opt_state, loss)`` for ``mesh``."""
+    key = (graphdef, _optimizer_key(config), mesh)
     if key not in _STEP_CACHE:
         tx = make_optimizer(config)
+        compute, master = _check_dtype(config.dtype), _param_dtype(config.dtype)
 
         def step(params, rest, opt_state, x, y, lr):
-            def loss_fn(p):
-                model = nnx.merge(graphdef, p, rest)
-                logits = model(x)
-                loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+            def loss_fn(p, r):
+                # fresh Variables for the BatchNorm statistics, created in this (grad) trace, so CBAM may
+                # update them (value_and_grad passes non-differentiated arguments through as they are)
+                model = nnx.merge(graphdef, p, jax.tree.map(lambda a: a, r))
+                logits = model(x.astype(compute))  # bf16: params are cast where used (module dtype)
+                loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(master), y).mean()
                 return loss, nnx.state(model, nnx.BatchStat)
 
-            (loss, new_rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+            (loss, new_rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest)
             opt_state.hyperparams["learning_rate"] = jnp.asarray(lr, opt_state.hyperparams["learning_rate"].dtype)
             updates, opt_state = tx.update(grads, opt_state, params)
             params = optax.apply_updates(params, updates)
             return params, new_rest, opt_state, loss
 
-        _STEP_CACHE[key] = (tx, jax.jit(step, donate_argnums=(0, 1, 2)))
+        repl, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+        jitted = jax.jit(
+            step,
+            in_shardings=(repl, repl, repl, batch, batch, repl),
+            out_shardings=(repl, repl, repl, repl),
+            donate_argnums=(0, 1, 2),
+        )
+        _STEP_CACHE[key] = (tx, jitted)
     return _STEP_CACHE[key]
 
 
-def _predict_fn(graphdef):
-    if graphdef not in _PREDICT_CACHE:
+def _predict_fn(graphdef, mesh=None):
+    key = (graphdef, mesh)
+    if key not in _PREDICT_CACHE:
 
         def predict(params, rest, x):
-            return nnx.merge(graphdef, params, rest)(x)
+            model = nnx.merge(graphdef, params, rest)
+            logits = model(x.astype(model.dtype))
+            return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))  # bf16 logits come back as float32
 
-        _PREDICT_CACHE[graphdef] = jax.jit(predict)
-    return _PREDICT_CACHE[graphdef]
+        if mesh is None:
+            _PREDICT_CACHE[key] = jax.jit(predict)
+        else:
+            repl = sharding.replicated(mesh)
+            _PREDICT_CACHE[key] = jax.jit(predict, in_shardings=(repl, repl, sharding.batch_sharding(mesh)), out_shardings=repl)
+    return _PREDICT_CACHE[key]
 
 
 def _flat(state) -> dict[str, Any]:
@@ -131,40 +171,59 @@ def _set_counts(opt_state, step: int):
 
 
 class _Predictor:
-    """Eval-mode logits of NHWC NumPy batches; pads a ragged tail to the compiled batch size."""
+    """Eval-mode logits of NHWC NumPy batches; pads a ragged tail to the compiled batch size (so a whole
+    evaluation compiles once). With a ``mesh`` the batch is split over its ``data`` axis (the padded size
+    rounded up to a multiple of the device count) and the logits come back replicated."""
 
-    def __init__(self, model: MNISTNet, batch_size: int | None = None):
+    def __init__(self, model: MNISTNet, batch_size: int | None = None, mesh=None):
         model.eval()
         self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
         model.train()
-        self.fn = _predict_fn(self.graphdef)
+        self.mesh = mesh
+        self.fn = _predict_fn(self.graphdef, mesh)
         self.dtype = model.dtype
         self.batch_size = batch_size
+        self.multiple = 1 if mesh is None else int(mesh.devices.size)
 
     def __call__(self, x: np.ndarray, params=None, rest=None) -> np.ndarray:
         n = len(x)
         size = max(n, self.batch_size or n)
+        size = -(-size // self.multiple) * self.multiple
         if size > n:  # one static shape for every batch, the tail included (no recompile)
             x = np.concatenate([x, np.zeros((size - n,) + x.shape[1:], x.dtype)], axis=0)
-        logits = self.fn(self.params if params is None else params, self.rest if rest is None else rest, jnp.asarray(x, self.dtype))
+        xs = jnp.asarray(x, self.dtype) if self.mesh is None else sharding.shard_batch(x, self.mesh)
+        logits = self.fn(self.params if params is None else params, self.rest if rest is None else rest, xs)
         return np.asarray(logits)[:n]
 
 
 class JaxTrainer:
-    """`cbam_multi.training.Trainer` for JAX: NHWC NNX model split once, one jitted, donating train step."""
+    """`cbam_multi.training.Trainer` for JAX: NHWC NNX model split once, one jitted, donating train step,
+    data parallel over ``devices`` (default ``jax.devices()``: every device of every process).
+
+    ``self.dtype`` is the compute dtype, ``self.param_dtype`` that of parameters and optimizer state.
+    """
 
     backend = "jax"
 
-    def __init__(self, config: TrainConfig):
+    def __init__(self, config: TrainConfig, devices=None):
         self.config = config
         self.dtype = _check_dtype(config.dtype)
-        self.model = MNISTNet(config.model, dtype=self.dtype, seed=config.seed)
+        self.param_dtype = _param_dtype(config.dtype)
+        self.mesh = sharding.data_mesh(devices)
+        sharding.check_global_batch(config.batch_size, self.mesh)
+        self.is_main = jax.process_index() == 0
+        self.parallel = sharding.describe(self.mesh)
+        self.model = MNISTNet(config.model, dtype=self.dtype, param_dtype=self.param_dtype, seed=config.seed)
         self.model.train()
-        self.graphdef, self.params, self.rest = nnx.split(self.model, nnx.Param, ...)
-        self.tx, self._step = _train_step_fn(self.graphdef, config)
-        self.opt_state = self.tx.init(self.params)
+        self.graphdef, params, rest = nnx.split(self.model, nnx.Param, ...)
+        self.params, self.rest = self._replicate((params, rest))
+        self.tx, self._step = _train_step_fn(self.graphdef, config, self.mesh)
+        self.opt_state = self._replicate(self.tx.init(self.params))
         self.slots = training.optimizer_slots(config)
-        self._predictor = _Predictor(self.model, config.eval_batch_size)
+        self._predictor = _Predictor(self.model, config.eval_batch_size, self.mesh)
+
+    def _replicate(self, tree):
+        return sharding.replicate(tree, self.mesh)
 
     # ---------------------------------------------------------------- weights / optimizer state
     def _sync_model(self) -> None:
@@ -174,7 +233,8 @@ class JaxTrainer:
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
         self._sync_model()  # the module may still point at buffers a train step donated
         import_weights(self.model, weights)
-        _, self.params, self.rest = nnx.split(self.model, nnx.Param, ...)
+        _, params, rest = nnx.split(self.model, nnx.Param, ...)
+        self.params, self.rest = self._replicate((params, rest))
 
     def get_weights(self) -> dict[str, np.ndarray]:
         self._sync_model()
@@ -193,7 +253,7 @@ class JaxTrainer:
                 var.set_value(jnp.asarray(np.asarray(slots[slot][name]), dtype=var[...].dtype))
             values[_SLOT_FIELDS[slot]] = template
         state = optax.tree_utils.tree_set(state, **values) if values else state
-        self.opt_state = _set_counts(state, step)
+        self.opt_state = self._replicate(_set_counts(state, step))
 
     def get_opt_state(self) -> dict[str, dict[str, np.ndarray]]:
         out = {}
@@ -204,7 +264,13 @@ class JaxTrainer:
 
     # ---------------------------------------------------------------- steps
     def _lr(self, lr: float):
-        return np.asarray(lr, dtype=self.dtype)
+        return np.asarray(lr, dtype=self.param_dtype)
+
+    def _inputs(self, x: np.ndarray, y: np.ndarray):
+        """The global batch as arrays split over the mesh's ``data`` axis (this process feeds its rows).
+        Images stay in the parameter dtype (a bf16 step casts on the device); labels are int32."""
+        x = np.asarray(x, dtype=self.param_dtype)
+        return sharding.shard_batch(x, self.mesh), sharding.shard_batch(np.asarray(y, dtype=np.int32), self.mesh)
 
     def warmup(self, x: np.ndarray, y: np.ndarray) -> float:
         """Compile the train step and the prediction function, so epoch timings exclude compilation.
@@ -213,14 +279,13 @@ class JaxTrainer:
         """
         t0 = time.perf_counter()
         copies = jax.tree.map(jnp.copy, (self.params, self.rest, self.opt_state))
-        jax.block_until_ready(self._step(*copies, jnp.asarray(x, self.dtype), jnp.asarray(y), self._lr(self.config.lr)))
+        jax.block_until_ready(self._step(*copies, *self._inputs(x, y), self._lr(self.config.lr)))
         self._predictor(np.zeros((1,) + x.shape[1:], x.dtype), self.params, self.rest)
         return time.perf_counter() - t0
 
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float):
-        self.params, self.rest, self.opt_state, loss = self._step(
-            self.params, self.rest, self.opt_state, jnp.asarray(x, self.dtype), jnp.asarray(y), self._lr(lr)
-        )
+        """One step on the GLOBAL batch; returns the (replicated) mean loss as a device scalar: no host sync."""
+        self.params, self.rest, self.opt_state, loss = self._step(self.params, self.rest, self.opt_state, *self._inputs(x, y), self._lr(lr))
         return loss
 
     def losses(self, handles: Sequence[Any]) -> np.ndarray:
@@ -232,19 +297,29 @@ class JaxTrainer:
 
     def device(self) -> str:
         d = jax.devices()[0]
-        return f"jax {d.platform}: {getattr(d, 'device_kind', d)} ({jax.device_count()} device(s))"
+        desc = f"jax {d.platform}: {getattr(d, 'device_kind', d)} ({jax.device_count()} device(s)"
+        if self.mesh.devices.size > 1 or jax.process_count() > 1:
+            desc += f"; data mesh of {self.mesh.devices.size} over {jax.process_count()} process(es)"
+        desc += ")"
+        if self.dtype != self.param_dtype:
+            desc += f", {self.dtype} compute / {self.param_dtype} params"
+        return desc
 
 
-def train_and_evaluate(config: TrainConfig, *, data: Dataset | None = None, stop_after_epoch: int | None = None) -> dict:
+def train_and_evaluate(
+    config: TrainConfig, *, data: Dataset | None = None, stop_after_epoch: int | None = None, devices=None
+) -> dict:
     """Train and evaluate ``config`` with JAX/Flax/optax; see `cbam_multi.training.fit` (identical in torch).
 
     Writes ``<out>/metrics.json``, ``<out>/checkpoint.safetensors`` and ``<out>/train_state.safetensors``
-    after every epoch; ``data`` overrides loading (a preloaded `cbam_multi.data.Dataset`).
+    after every epoch; ``data`` overrides loading (a preloaded `cbam_multi.data.Dataset`). Data parallel
+    over ``devices`` (default: ``jax.devices()``, all devices of all processes; see `cbam_multi.jax.sharding`).
     """
     if config.backend != "jax":
         raise ConfigError(f"cbam_multi.jax.train got a config for backend {config.backend!r}; use config.replace(backend='jax')")
     _check_dtype(config.dtype)
-    return training.fit(config, JaxTrainer, data=data, stop_after_epoch=stop_after_epoch)
+    make = JaxTrainer if devices is None else (lambda c: JaxTrainer(c, devices=devices))
+    return training.fit(config, make, data=data, stop_after_epoch=stop_after_epoch)
 
 
 def evaluate(
@@ -265,7 +340,7 @@ def evaluate(
     """
 
     def build(weights, spec: MNISTNetSpec, dtype_name: str):
-        model = MNISTNet(spec, dtype=_check_dtype(dtype_name))
+        model = MNISTNet(spec, dtype=_check_dtype(dtype_name), param_dtype=_param_dtype(dtype_name))
         import_weights(model, weights)
         return _Predictor(model, batch_size), "jax"
 

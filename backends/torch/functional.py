@@ -11,7 +11,55 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["apply_gate", "pool_hw", "stacked_pools", "shared_mlp", "channel_attention", "spatial_maps"]
+__all__ = ["apply_gate", "amax", "pool_hw", "stacked_pools", "shared_mlp", "channel_attention", "spatial_maps"]
+
+
+class _AMax(torch.autograd.Function):
+    """``x.amax(dims, keepdim)`` with a leaner backward for eager autograd, bit-identical to amax's.
+
+    torch's amax backward is ``(grad / mask.sum(dims)) * mask`` with ``mask = x == result`` a bool
+    tensor; summing a bool tensor first casts it to int64 (a full-size 8-byte copy), and the product
+    allocates again: ~3 ms for a 64x64x28x28 float32 input on 2 CPU cores, 25x the forward. Here the
+    mask is written once as a float tensor, counted, and scaled in place (~0.4 ms). Ties share the
+    gradient equally, exactly as amax (and JAX's max) do.
+    """
+
+    @staticmethod
+    def forward(ctx, x, dims, keepdim):
+        r = x.amax(dims, keepdim=True)
+        ctx.save_for_backward(x, r)
+        ctx.dims = dims
+        return r if keepdim else r.squeeze(dims)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, r = ctx.saved_tensors
+        grad = grad.reshape(r.shape)  # restore the reduced dims (a view)
+        mask = torch.eq(x, r, out=torch.empty_like(x))  # 1.0 where x attains the max, else 0.0
+        acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else None  # exact counts
+        count = mask.sum(ctx.dims, keepdim=True, dtype=acc).to(torch.int64)
+        # same operands and promotion as amax's backward: (grad / int64 count) * mask
+        return mask.mul_(grad / count), None, None
+
+
+def _functorch_wrapped(t: torch.Tensor) -> bool:
+    fn = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    return bool(fn(t)) if fn is not None else False
+
+
+def amax(x: torch.Tensor, dims: tuple[int, ...], keepdim: bool = False) -> torch.Tensor:
+    """``x.amax(dims, keepdim)``; in eager autograd through `_AMax`, whose backward is ~8x faster on CPU.
+    Compiled code (inductor writes its own fused backward), no-grad calls and functorch transforms use
+    ``torch.amax`` itself."""
+    if (
+        x.requires_grad
+        and torch.is_grad_enabled()
+        and type(x) is torch.Tensor
+        and not torch.compiler.is_compiling()
+        and not _functorch_wrapped(x)
+    ):
+        return _AMax.apply(x, tuple(dims), keepdim)
+    return x.amax(dims, keepdim=keepdim)
 
 
 def apply_gate(z: torch.Tensor, kind: str) -> torch.Tensor:
@@ -30,7 +78,7 @@ def pool_hw(x: torch.Tensor, kind: str) -> torch.Tensor:
     if kind == "avg":
         return x.mean((2, 3))
     if kind == "max":
-        return x.amax((2, 3))  # amax: no argmax indices, unlike torch.max / F.max_pool2d
+        return amax(x, (2, 3))  # amax: no argmax indices, unlike torch.max / F.max_pool2d
     if kind == "lp":
         # official F.lp_pool2d(x, 2, (H, W)) = sqrt(sum x^2), a sum and not a mean
         return torch.linalg.vector_norm(x, 2, dim=(2, 3))
@@ -81,5 +129,5 @@ def channel_attention(
 
 def spatial_maps(x: torch.Tensor, concat_order: Sequence[str]) -> torch.Tensor:
     """Mean and max over channels, concatenated in ``concat_order`` -> (B, 2, H, W)."""
-    maps = {"mean": x.mean(1, keepdim=True), "max": x.amax(1, keepdim=True)}
+    maps = {"mean": x.mean(1, keepdim=True), "max": amax(x, (1,), keepdim=True)}
     return torch.cat([maps[name] for name in concat_order], dim=1)

@@ -187,3 +187,25 @@ def export_grads(model: MNISTNet) -> dict[str, np.ndarray]:
     if missing:
         raise WeightsError(f"no gradient for {missing}: run a forward pass and loss.backward() first")
     return out
+
+
+@torch.no_grad()
+def attention_maps(model: MNISTNet, x: torch.Tensor) -> list[torch.Tensor]:
+    """The spatial-attention map (B, H, W) of every CBAM block for NCHW images ``x``, in eval mode.
+
+    Runs the model once with a forward hook recording each CBAM block's input (mirrors the JAX
+    `attention_maps`), then evaluates that block's gates on it.
+    """
+    spec = _check_model(model)
+    if not spec.cbam:
+        raise InputError("this MNISTNet has no CBAM blocks (cbam=False): no attention maps")
+    model.eval()
+    inputs: list[tuple[nn.Module, torch.Tensor]] = []
+    blocks = [getattr(model, f"block{i}").cbam for i in range(len(spec.conv_channels))]
+    hooks = [b.register_forward_pre_hook(lambda m, args: inputs.append((m, args[0].clone()))) for b in blocks]
+    try:
+        model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [m.spatial.gate_map(m.channel(h))[:, 0] for m, h in inputs]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _nn_module_mod
 from torch.nn.utils import skip_init
 
 from cbam_multi.errors import InputError
@@ -69,6 +70,33 @@ class _Gate(nn.Module):
     def _apply(self, fn, *args, **kwargs):
         self._checked.clear()
         return super()._apply(fn, *args, **kwargs)
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    _m = _nn_module_mod
+    return bool(
+        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+        or module._backward_pre_hooks or _m._global_forward_hooks or _m._global_forward_pre_hooks
+        or _m._global_backward_hooks or _m._global_backward_pre_hooks
+    )
+
+
+def _functorch_wrapped(t: torch.Tensor) -> bool:
+    fn = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    return bool(fn(t)) if fn is not None else False
+
+
+def _may_overwrite(y, spatial: nn.Module) -> bool:
+    """True when CBAM.forward may apply the spatial gate to its intermediate ``y`` in place: eager mode,
+    a plain tensor that autograd does not track (no_grad / inference_mode / frozen weights), no functorch
+    transform, and no hooks that could observe the spatial module's input."""
+    return (
+        type(y) is torch.Tensor
+        and not torch.compiler.is_compiling()
+        and not y.requires_grad
+        and not _functorch_wrapped(y)
+        and not _has_hooks(spatial)
+    )
 
 
 def _check_spec(spec) -> None:
@@ -141,10 +169,22 @@ class SpatialAttention(_Gate):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._validate(x, train_bn=self._has_bn and self.training)
+        return self._gate_input(x, overwrite=False)
+
+    def gate_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The spatial attention map (B, 1, H, W) that `forward` multiplies into ``x`` (unchecked input)."""
         z = self.conv(CF.spatial_maps(x, self.spec.concat_order))
         if self._has_bn:
             z = self.bn(z)
-        return x * CF.apply_gate(z, self.spec.gate)
+        return CF.apply_gate(z, self.spec.gate)
+
+    def _gate_input(self, x: torch.Tensor, overwrite: bool) -> torch.Tensor:
+        """``x * gate(...)``; with ``overwrite`` the product is written into ``x`` itself (the caller
+        owns ``x`` and autograd does not need it), saving a full-size allocation and write."""
+        s = self.gate_map(x)
+        if overwrite and s.dtype == x.dtype:  # same dtype: x.mul_(s) == x * s exactly
+            return x.mul_(s)
+        return x * s
 
     def _first_param(self) -> torch.Tensor:
         return self.conv.weight
@@ -169,7 +209,14 @@ class CBAM(_Gate):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the input checks run at the top of self.channel's forward (and self.spatial's)
-        return self.spatial(self.channel(x))
+        y = self.channel(x)
+        if _may_overwrite(y, self.spatial):
+            # Eager inference: the channel-gated tensor is a temporary nobody else holds, so the spatial
+            # gate multiplies into it in place. One full-size buffer per call instead of two: less memory
+            # traffic, and no glibc heap trim + page faults on every call (see benchmarks/RESULTS.md).
+            self.spatial._validate(y, train_bn=self.spatial._has_bn and self.spatial.training)
+            return self.spatial._gate_input(y, overwrite=True)
+        return self.spatial(y)
 
     def _first_param(self) -> torch.Tensor:
         return self.channel.fc1.weight

@@ -4,6 +4,16 @@ The epoch loop, schedule, batches, metrics and checkpoint formats are shared wit
 (`cbam_multi.training`); this module only provides the torch `Trainer`. Optimizers are torch.optim's
 own Adam / AdamW / SGD with every hyper-parameter taken from the `TrainConfig` (see `cbam_multi.config`
 for the update formulas, identical to the optax chains of `cbam_multi.jax.train`).
+
+Scale-out and precision (see docs/SCALE_OUT.md):
+
+* data parallel: when a ``torch.distributed`` process group with several processes is initialized
+  (``torchrun ... --distributed``, `cbam_multi.torch.distributed`), the model is wrapped in
+  ``DistributedDataParallel``, each rank trains on its contiguous slice of every global batch, the
+  reported loss is the all-reduced mean and only rank 0 writes files;
+* ``dtype="bfloat16"``: mixed precision with ``torch.autocast(device, torch.bfloat16)`` around the
+  forward pass; parameters, gradients, optimizer state and checkpoints stay float32, the cross-entropy
+  runs on float32 logits.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ from cbam_multi.config import ConfigError, TrainConfig
 from cbam_multi.data import Dataset
 from cbam_multi.model import MNISTNetSpec
 
+from . import distributed
 from .model import MNISTNet, export_weights, import_weights, model_layouts
 from .weights import to_numpy
 
@@ -43,17 +54,37 @@ def _device() -> torch.device:
 
 
 class TorchTrainer:
-    """`cbam_multi.training.Trainer` for torch: NCHW model, torch.optim, canonical state in and out."""
+    """`cbam_multi.training.Trainer` for torch: NCHW model, torch.optim, canonical state in and out.
+
+    ``self.net`` is the plain `MNISTNet` (weights in/out, prediction); ``self.model`` is what a train step
+    calls: ``self.net`` itself, or its ``DistributedDataParallel`` wrapper when a multi-process group is
+    initialized. ``self.dtype`` is the parameter dtype; ``self.autocast`` the mixed-precision compute dtype.
+    """
 
     backend = "torch"
 
     def __init__(self, config: TrainConfig):
         self.config = config
-        self.dtype = getattr(torch, config.dtype)
-        self.dev = _device()
-        self.model = MNISTNet(config.model, dtype=self.dtype, seed=config.seed).to(self.dev)
+        self.dtype = getattr(torch, config.param_dtype)
+        self.autocast = torch.bfloat16 if config.mixed_precision else None
+        self.distributed = distributed.is_distributed()
+        self.rank, self.world = distributed.rank(), distributed.world_size()
+        if self.distributed:
+            distributed.check_global_batch(config.batch_size, self.world)
+            self.dev = distributed.device()
+        else:
+            self.dev = _device()
+        self.is_main = self.rank == 0
+        self.net = MNISTNet(config.model, dtype=self.dtype, seed=config.seed).to(self.dev)
+        self.model = distributed.wrap_ddp(self.net, self.dev) if self.distributed else self.net
+        self.parallel = {
+            "engine": "torch.distributed DDP" if self.distributed else "none",
+            "processes": self.world,
+            "devices": self.world,
+            "backend": distributed.dist.get_backend() if self.distributed else None,
+        }
         self.layouts = model_layouts(config.model)
-        named = dict(self.model.named_parameters())
+        named = dict(self.net.named_parameters())
         # canonical trainable name -> its torch parameter, in spec order (the optimizer's param order)
         self.params = {n: named[lay.torch_name] for n, lay in self.layouts.items() if lay.trainable}
         self.optimizer = make_optimizer(config, list(self.params.values()))
@@ -62,10 +93,10 @@ class TorchTrainer:
 
     # ---------------------------------------------------------------- weights / optimizer state
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
-        import_weights(self.model, weights)
+        import_weights(self.net, weights)
 
     def get_weights(self) -> dict[str, np.ndarray]:
-        return export_weights(self.model)
+        return export_weights(self.net)
 
     def set_opt_state(self, slots: Mapping[str, Mapping[str, np.ndarray]], step: int) -> None:
         """Install canonical optimizer slots (converted to torch layouts) as if ``step`` steps were taken."""
@@ -102,30 +133,56 @@ class TorchTrainer:
     def warmup(self, x: np.ndarray, y: np.ndarray) -> float:
         return 0.0  # eager: nothing to compile
 
-    def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> torch.Tensor:
+    def _forward(self, model, xt: torch.Tensor) -> torch.Tensor:
+        """Logits; under ``torch.autocast(bfloat16)`` for mixed precision (returned as float32)."""
+        if self.autocast is None:
+            return model(xt)
+        with torch.autocast(self.dev.type, dtype=self.autocast):
+            logits = model(xt)
+        return logits.float()  # loss / softmax in float32
+
+    def train_step(self, x: np.ndarray, y: np.ndarray, lr: float):
+        """One optimizer step on the GLOBAL batch ``(x, y)``: with DDP this rank uses its contiguous slice
+        and DDP averages the gradients. Returns a loss handle (see `losses`)."""
+        if self.distributed:
+            rows = distributed.rank_rows(len(y), self.rank, self.world)
+            x, y = x[rows], y[rows]
         self.model.train()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        logits = self.model(self._batch(x))
+        logits = self._forward(self.model, self._batch(x))
         loss = F.cross_entropy(logits, torch.from_numpy(np.asarray(y)).to(self.dev), reduction="mean")
         loss.backward()
         self.optimizer.step()
         self.step += 1
+        if self.distributed:
+            return distributed.start_loss_allreduce(loss)
         return loss.detach()
 
-    def losses(self, handles: Sequence[torch.Tensor]) -> np.ndarray:
+    def losses(self, handles: Sequence) -> np.ndarray:
+        """The global-batch mean loss of each step (waits for the device / the all-reduces)."""
+        if self.distributed:
+            handles = [distributed.finish_loss_allreduce(h, self.world) for h in handles]
         return torch.stack(list(handles)).double().cpu().numpy()
 
     @torch.inference_mode()
     def predict(self, x: np.ndarray) -> np.ndarray:
-        self.model.eval()
-        return self.model(self._batch(x)).cpu().numpy()
+        # the plain module on every rank (no DDP collectives): the full eval batch, identical weights
+        model = self.net if self.distributed else self.model
+        model.eval()
+        return self._forward(model, self._batch(x)).cpu().numpy()
 
     def device(self) -> str:
         if self.dev.type == "cuda":
-            return f"torch cuda: {torch.cuda.get_device_name(self.dev)}"
-        return f"torch cpu ({torch.get_num_threads()} threads)"
+            desc = f"torch cuda: {torch.cuda.get_device_name(self.dev)}"
+        else:
+            desc = f"torch cpu ({torch.get_num_threads()} threads)"
+        if self.distributed:
+            desc += f" x {self.world} processes (DDP, {self.parallel['backend']})"
+        if self.autocast is not None:
+            desc += ", autocast bfloat16"
+        return desc
 
 
 def _scalar_dtype() -> torch.dtype:
@@ -160,19 +217,25 @@ def evaluate(
     """
 
     def build(weights, spec: MNISTNetSpec, dtype_name: str):
-        model = MNISTNet(spec, dtype=getattr(torch, dtype_name)).to(_device())
+        mixed = dtype_name == "bfloat16"  # float32 weights, bf16 autocast compute
+        dev = _device()
+        model = MNISTNet(spec, dtype=torch.float32 if mixed else getattr(torch, dtype_name)).to(dev)
         import_weights(model, weights)
         model.eval()
 
         @torch.inference_mode()
         def predict(x: np.ndarray) -> np.ndarray:
-            xt = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).to(_device())
-            return model(xt).cpu().numpy()
+            xt = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).to(dev)
+            if not mixed:
+                return model(xt).cpu().numpy()
+            with torch.autocast(dev.type, dtype=torch.bfloat16):
+                logits = model(xt)
+            return logits.float().cpu().numpy()
 
         return predict, "torch"
 
-    if dtype not in ("float32", "float64"):
-        raise ConfigError(f"dtype must be float32 or float64, got {dtype!r}")
+    if dtype not in ("float32", "float64", "bfloat16"):
+        raise ConfigError(f"dtype must be float32, float64 or bfloat16, got {dtype!r}")
     return training.evaluate_checkpoint(
         checkpoint, build, dataset=dataset, data_dir=data_dir, n_test=n_test, batch_size=batch_size,
         dtype=dtype, data=data, progress=progress,

@@ -1,0 +1,119 @@
+"""The torch backend's eager speed paths compute exactly what the plain ops compute:
+
+* ``functional.amax`` (custom autograd backward) gives bit-identical values and gradients to ``torch.amax``,
+  ties included (the gradient is shared equally among tied maxima);
+* ``CBAM.forward`` without autograd applies the spatial gate in place on its own intermediate: the result
+  is bit-identical to the autograd path, the caller's input is untouched, and hooks still see the
+  un-gated intermediate.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from cbam_multi import CBAMSpec  # noqa: E402
+from cbam_multi.torch import CBAM  # noqa: E402
+from cbam_multi.torch.functional import amax  # noqa: E402
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dims,keepdim", [((2, 3), False), ((2, 3), True), ((1,), True)])
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_amax_matches_torch_amax_bitwise(dtype, dims, keepdim, ties, channels_last):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 4, 6, generator=g).to(dtype)
+    if ties:  # whole slots of zeros and repeated integers: many tied maxima
+        x = torch.relu(x * 2).round()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = a.amax(dims, keepdim=keepdim), amax(b, dims, keepdim)
+    assert ya.shape == yb.shape and torch.equal(_bits(ya), _bits(yb))
+    ct = torch.randn(ya.shape, generator=g).to(dtype)
+    ya.backward(ct)
+    yb.backward(ct)
+    assert torch.equal(_bits(a.grad), _bits(b.grad))
+
+
+def test_amax_gradcheck_and_no_grad_path():
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: amax(t, (2, 3)), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: amax(t, (1,), True), (x,))
+    with torch.no_grad():
+        assert amax(x, (2, 3)).grad_fn is None
+
+
+@pytest.mark.parametrize("preset", ["seed", "official", "timm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_inplace_inference_path_is_exact_and_leaves_input_alone(preset, dtype):
+    model = CBAM(CBAMSpec.preset(preset, 16), dtype=dtype, seed=3).eval()
+    x = torch.randn(4, 16, 9, 7, dtype=dtype)
+    x_before = x.clone()
+    with_grad = model(x)  # parameters require grad: the out-of-place autograd path
+    assert with_grad.requires_grad
+    with torch.inference_mode():
+        fast = model(x)
+    with torch.no_grad():
+        fast2 = model(x.contiguous(memory_format=torch.channels_last))
+    assert torch.equal(_bits(fast), _bits(with_grad.detach()))
+    torch.testing.assert_close(fast2, fast)  # channels_last reduces in another order: close, not equal
+    assert torch.equal(_bits(x), _bits(x_before))
+
+
+def test_inplace_path_respects_hooks_on_the_spatial_gate():
+    model = CBAM(CBAMSpec.seed(8)).eval()
+    x = torch.randn(2, 8, 5, 5)
+    seen = {}
+
+    def hook(mod, inputs, output):
+        seen["input"] = inputs[0].clone()
+        seen["aliased"] = inputs[0].data_ptr() == output.data_ptr()
+
+    handle = model.spatial.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            y = model(x)
+            gated = model.channel(x)
+    finally:
+        handle.remove()
+    assert not seen["aliased"] and torch.equal(seen["input"], gated)
+    with torch.no_grad():
+        assert torch.equal(model(x), y)
+
+
+def test_autograd_through_fast_paths_matches_plain_ops():
+    """The whole block's gradients with the fast amax equal those of the same maths written with torch.amax."""
+    import torch.nn.functional as F
+
+    spec = CBAMSpec.seed(8)
+    model = CBAM(spec, dtype=torch.float64, seed=1)
+    x = torch.randn(3, 8, 6, 5, dtype=torch.float64)
+    x = torch.relu(x).round().requires_grad_()  # ties in both max pools
+    y = model(x)
+    ct = torch.randn_like(y)
+    gx, *gp = torch.autograd.grad(y, [x, *model.parameters()], ct)
+
+    def plain(x, fc1w, fc1b, fc2w, fc2b, convw, convb):
+        pooled = torch.cat([x.mean((2, 3)), x.amax((2, 3))])
+        logits = F.linear(F.relu(F.linear(pooled, fc1w, fc1b)), fc2w, fc2b).view(2, x.shape[0], -1).sum(0)
+        y1 = x * torch.sigmoid(logits)[:, :, None, None]
+        maps = torch.cat([y1.mean(1, keepdim=True), y1.amax(1, keepdim=True)], 1)
+        return y1 * torch.sigmoid(F.conv2d(maps, convw, convb, padding=spec.padding))
+
+    params = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    x2 = x.detach().clone().requires_grad_()
+    y2 = plain(x2, *params)
+    assert torch.equal(y, y2)
+    gx2, *gp2 = torch.autograd.grad(y2, [x2, *params], ct)
+    assert torch.equal(gx, gx2)
+    for a, b in zip(gp, gp2):
+        assert torch.equal(a, b)
