@@ -1,0 +1,178 @@
+"""Outside reference implementations of CBAM, run in the same process as ours.
+
+* `BlogCBAM`: the plain PyTorch CBAM of the seed blog post, written from its description (r=4, 3x3
+  spatial conv, biases): ``ChannelAttention`` with ``nn.AdaptiveAvgPool2d(1)`` / ``nn.AdaptiveMaxPool2d(1)``
+  and *separate* passes of the shared 1x1-conv MLP for the two pools; ``SpatialAttention`` with
+  ``torch.mean`` / ``torch.max(dim=1)`` (values of the (values, indices) tuple), ``torch.cat`` and
+  ``nn.Conv2d(2, 1, 3, padding=1)``; CBAM multiplies x by each gate in turn. Same maths as
+  ``CBAMSpec.seed(C)``; `load_seed_weights` copies canonical weights in.
+* `TimmCbamModule`: a faithful minimal copy of timm's ``CbamModule`` (timm is not importable on every
+  machine); the torch backend's tests use this copy for parity, the benchmarks for timing.
+* `real_timm_cbam`: timm's own ``CbamModule`` when ``import timm`` works, else the reason it does not.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+__all__ = [
+    "BlogCBAM",
+    "load_seed_weights",
+    "timm_make_divisible",
+    "TimmConvNormAct",
+    "TimmChannelAttn",
+    "TimmSpatialAttn",
+    "TimmCbamModule",
+    "real_timm_cbam",
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# The seed blog's CBAM (plain PyTorch, written from the blog's description).
+class BlogChannelAttention(nn.Module):
+    def __init__(self, in_planes, ratio=4):
+        super().__init__()
+        self.avg_pool = nn.AdaptiveAvgPool2d(1)
+        self.max_pool = nn.AdaptiveMaxPool2d(1)
+        self.fc = nn.Sequential(
+            nn.Conv2d(in_planes, in_planes // ratio, 1),
+            nn.ReLU(),
+            nn.Conv2d(in_planes // ratio, in_planes, 1),
+        )
+        self.sigmoid = nn.Sigmoid()
+
+    def forward(self, x):
+        avg_out = self.fc(self.avg_pool(x))
+        max_out = self.fc(self.max_pool(x))
+        return self.sigmoid(avg_out + max_out)
+
+
+class BlogSpatialAttention(nn.Module):
+    def __init__(self, kernel_size=3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2)
+        self.sigmoid = nn.Sigmoid()
+
+    def forward(self, x):
+        avg_out = torch.mean(x, dim=1, keepdim=True)
+        max_out, _ = torch.max(x, dim=1, keepdim=True)
+        x = torch.cat([avg_out, max_out], dim=1)
+        return self.sigmoid(self.conv1(x))
+
+
+class BlogCBAM(nn.Module):
+    def __init__(self, in_planes, ratio=4, kernel_size=3):
+        super().__init__()
+        self.ca = BlogChannelAttention(in_planes, ratio)
+        self.sa = BlogSpatialAttention(kernel_size)
+
+    def forward(self, x):
+        x = x * self.ca(x)
+        x = x * self.sa(x)
+        return x
+
+
+def load_seed_weights(blog: BlogCBAM, weights: Mapping[str, np.ndarray]) -> BlogCBAM:
+    """Copy canonical ``CBAMSpec.seed`` weights (dense (in, out), conv HWIO, concat [mean, max]) in."""
+    p = next(blog.parameters())
+
+    def t(a):
+        return torch.as_tensor(np.asarray(a), dtype=p.dtype, device=p.device)
+
+    with torch.no_grad():
+        blog.ca.fc[0].weight.copy_(t(weights["channel.fc1.kernel"]).T[:, :, None, None])
+        blog.ca.fc[0].bias.copy_(t(weights["channel.fc1.bias"]))
+        blog.ca.fc[2].weight.copy_(t(weights["channel.fc2.kernel"]).T[:, :, None, None])
+        blog.ca.fc[2].bias.copy_(t(weights["channel.fc2.bias"]))
+        blog.sa.conv1.weight.copy_(t(weights["spatial.conv.kernel"]).permute(3, 2, 0, 1))
+        blog.sa.conv1.bias.copy_(t(weights["spatial.conv.bias"]))
+    return blog
+
+
+# --------------------------------------------------------------------------------------------------
+# Faithful minimal copy of timm's CbamModule: huggingface/pytorch-image-models, timm/layers/cbam.py
+# (ChannelAttn, SpatialAttn, CbamModule), with timm/layers/helpers.py make_divisible and a minimal
+# timm/layers/conv_bn_act.py ConvNormAct (conv -> bn, apply_act=False; 'same' padding k//2 for stride 1;
+# BatchNormAct2d is a BatchNorm2d with an identity act, so its state_dict keys are BatchNorm2d's).
+def timm_make_divisible(v, divisor=8, min_value=None, round_limit=0.9):
+    min_value = min_value or divisor
+    new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
+    if new_v < round_limit * v:
+        new_v += divisor
+    return new_v
+
+
+class TimmConvNormAct(nn.Module):
+    def __init__(self, in_channels, out_channels, kernel_size=1, bias=False, apply_act=True):
+        super().__init__()
+        assert not apply_act
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
+        self.bn = nn.BatchNorm2d(out_channels)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+class TimmChannelAttn(nn.Module):
+    def __init__(self, channels, rd_ratio=1.0 / 16, rd_channels=None, rd_divisor=1, act_layer=nn.ReLU,
+                 gate_layer="sigmoid", mlp_bias=False):
+        super().__init__()
+        if not rd_channels:
+            rd_channels = timm_make_divisible(channels * rd_ratio, rd_divisor, round_limit=0.0)
+        self.fc1 = nn.Conv2d(channels, rd_channels, 1, bias=mlp_bias)
+        self.act = act_layer(inplace=True)
+        self.fc2 = nn.Conv2d(rd_channels, channels, 1, bias=mlp_bias)
+        self.gate = nn.Sigmoid()  # create_act_layer('sigmoid')
+
+    def forward(self, x):
+        x_avg = self.fc2(self.act(self.fc1(x.mean((2, 3), keepdim=True))))
+        x_max = self.fc2(self.act(self.fc1(x.amax((2, 3), keepdim=True))))
+        return x * self.gate(x_avg + x_max)
+
+
+class TimmSpatialAttn(nn.Module):
+    def __init__(self, kernel_size=7, gate_layer="sigmoid"):
+        super().__init__()
+        self.conv = TimmConvNormAct(2, 1, kernel_size, apply_act=False)
+        self.gate = nn.Sigmoid()
+
+    def forward(self, x):
+        x_attn = torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
+        x_attn = self.conv(x_attn)
+        return x * self.gate(x_attn)
+
+
+class TimmCbamModule(nn.Module):
+    def __init__(self, channels, rd_ratio=1.0 / 16, rd_channels=None, rd_divisor=1, spatial_kernel_size=7,
+                 act_layer=nn.ReLU, gate_layer="sigmoid", mlp_bias=False):
+        super().__init__()
+        self.channel = TimmChannelAttn(channels, rd_ratio=rd_ratio, rd_channels=rd_channels, rd_divisor=rd_divisor,
+                                       act_layer=act_layer, gate_layer=gate_layer, mlp_bias=mlp_bias)
+        self.spatial = TimmSpatialAttn(spatial_kernel_size, gate_layer=gate_layer)
+
+    def forward(self, x):
+        x = self.channel(x)
+        x = self.spatial(x)
+        return x
+
+
+# --------------------------------------------------------------------------------------------------
+def real_timm_cbam():
+    """``(timm.layers.CbamModule, timm version)`` or ``(None, "not importable: <reason>")``.
+
+    Any exception counts (on this project's CPU box ``import timm`` fails inside torchvision).
+    """
+    try:
+        import timm
+        from timm.layers import CbamModule
+
+        return CbamModule, getattr(timm, "__version__", "?")
+    except BaseException as e:  # noqa: BLE001 - ImportError, RuntimeError from torchvision, ...
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        reason = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+        return None, f"not importable: {reason}"
