@@ -76,6 +76,8 @@ def _acc_dtype(dtype) -> jnp.dtype:
 
 # ------------------------------------------------------------------ pieces
 def _gate(z: jax.Array, kind: str) -> jax.Array:
+    if z.dtype in (jnp.bfloat16, jnp.float16):  # the gate is computed in float32, then rounded once
+        return _gate(z.astype(jnp.float32), kind).astype(z.dtype)
     if kind == "sigmoid":
         return jax.nn.sigmoid(z)
     return jnp.clip(z / 6.0 + 0.5, 0.0, 1.0)  # hard_sigmoid = relu6(z + 3) / 6, as the reference

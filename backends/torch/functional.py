@@ -63,7 +63,9 @@ def amax(x: torch.Tensor, dims: tuple[int, ...], keepdim: bool = False) -> torch
 
 
 def apply_gate(z: torch.Tensor, kind: str) -> torch.Tensor:
-    """``sigmoid`` or ``hard_sigmoid`` (= relu6(z + 3) / 6)."""
+    """``sigmoid`` or ``hard_sigmoid`` (= relu6(z + 3) / 6); half-precision logits are gated in float32."""
+    if z.dtype in (torch.bfloat16, torch.float16):  # e.g. under autocast: compute in float32, round once
+        return apply_gate(z.float(), kind).to(z.dtype)
     if kind == "sigmoid":
         return torch.sigmoid(z)
     if kind == "hard_sigmoid":
