@@ -77,6 +77,7 @@ def parse_args(argv=None):
     p.add_argument("--reps", type=int, default=None, help="timed calls per case per round")
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
                    help="before each group, wait up to S seconds until no other process is using the CPUs")
+    common.add_malloc_arg(p)
     return p.parse_args(argv)
 
 
@@ -275,6 +276,7 @@ def numpy_case(shape, dtype_name, mode) -> list[Case]:
 # ------------------------------------------------------------------ main
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    args.malloc_record = common.setup_malloc(args.malloc)
     import torch
 
     device = common.torch_device(args.device)
@@ -318,6 +320,7 @@ def _run(args, device) -> dict:
         runner = common.Runner(rounds=args.rounds or 5, reps_per_round=args.reps or 8, warmup=3, max_case_s=6.0)
 
     env = common.environment(device)
+    env["malloc"] = args.malloc_record
     log(f"[bench_cbam] {common.device_line(env)}; torch threads {torch.get_num_threads()}")
     bw = common.copy_bandwidth(device, nbytes=(16 if args.smoke else 512) * 2**20, reps=2 if args.smoke else 10)
     log(f"[bench_cbam] copy bandwidth {bw['gbps']} GB/s ({bw['method']})")

@@ -51,6 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--parts", default="mnist,block")
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
                    help="before each group, wait up to S seconds until no other process is using the CPUs")
+    common.add_malloc_arg(p)
     return p.parse_args(argv)
 
 
@@ -207,6 +208,7 @@ def block_cases(shape, device, args, log) -> list[Case]:
 # ------------------------------------------------------------------ main
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    args.malloc_record = common.setup_malloc(args.malloc)
     import torch
 
     device = common.torch_device(args.device)
@@ -238,6 +240,7 @@ def _run(args, device) -> dict:
     else:
         runner = common.Runner(rounds=5, reps_per_round=3, warmup=2, max_case_s=12)
     env = common.environment(device)
+    env["malloc"] = args.malloc_record
     log(f"[bench_train] {common.device_line(env)}; torch threads {env['torch_threads']}")
     t0 = time.perf_counter()
     payload: dict = {"benchmark": "train", "mode": "smoke" if args.smoke else "quick" if args.quick else "full",

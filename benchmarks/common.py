@@ -295,6 +295,24 @@ def time_window(fn: Callable[[], object], repeat: int) -> float:
     return time.perf_counter() - t0
 
 
+# ------------------------------------------------------------------ allocator
+def add_malloc_arg(parser) -> None:
+    parser.add_argument(
+        "--malloc", choices=("steady", "default"), default="steady",
+        help="steady (default): keep freed memory in the heap (cbam_multi.heap.keep_heap), so every path's "
+        "buffers are reused instead of page-faulted in again on each call; default: glibc as it is",
+    )
+
+
+def setup_malloc(choice: str) -> dict:
+    """Apply ``--malloc`` before the first large allocation; the returned record goes into the JSON."""
+    if choice == "default":
+        return {"applied": False, "reason": "--malloc default (glibc's own mmap / trim thresholds)"}
+    from cbam_multi.heap import keep_heap
+
+    return keep_heap()
+
+
 # ------------------------------------------------------------------ bandwidth
 def copy_bandwidth(device: str = "cpu", nbytes: int = 256 * 2**20, reps: int = 10) -> dict:
     """Streaming copy bandwidth, GB/s counting bytes read + bytes written (a copy of N bytes moves 2N).

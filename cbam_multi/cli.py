@@ -131,6 +131,10 @@ def add_train_parser(sub) -> None:
     )
     p.add_argument("--stop-after-epoch", type=int, help="stop after this epoch (as if interrupted; continue with --resume)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    p.add_argument(
+        "--malloc-defaults", action="store_true",
+        help="leave glibc's allocator as it is (default: keep freed memory in the heap, see cbam_multi.heap)",
+    )
     p.add_argument("--print-config", action="store_true", help="print the effective TrainConfig JSON and exit")
     p.set_defaults(func=cmd_train)
 
@@ -193,6 +197,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config.to_json(indent=2))
         return 0
+    if not args.malloc_defaults:
+        from cbam_multi.heap import keep_heap
+
+        keep_heap()  # before the first large allocation: steps reuse their buffers instead of re-faulting them
     if config.backend == "jax":
         _setup_jax(config.dtype)
     main_process = _setup_distributed(config.backend, getattr(args, "distributed", False))

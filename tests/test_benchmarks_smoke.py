@@ -39,7 +39,7 @@ def test_bench_cbam_smoke(tmp_path):
     from benchmarks import bench_cbam
 
     threads = torch.get_num_threads()
-    bench_cbam.main(["--smoke", "--out", str(tmp_path)])
+    bench_cbam.main(["--smoke", "--malloc", "default", "--out", str(tmp_path)])
     assert torch.get_num_threads() == threads  # the benchmark restores global state
     data = _load(tmp_path, "cbam_block_smoke")
     assert data["mode"] == "smoke" and data["bandwidth"]["gbps"] > 0
@@ -66,7 +66,7 @@ def test_bench_cbam_smoke(tmp_path):
 def test_bench_train_smoke(tmp_path):
     from benchmarks import bench_train
 
-    data = bench_train.main(["--smoke", "--out", str(tmp_path)])
+    data = bench_train.main(["--smoke", "--malloc", "default", "--out", str(tmp_path)])
     loaded = _load(tmp_path, "train_smoke")
     assert loaded["mode"] == data["mode"] == "smoke"
     rows = loaded["mnist"]["rows"]

@@ -183,7 +183,7 @@ def test_jax_step_compiles_once_has_no_host_callbacks_and_donates(mnist):
     assert tr._step._cache_size() == step_cache
 
     args = (tr.params, tr.rest, tr.opt_state, *tr._inputs(x[:24], y[:24]), tr._lr(1e-3))
-    eqns = list(_primitives(jax.make_jaxpr(tr._step)(*args).jaxpr))
+    eqns = list(_primitives(tr._step.trace(*args).jaxpr.jaxpr))  # (make_jaxpr would nest a jit with compiler options)
     names = {e.primitive.name for e in eqns}
     assert "conv_general_dilated" in names  # the walk reached the step's body
     assert not {n for n in names if "callback" in n}, f"host callbacks in the train step: {names}"
@@ -202,7 +202,7 @@ def test_bfloat16_jax_computes_in_bf16_with_float32_master_state(mnist):
     assert {leaf.dtype for leaf in jax.tree.leaves(state) if jnp.issubdtype(leaf.dtype, jnp.floating)} == {jnp.dtype("float32")}
     x, y = _batch(mnist, 16)
     args = (*state, *tr._inputs(x, y), tr._lr(1e-3))
-    closed = jax.make_jaxpr(tr._step)(*args)
+    closed = tr._step.trace(*args).jaxpr
     convs = [e for e in _primitives(closed.jaxpr) if e.primitive.name == "conv_general_dilated"]
     assert convs and all(v.aval.dtype == jnp.bfloat16 for e in convs for v in e.invars), "convolutions not in bf16"
     assert all(a.dtype == jnp.float32 for a in closed.out_avals if jnp.issubdtype(a.dtype, jnp.floating)), (

@@ -48,7 +48,9 @@ def _windows(x: jax.Array) -> jax.Array:
 def _max_pool_fwd(x):
     win = _windows(x)
     first = jnp.argmax(win, axis=-1)  # first occurrence of the maximum
-    return jnp.take_along_axis(win, first[..., None], axis=-1)[..., 0], (first, x.shape)
+    # the max itself by a plain reduce: picking it with take_along_axis(win, first) is a gather, ~1.7 ms of
+    # a ~35 ms MNIST step on XLA:CPU
+    return win.max(axis=-1), (first, x.shape)
 
 
 def _max_pool_bwd(res, g):

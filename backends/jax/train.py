@@ -97,6 +97,19 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     return optax.inject_hyperparams(factory, hyperparam_dtype=_param_dtype(config.dtype))(learning_rate=config.lr)
 
 
+# XLA:CPU compiles these programs with its YNNPACK library fusions off: in this XLA (jaxlib 0.10) they
+# route the MNIST convolutions and the CBAM reductions through YNNPACK kernels that run 1.5-2x slower
+# than XLA's own (Eigen convolutions, loop fusions) on these shapes - measured in benchmarks/RESULTS.md.
+# Per-executable compiler options, so the user's other JAX programs are untouched; no effect off CPU.
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT", "xla_cpu_enable_fast_min_max": True}
+
+
+def compiler_options(mesh) -> dict[str, str]:
+    """The XLA options our jitted train / predict functions are compiled with on ``mesh``'s platform."""
+    platforms = {d.platform for d in (jax.devices() if mesh is None else mesh.devices.flat)}
+    return dict(CPU_COMPILER_OPTIONS) if platforms == {"cpu"} else {}
+
+
 _STEP_CACHE: dict[Any, Any] = {}
 _PREDICT_CACHE: dict[Any, Any] = {}
 
@@ -130,6 +143,7 @@ def _train_step_fn(graphdef, config: TrainConfig, mesh):
             in_shardings=(repl, repl, repl, batch, batch, repl),
             out_shardings=(repl, repl, repl, repl),
             donate_argnums=(0, 1, 2),
+            compiler_options=compiler_options(mesh),
         )
         _STEP_CACHE[key] = (tx, jitted)
     return _STEP_CACHE[key]
@@ -144,11 +158,15 @@ def _predict_fn(graphdef, mesh=None):
             logits = model(x.astype(model.dtype))
             return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))  # bf16 logits come back as float32
 
+        options = compiler_options(mesh)
         if mesh is None:
-            _PREDICT_CACHE[key] = jax.jit(predict)
+            _PREDICT_CACHE[key] = jax.jit(predict, compiler_options=options)
         else:
             repl = sharding.replicated(mesh)
-            _PREDICT_CACHE[key] = jax.jit(predict, in_shardings=(repl, repl, sharding.batch_sharding(mesh)), out_shardings=repl)
+            _PREDICT_CACHE[key] = jax.jit(
+                predict, in_shardings=(repl, repl, sharding.batch_sharding(mesh)), out_shardings=repl,
+                compiler_options=options,
+            )
     return _PREDICT_CACHE[key]
 
 

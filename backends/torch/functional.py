@@ -11,7 +11,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["apply_gate", "amax", "pool_hw", "stacked_pools", "shared_mlp", "channel_attention", "spatial_maps"]
+__all__ = [
+    "apply_gate", "amax", "pool_hw", "stacked_pools", "shared_mlp", "channel_attention", "spatial_maps", "spatial_conv",
+]
 
 
 class _AMax(torch.autograd.Function):
@@ -133,3 +135,27 @@ def spatial_maps(x: torch.Tensor, concat_order: Sequence[str]) -> torch.Tensor:
     """Mean and max over channels, concatenated in ``concat_order`` -> (B, 2, H, W)."""
     maps = {"mean": x.mean(1, keepdim=True), "max": amax(x, (1,), keepdim=True)}
     return torch.cat([maps[name] for name in concat_order], dim=1)
+
+
+def spatial_conv(maps: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, unrolled: bool = False) -> torch.Tensor:
+    """The k x k 'same' convolution of the (B, 2, H, W) spatial maps to one channel: ``F.conv2d``, or with
+    ``unrolled`` the same sum written as 2 * k * k shifted multiply-adds of the zero-padded maps.
+
+    The unrolled form is for torch.compile: inductor fuses it with the maps and the gate into its own
+    kernels, where ``F.conv2d`` stays an extern oneDNN call with layout conversions around it (compiled
+    forward at 64x64x28x28 on 2 CPU cores: 1.03 -> 0.81 ms). Eagerly it would be 2 * k * k separate ops.
+    Same terms, summed in another order.
+    """
+    k = weight.shape[-1]
+    p = k // 2
+    if not unrolled:
+        return F.conv2d(maps, weight, bias, padding=p)
+    h, w = maps.shape[-2:]
+    padded = F.pad(maps, (p, p, p, p))
+    out = None
+    for c in range(weight.shape[1]):
+        for dy in range(k):
+            for dx in range(k):
+                term = weight[0, c, dy, dx] * padded[:, c : c + 1, dy : dy + h, dx : dx + w]
+                out = term if out is None else out + term
+    return out if bias is None else out + bias.view(1, 1, 1, 1)

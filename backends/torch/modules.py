@@ -99,6 +99,17 @@ def _may_overwrite(y, spatial: nn.Module) -> bool:
     )
 
 
+def _unroll_conv(conv: nn.Module, maps: torch.Tensor) -> bool:
+    """Whether to let torch.compile see the spatial conv as shifted multiply-adds (`CF.spatial_conv`):
+    when compiling, outside autocast (which runs convolutions in low precision) and with no hooks on
+    the conv module that a functional call would skip. Evaluated at trace time only."""
+    return (
+        torch.compiler.is_compiling()
+        and not torch.is_autocast_enabled(maps.device.type)
+        and not _has_hooks(conv)
+    )
+
+
 def _check_spec(spec) -> None:
     if not isinstance(spec, CBAMSpec):
         raise TypeError(f"spec must be a CBAMSpec, got {type(spec).__name__}")
@@ -173,7 +184,11 @@ class SpatialAttention(_Gate):
 
     def gate_map(self, x: torch.Tensor) -> torch.Tensor:
         """The spatial attention map (B, 1, H, W) that `forward` multiplies into ``x`` (unchecked input)."""
-        z = self.conv(CF.spatial_maps(x, self.spec.concat_order))
+        maps = CF.spatial_maps(x, self.spec.concat_order)
+        if _unroll_conv(self.conv, maps):
+            z = CF.spatial_conv(maps, self.conv.weight, self.conv.bias, unrolled=True)
+        else:
+            z = self.conv(maps)
         if self._has_bn:
             z = self.bn(z)
         return CF.apply_gate(z, self.spec.gate)
