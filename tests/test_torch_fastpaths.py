@@ -117,3 +117,56 @@ def test_autograd_through_fast_paths_matches_plain_ops():
     assert torch.equal(gx, gx2)
     for a, b in zip(gp, gp2):
         assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------ the unrolled spatial conv (torch.compile's form)
+@pytest.mark.parametrize("k", [3, 7])
+@pytest.mark.parametrize("bias", [True, False])
+def test_unrolled_spatial_conv_matches_conv2d_values_and_gradients(k, bias):
+    import torch.nn.functional as F
+
+    from cbam_multi.torch.functional import spatial_conv
+
+    g = torch.Generator().manual_seed(k)
+    maps = torch.randn(3, 2, 9, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(1, 2, k, k, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(1, generator=g, dtype=torch.float64, requires_grad=True) if bias else None
+    ref = F.conv2d(maps, w, b, padding=k // 2)
+    out = spatial_conv(maps, w, b, unrolled=True)
+    err = (out - ref).abs().max().item()
+    assert out.shape == ref.shape and err <= 1e-13, f"unrolled conv: max abs err {err:.3e}"
+    assert torch.equal(spatial_conv(maps, w, b), ref)  # not unrolled: F.conv2d itself
+    inputs = [maps, w] + ([b] if bias else [])
+    ct = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    for ga, gb in zip(torch.autograd.grad(ref, inputs, ct), torch.autograd.grad(out, inputs, ct)):
+        err = (ga - gb).abs().max().item()
+        assert err <= 1e-12, f"unrolled conv gradient: max abs err {err:.3e}"
+
+
+def test_compiled_block_traces_the_unrolled_conv_unless_hooked():
+    """Under torch.compile the spatial conv is traced as shifted multiply-adds (no convolution op in the
+    graph); a forward hook on the conv module keeps the module call, so the hook still fires."""
+    import torch._dynamo
+
+    spec = CBAMSpec.seed(8)
+    x = torch.randn(2, 8, 6, 5)
+    graphs: list = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    for hooked in (False, True):
+        torch._dynamo.reset()
+        graphs.clear()
+        model = CBAM(spec, seed=2)
+        seen: list = []
+        if hooked:
+            model.spatial.conv.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+        y = torch.compile(model, backend=backend, dynamic=False)(x)
+        targets = {str(n.target) for gm in graphs for n in gm.graph.nodes if n.op in ("call_function", "call_module")}
+        has_conv = any("conv" in t for t in targets)
+        assert has_conv == hooked, sorted(targets)
+        assert bool(seen) == hooked
+        err = (y - model(x)).abs().max().item()
+        assert err <= 1e-5, f"compiled vs eager: max abs err {err:.3e}"

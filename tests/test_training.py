@@ -255,3 +255,32 @@ def test_resume_and_init_from_errors(mnist, tmp_path):
         from cbam_multi.jax.train import train_and_evaluate
 
         train_and_evaluate(_cfg("torch", tmp_path / "c"), data=data)
+
+
+# ------------------------------------------------------------------ speed settings keep the semantics
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+@pytest.mark.parametrize("cbam", [True, False])
+def test_a_nan_in_the_batch_shows_as_a_nan_loss(backend, cbam):
+    """The JAX step is compiled with XLA's fast (non-NaN-propagating) max reductions on CPU; a NaN input
+    still reaches the loss (ReLU, convolutions and CBAM's mean pools carry it), as in torch, and the
+    next finite batch is NaN too (the weights are poisoned, as in torch)."""
+    if backend == "torch":
+        from cbam_multi.torch.train import TorchTrainer as Trainer
+    else:
+        from cbam_multi.jax.train import JaxTrainer as Trainer
+    tr = Trainer(TrainConfig(backend=backend, model=MNISTNetSpec(cbam=cbam), batch_size=4, progress=False))
+    x = np.full((4, 28, 28, 1), 0.5, np.float32)
+    x[1, 10, 12, 0] = np.nan  # one pixel, which the 2x2 max-pools alone would drop under fast max
+    y = np.arange(4)
+    losses = tr.losses([tr.train_step(x, y, 1e-3), tr.train_step(np.full_like(x, 0.5), y, 1e-3)])
+    assert np.isnan(losses).all(), losses
+
+
+def test_jax_train_step_uses_the_cpu_compiler_options():
+    from cbam_multi.jax import sharding
+    from cbam_multi.jax.train import CPU_COMPILER_OPTIONS, compiler_options
+
+    import jax
+
+    expected = CPU_COMPILER_OPTIONS if jax.devices()[0].platform == "cpu" else {}
+    assert compiler_options(sharding.data_mesh(None)) == expected

@@ -97,14 +97,22 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     return optax.inject_hyperparams(factory, hyperparam_dtype=_param_dtype(config.dtype))(learning_rate=config.lr)
 
 
-# XLA:CPU compiles these programs with its YNNPACK library fusions off: in this XLA (jaxlib 0.10) they
-# route the MNIST convolutions and the CBAM reductions through YNNPACK kernels that run 1.5-2x slower
-# than XLA's own (Eigen convolutions, loop fusions) on these shapes - measured in benchmarks/RESULTS.md.
-# Per-executable compiler options, so the user's other JAX programs are untouched; no effect off CPU.
-CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT", "xla_cpu_enable_fast_min_max": True}
+# XLA:CPU options for the MNIST train / predict programs (per executable: the user's other JAX programs
+# are untouched; nothing changes off CPU). Measured on the MNIST step (benchmarks/RESULTS.md), jaxlib 0.10:
+# * YNNPACK library fusions only for dots: YNNPACK's convolutions and reductions ran this network's
+#   convolutions, their gradients and CBAM's pools 1.5-2x slower than XLA's own kernels. (XLA's own dots are
+#   kept off: with them a float32 run drifted 100x further from float64.) Train step 600 -> ~330 us/image.
+# * fast min/max: NaN-propagating max *reductions* are emitted as slow scalar loops (CBAM's max pools, the
+#   2x2 max-pool); without NaN propagation they vectorise, 2.7-3.4x faster (step -8 %). Only reductions
+#   change: elementwise max (ReLU), the convolutions and CBAM's mean pools still carry a NaN input to the
+#   loss (tests/test_training.py::test_a_nan_in_the_batch_shows_as_a_nan_loss).
+CPU_COMPILER_OPTIONS = {
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
+    "xla_cpu_enable_fast_min_max": True,
+}
 
 
-def compiler_options(mesh) -> dict[str, str]:
+def compiler_options(mesh) -> dict:
     """The XLA options our jitted train / predict functions are compiled with on ``mesh``'s platform."""
     platforms = {d.platform for d in (jax.devices() if mesh is None else mesh.devices.flat)}
     return dict(CPU_COMPILER_OPTIONS) if platforms == {"cpu"} else {}

@@ -151,11 +151,15 @@ def spatial_conv(maps: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     if not unrolled:
         return F.conv2d(maps, weight, bias, padding=p)
     h, w = maps.shape[-2:]
-    padded = F.pad(maps, (p, p, p, p))
+    acc = torch.float32 if maps.dtype in (torch.float16, torch.bfloat16) else maps.dtype  # as conv2d accumulates
+    padded = F.pad(maps.to(acc), (p, p, p, p))
+    weight = weight.to(acc)
     out = None
     for c in range(weight.shape[1]):
         for dy in range(k):
             for dx in range(k):
                 term = weight[0, c, dy, dx] * padded[:, c : c + 1, dy : dy + h, dx : dx + w]
                 out = term if out is None else out + term
-    return out if bias is None else out + bias.view(1, 1, 1, 1)
+    if bias is not None:
+        out = out + bias.to(acc).view(1, 1, 1, 1)
+    return out.to(maps.dtype)
