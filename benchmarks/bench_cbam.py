@@ -194,6 +194,17 @@ def torch_cases(pids, shape, dtype_name, mode, device, args, log) -> list[Case]:
     return cases
 
 
+def _copy_case(device: str, nbytes: int) -> tuple[Case, int]:
+    """A streaming ``copy_`` of ``nbytes`` (far beyond the last-level cache: the DRAM rate), timed as one more
+    case in every group, so the memory limit comes from copies made under the same machine conditions."""
+    import torch
+
+    sync = common.torch_sync(device)
+    a = torch.ones(nbytes // 4, device=device)
+    b = torch.empty_like(a)
+    return Case("copy_dram", lambda: (b.copy_(a), sync()), {"label": f"torch copy_ of {nbytes / 2**20:.0f} MiB"}), nbytes
+
+
 def jax_cases(pids, shape, dtype_name, mode, args, log) -> list[Case]:
     import jax
     import jax.numpy as jnp
@@ -332,6 +343,7 @@ def _run(args, device) -> dict:
     except Exception as e:  # torch-only install: report the JAX rows as unavailable
         jax_ok, jax_err = False, f"{type(e).__name__}: {e}"
 
+    copy_case, copy_bytes = _copy_case(device, (16 if args.smoke else 256) * 2**20)
     rows = []
     t_start = time.perf_counter()
     for shape in shapes:
@@ -352,8 +364,11 @@ def _run(args, device) -> dict:
                               for p in ("nnx_jit", "nnx_jit_tree", "nnx_split_jit", "linen_jit") if p in pids]
                 if "numpy_ref" in pids:
                     cases += numpy_case(shape, dtype_name, mode)
-                runnable = [cs for cs in cases if cs.fn is not None]
+                runnable = [cs for cs in cases if cs.fn is not None] + [copy_case]
                 res, quiet = common.run_group(runner, runnable, args.wait_quiet, log=log)
+                copy_res = res.pop(copy_case.name)
+                # the DRAM copy rate timed like the paths (same rounds, median): the same-rounds limit
+                same_gbps = 2 * copy_bytes / (copy_res["median_ms"] / 1e3) / 1e9 if "median_ms" in copy_res else None
                 for cs in cases:
                     r = res.get(cs.name, dict(cs.meta))
                     label, framework, preset, layout = PATHS[cs.name]
@@ -363,12 +378,18 @@ def _run(args, device) -> dict:
                         "limit_ms": round(limit_ms, 4), "hot_limit_ms": round(hot_limit_ms, 4), "hot_copy_gbps": hot_gbps,
                         "quiet_wait": quiet, **r,
                     }
+                    if same_gbps:
+                        row["copy_gbps_same_rounds"] = round(same_gbps, 2)
+                        row["limit_same_rounds_ms"] = round(4 * nbytes / (same_gbps * 1e9) * 1e3, 4)
                     if "median_ms" in r:
                         row["x_limit"] = round(r["median_ms"] / limit_ms, 2)
                         row["x_hot_limit"] = round(r["median_ms"] / hot_limit_ms, 2)
+                        if same_gbps:
+                            row["x_limit_same_rounds"] = round(r["median_ms"] / row["limit_same_rounds_ms"], 2)
                     rows.append(row)
                     if "median_ms" in r:
-                        log(f"    {cs.name:18s} {r['median_ms']:9.3f} ms  (x{row['x_limit']:.2f} provisional limit, first call "
+                        log(f"    {cs.name:18s} {r['median_ms']:9.3f} ms  (x{row.get('x_limit_same_rounds')} same-rounds limit, "
+                            f"x{row['x_limit']:.2f} provisional peak limit, first call "
                             f"{r['first_call_s']:.2f} s, foreign load {r.get('foreign_load')}, page faults/call {r.get('page_faults_per_call')})")
                     else:
                         log(f"    {cs.name:18s} {r.get('skipped') or r.get('error')}")
@@ -403,6 +424,8 @@ def _run(args, device) -> dict:
             "inductor_caches": "warm (on-disk caches allowed)" if args.warm_compile_cache else "disabled (cold compiles)",
             "limit": "4 * x.nbytes / bandwidth.gbps (3 reads + 1 write of x at the DRAM copy rate)",
             "hot_limit": "4 * x.nbytes / copy rate measured at x's own size (cache-resident when small)",
+            "limit_same_rounds": "4 * x.nbytes / rate of a copy_ timed as a case in the same rounds (median)",
+            "copy_same_rounds_mib": copy_bytes / 2**20,
         },
         "results": rows,
     }
@@ -429,9 +452,13 @@ def goals(rows) -> dict:
     compiled = [r for p in COMPILED if (r := _find(rows, p, gshape, "float32", "fwd")) and "median_ms" in r]
     if compiled:
         best = min(compiled, key=lambda r: r["median_ms"])
+        same = best.get("x_limit_same_rounds")
         out["best_compiled_vs_limit"] = {
             "shape": list(gshape), "path": best["path"], "median_ms": best["median_ms"], "limit_ms": best["limit_ms"],
-            "x_limit": best["x_limit"], "x_hot_limit": best["x_hot_limit"], "target": 1.5, "met": best["x_limit"] <= 1.5,
+            "x_limit": best["x_limit"], "x_hot_limit": best["x_hot_limit"], "target": 1.5,
+            "limit_same_rounds_ms": best.get("limit_same_rounds_ms"), "x_limit_same_rounds": same,
+            "verdict_on": "x_limit_same_rounds (median copy time in the same rounds as the paths)",
+            "met": same is not None and same <= 1.5, "met_against_peak_copy_rate": best["x_limit"] <= 1.5,
         }
     per_shape = []
     for s in shapes:
@@ -467,8 +494,11 @@ def markdown(payload) -> str:
     out.append(f"- bfloat16: {payload['bf16']['note']}.")
     out.append(f"- Timing: {payload['config']['statistic']}; {payload['config']['rounds']} rounds x up to "
                f"{payload['config']['reps_per_round']} calls, {payload['config']['warmup']} warm-up calls; wall {env.get('wall_s')} s.")
-    out.append("- Cells: median ms, and in brackets the multiple of the 4-pass memory limit "
-               "`4 * x.nbytes / copy bandwidth` (forward) - the same unit is shown for forward+backward for scale.")
+    out.append("- Cells: median ms, and in brackets the multiple of the 4-pass memory limit `4 * x.nbytes / copy rate`, "
+               f"the copy rate being the median of a {payload['config']['copy_same_rounds_mib']:.0f} MiB `copy_` timed as one "
+               "more case in the same interleaved rounds "
+               "(same machine conditions, same statistic); the limit at the peak rate above is in the last rows. "
+               "Forward+backward shows the same unit for scale.")
     out.append("")
     for dtype in payload["config"]["dtypes"]:
         for mode in payload["config"]["modes"]:
@@ -481,10 +511,12 @@ def markdown(payload) -> str:
                 out.append("")
             headers = ["path", "layout"] + ["x".join(map(str, s)) for s in shapes]
             table = []
-            lim = ["4-pass limit (DRAM copy rate)", ""]
+            same = ["4-pass limit (DRAM copy rate, same rounds)", ""]
+            lim = ["4-pass limit (peak DRAM copy rate)", ""]
             hot = ["4-pass limit (copy rate at x's size)", ""]
             for s in shapes:
-                r = next((r for r in rows if tuple(r["shape"]) == s and r["dtype"] == dtype), None)
+                r = next((r for r in rows if tuple(r["shape"]) == s and r["dtype"] == dtype and r["mode"] == mode), None)
+                same.append(f"{r['limit_same_rounds_ms']:.3f}" if r and r.get("limit_same_rounds_ms") else "")
                 lim.append(f"{r['limit_ms']:.3f}" if r else "")
                 hot.append(f"{r['hot_limit_ms']:.3f}" if r else "")
             notes = {}
@@ -498,7 +530,7 @@ def markdown(payload) -> str:
                         continue
                     present = True
                     if "median_ms" in r:
-                        cells.append(f"{r['median_ms']:.3f} ({r['x_limit']:.1f}x)")
+                        cells.append(f"{r['median_ms']:.3f} ({r.get('x_limit_same_rounds', r['x_limit']):.1f}x)")
                     elif "skipped" in r:
                         cells.append("n/a")
                         notes[label] = r["skipped"]
@@ -506,7 +538,7 @@ def markdown(payload) -> str:
                         cells.append("failed: " + r.get("error", "?")[:60])
                 if present:
                     table.append([label + (" [timm preset]" if preset == "timm" and pid == "torch_eager_timm" else ""), layout] + cells)
-            out.append(common.md_table(headers, table + [lim, hot]))
+            out.append(common.md_table(headers, table + [same, lim, hot]))
             out.extend(f"- n/a, {label}: {why}" for label, why in notes.items())
             out.append("")
     # compile times
@@ -539,8 +571,11 @@ def markdown(payload) -> str:
         if "best_compiled_vs_limit" in g:
             b = g["best_compiled_vs_limit"]
             out.append(f"- Best compiled forward on {'x'.join(map(str, b['shape']))} float32: {PATHS[b['path']][0]} "
-                       f"{b['median_ms']:.3f} ms = **{b['x_limit']:.2f}x** the 4-pass limit ({b['limit_ms']:.3f} ms; "
-                       f"{b['x_hot_limit']:.2f}x the cache-rate limit); target <= 1.5x: **{'met' if b['met'] else 'not met'}**.")
+                       f"{b['median_ms']:.3f} ms = **{b.get('x_limit_same_rounds')}x** the 4-pass limit at the copy rate "
+                       f"timed in the same rounds ({b.get('limit_same_rounds_ms')} ms), {b['x_limit']:.2f}x the limit at the "
+                       f"peak copy rate ({b['limit_ms']:.3f} ms), {b['x_hot_limit']:.2f}x the cache-rate limit; target <= 1.5x: "
+                       f"**{'met' if b['met'] else 'not met'}** (against the peak rate: "
+                       f"{'met' if b['met_against_peak_copy_rate'] else 'not met'}).")
         for key, text in (("eager_no_slower_than_timm_fwd", "ours (timm preset) / timm CbamModule copy, forward"),
                           ("eager_4x_faster_than_blog_fwd", "blog / ours eager, forward")):
             if key in g:

@@ -473,6 +473,10 @@ def env_markdown(env: dict) -> str:
     ]
     if env.get("env"):
         lines.append("- Environment: " + ", ".join(f"{k}={val}" for k, val in env["env"].items()))
+    if env.get("malloc"):
+        m = env["malloc"]
+        lines.append("- Allocator: " + (f"steady heap (cbam_multi.heap.keep_heap: {m['settings']})" if m.get("applied")
+                                         else f"glibc defaults ({m.get('reason')})"))
     return "\n".join(lines)
 
 
