@@ -33,6 +33,7 @@ from pathlib import Path
 
 from cbam_multi.errors import CBAMError, SpecError
 from cbam_multi.model import MNISTNetSpec
+from cbam_multi.spec import json_object, plain_data_fields
 
 BACKENDS = ("torch", "jax")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -203,27 +204,14 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        d = dict(d)
-        fmt = d.pop("format", "cbam_multi.TrainConfig")
-        version = d.pop("version", CONFIG_FORMAT_VERSION)
-        if fmt != "cbam_multi.TrainConfig" or version != CONFIG_FORMAT_VERSION:
-            raise ConfigError(f"not a TrainConfig of a supported version: format {fmt!r}, version {version!r}")
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ConfigError(f"unknown TrainConfig field(s) {unknown}")
-        if "model" in d:
-            d["model"] = _spec_from_dict(d["model"])
-        return cls(**d)
+        fields = plain_data_fields(cls, d, "cbam_multi.TrainConfig", CONFIG_FORMAT_VERSION, ConfigError)
+        if "model" in fields:
+            fields["model"] = _spec_from_dict(fields["model"])
+        return cls(**fields)
 
     @classmethod
     def from_json(cls, text: str) -> "TrainConfig":
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"TrainConfig JSON is not valid JSON: {e}") from None
-        if not isinstance(d, dict):
-            raise ConfigError(f"TrainConfig JSON must be an object, got {type(d).__name__}")
-        return cls.from_dict(d)
+        return cls.from_dict(json_object(text, "TrainConfig", ConfigError))
 
 
 def _spec_from_dict(d) -> MNISTNetSpec:
@@ -232,11 +220,8 @@ def _spec_from_dict(d) -> MNISTNetSpec:
         return d
     if not isinstance(d, dict):
         raise ConfigError(f"model must be a MNISTNetSpec or its dict, got {type(d).__name__}")
-    from cbam_multi.model import MODEL_FORMAT_VERSION
-
-    full = {"format": "cbam_multi.MNISTNetSpec", "version": MODEL_FORMAT_VERSION, **d}
     try:
-        return MNISTNetSpec.from_json(json.dumps(full))
+        return MNISTNetSpec.from_dict(d)
     except (SpecError, TypeError) as e:
         raise ConfigError(f"invalid model spec in TrainConfig: {e}") from None
 

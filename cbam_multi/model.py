@@ -25,7 +25,7 @@ import numpy as np
 
 from cbam_multi import reference
 from cbam_multi.errors import InputError, SpecError
-from cbam_multi.spec import TRAINABLE, CBAMSpec
+from cbam_multi.spec import TRAINABLE, CBAMSpec, json_object, plain_data_fields
 from cbam_multi.weights import register_spec_type
 
 MODEL_FORMAT_VERSION = 1
@@ -151,17 +151,12 @@ class MNISTNetSpec:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
+    def from_dict(cls, d: dict) -> "MNISTNetSpec":
+        return cls(**plain_data_fields(cls, d, "cbam_multi.MNISTNetSpec", MODEL_FORMAT_VERSION, SpecError))
+
+    @classmethod
     def from_json(cls, text: str) -> "MNISTNetSpec":
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise SpecError(f"MNISTNetSpec JSON is not valid JSON: {e}") from None
-        if d.pop("format", None) != "cbam_multi.MNISTNetSpec" or d.pop("version", None) != MODEL_FORMAT_VERSION:
-            raise SpecError("not a MNISTNetSpec of a supported version")
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise SpecError(f"unknown MNISTNetSpec field(s) {unknown}")
-        return cls(**d)
+        return cls.from_dict(json_object(text, "MNISTNetSpec", SpecError))
 
 
 # ------------------------------------------------------------ NumPy oracle

@@ -303,30 +303,46 @@ class CBAMSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "CBAMSpec":
-        d = dict(d)
-        fmt = d.pop("format", "cbam_multi.CBAMSpec")
-        version = d.pop("version", SPEC_FORMAT_VERSION)
-        if fmt != "cbam_multi.CBAMSpec":
-            raise SpecError(f"not a CBAMSpec: format {fmt!r}")
-        if version != SPEC_FORMAT_VERSION:
-            raise SpecError(f"CBAMSpec format version {version} is not supported (this is {SPEC_FORMAT_VERSION})")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise SpecError(f"unknown CBAMSpec field(s) {unknown}")
-        if "channels" not in d:
+        fields = plain_data_fields(cls, d, "cbam_multi.CBAMSpec", SPEC_FORMAT_VERSION, SpecError)
+        if "channels" not in fields:
             raise SpecError("CBAMSpec JSON lacks 'channels'")
-        return cls(**d)
+        return cls(**fields)
 
     @classmethod
     def from_json(cls, text: str) -> "CBAMSpec":
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise SpecError(f"CBAMSpec JSON is not valid JSON: {e}") from None
-        if not isinstance(d, dict):
-            raise SpecError(f"CBAMSpec JSON must be an object, got {type(d).__name__}")
-        return cls.from_dict(d)
+        return cls.from_dict(json_object(text, "CBAMSpec", SpecError))
+
+
+# ------------------------------------------------------------------ JSON of the plain-data classes
+def json_object(text: str, what: str, error: type[Exception]) -> dict:
+    """``text`` parsed as a JSON object; ``error`` names ``what`` when it is not valid JSON or not an object."""
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise error(f"{what} JSON is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise error(f"{what} JSON must be an object, got {type(d).__name__}")
+    return d
+
+
+def plain_data_fields(cls, d, fmt: str, version: int, error: type[Exception]) -> dict:
+    """The dataclass fields of ``cls`` in ``d`` (a ``to_dict()`` result or hand-written JSON). The
+    ``format``/``version`` keys may be left out, but must be ``fmt``/``version`` when present; an unknown
+    field name (a typo) is an error rather than silently ignored. Shared by CBAMSpec, MNISTNetSpec and
+    TrainConfig, so their files fail alike."""
+    what = cls.__name__
+    if not isinstance(d, dict):
+        raise error(f"{what} must be given as a dict (JSON object), got {type(d).__name__}")
+    d = dict(d)
+    got_fmt, got_version = d.pop("format", fmt), d.pop("version", version)
+    if got_fmt != fmt:
+        raise error(f"not a {what}: format {got_fmt!r}")
+    if got_version != version:
+        raise error(f"{what} format version {got_version!r} is not supported (this is {version})")
+    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise error(f"unknown {what} field(s) {unknown}")
+    return d
 
 
 def _is_int(v) -> bool:

@@ -107,28 +107,18 @@ def save_weights(path, weights: Mapping[str, np.ndarray], spec, extra_metadata: 
 
 def read_checkpoint(path) -> tuple[Weights, dict[str, str]]:
     """Read every tensor and the metadata of a safetensors file; CheckpointError if it is not one."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
-    data = path.read_bytes()
     try:
-        tensors = load(data)
-        metadata = _read_metadata(data)
+        with safe_open(str(path), framework="numpy") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
     except (SafetensorError, ValueError, OSError) as e:
         raise CheckpointError(f"{path}: not a valid safetensors checkpoint (truncated or corrupt?): {e}") from None
     return tensors, metadata
-
-
-def _read_metadata(data: bytes) -> dict[str, str]:
-    import json
-    import struct
-
-    (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8 : 8 + n])
-    return dict(header.get("__metadata__") or {})
 
 
 def spec_from_metadata(metadata: Mapping[str, str], where: str = "checkpoint"):

@@ -1,10 +1,13 @@
 """CBAMSpec: presets, validation, derived facts, JSON round trip, input checks."""
 
 import dataclasses
+import json
 
 import pytest
 
 from cbam_multi import CBAMSpec, InputError, SpecError
+from cbam_multi.config import ConfigError, TrainConfig
+from cbam_multi.model import MNISTNetSpec
 
 
 @pytest.mark.parametrize("preset", CBAMSpec.PRESETS)
@@ -87,3 +90,36 @@ def test_spec_is_frozen():
 def test_input_checks_name_the_problem(shape, dtype, layout, words):
     with pytest.raises(InputError, match=words):
         CBAMSpec(8, reduction=2).check_input(shape, dtype, layout)
+
+
+@pytest.mark.parametrize(
+    "make,err",
+    [(lambda: CBAMSpec.preset("official", 16), SpecError), (lambda: _model_spec(), SpecError), (lambda: _config(), ConfigError)],
+    ids=["CBAMSpec", "MNISTNetSpec", "TrainConfig"],
+)
+def test_plain_data_json_round_trips_and_fails_alike(make, err):
+    """The three plain-data classes share one JSON reader: the same round trip and the same errors."""
+    obj = make()
+    cls = type(obj)
+    assert cls.from_json(obj.to_json()) == obj
+    d = obj.to_dict()
+    bad = {
+        "not valid JSON": "{oops",
+        "must be an object": "[1, 2]",
+        "not a " + cls.__name__: json.dumps({**d, "format": "something.else"}),
+        "format version": json.dumps({**d, "version": 99}),
+        "unknown " + cls.__name__ + r" field\(s\) \['typo'\]": json.dumps({**d, "typo": 1}),
+    }
+    for message, text in bad.items():
+        with pytest.raises(err, match=message):
+            cls.from_json(text)
+    d.pop("format"), d.pop("version")  # hand-written JSON may leave them out
+    assert cls.from_dict(d) == obj
+
+
+def _model_spec():
+    return MNISTNetSpec(conv_channels=(8, 16), cbam_preset="timm")
+
+
+def _config():
+    return TrainConfig(backend="jax", model=_model_spec(), lr=1e-3)
