@@ -284,3 +284,18 @@ def test_jax_train_step_uses_the_cpu_compiler_options():
 
     expected = CPU_COMPILER_OPTIONS if jax.devices()[0].platform == "cpu" else {}
     assert compiler_options(sharding.data_mesh(None)) == expected
+
+
+def test_jax_compiler_options_this_xla_does_not_know_are_dropped(monkeypatch):
+    """pyproject allows other jaxlib versions, whose XLA may lack an option: the step compiles without it."""
+    import jax
+
+    from cbam_multi.jax import sharding
+    from cbam_multi.jax import train as jtrain
+
+    if jax.devices()[0].platform != "cpu":
+        pytest.skip("CPU options only")
+    monkeypatch.setattr(jtrain, "CPU_COMPILER_OPTIONS", {**jtrain.CPU_COMPILER_OPTIONS, "xla_cpu_no_such_option": True})
+    assert jtrain.compiler_options(sharding.data_mesh(None)) == {
+        k: v for k, v in jtrain.CPU_COMPILER_OPTIONS.items() if k != "xla_cpu_no_such_option"
+    }

@@ -113,9 +113,26 @@ CPU_COMPILER_OPTIONS = {
 
 
 def compiler_options(mesh) -> dict:
-    """The XLA options our jitted train / predict functions are compiled with on ``mesh``'s platform."""
+    """The XLA options our jitted train / predict functions are compiled with on ``mesh``'s platform:
+    on CPU, those of `CPU_COMPILER_OPTIONS` that this jaxlib's XLA accepts (it rejects unknown ones)."""
     platforms = {d.platform for d in (jax.devices() if mesh is None else mesh.devices.flat)}
-    return dict(CPU_COMPILER_OPTIONS) if platforms == {"cpu"} else {}
+    if platforms != {"cpu"}:
+        return {}
+    return {k: v for k, v in CPU_COMPILER_OPTIONS.items() if _accepted(k, v)}
+
+
+_ACCEPTED: dict[tuple, bool] = {}
+
+
+def _accepted(key: str, value) -> bool:
+    """Whether XLA compiles a trivial function with option ``key=value`` (checked once per process)."""
+    if (key, value) not in _ACCEPTED:
+        try:
+            jax.jit(lambda x: x + 1, compiler_options={key: value}).lower(jnp.zeros((), jnp.float32)).compile()
+            _ACCEPTED[(key, value)] = True
+        except Exception:  # e.g. "No such compile option" in another jaxlib: compile without it
+            _ACCEPTED[(key, value)] = False
+    return _ACCEPTED[(key, value)]
 
 
 _STEP_CACHE: dict[Any, Any] = {}
