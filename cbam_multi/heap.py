@@ -5,7 +5,8 @@ glibc serves allocations above its mmap threshold (128 KiB, adapting up to at mo
 and frees the same large buffers every step then pays a page fault per 4 KiB page on every step. In
 the KVM guest these figures were measured on, a fault costs ~1.3 us: ~4 ms for a 12.8 MB activation,
 and XLA:CPU allocates each execution's temporaries as one block larger than 32 MiB, so every JAX train
-step re-faulted all of them (MNIST step, JAX: 28.7 -> 20.5 ms without CBAM; see benchmarks/RESULTS.md).
+step of batch 128 re-faulted all of them (MNIST step, JAX: 28.7 -> 20.5 ms without CBAM; see
+benchmarks/RESULTS.md).
 
 `keep_heap` sets ``M_MMAP_MAX = 0`` (every allocation from the heap) and a 1 GiB trim threshold (freed
 memory stays with the process until more than that is free at the heap top). It changes the whole

@@ -143,8 +143,8 @@ def spatial_conv(maps: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
     The unrolled form is for torch.compile: inductor fuses it with the maps and the gate into its own
     kernels, where ``F.conv2d`` stays an extern oneDNN call with layout conversions around it (compiled
-    forward at 64x64x28x28 on 2 CPU cores: ~0.95 -> ~0.79 ms, A/B in separate processes). Eagerly it would be 2 * k * k separate ops.
-    Same terms, summed in another order.
+    forward at 64x64x28x28 on 2 CPU cores: ~0.95 -> ~0.79 ms, A/B in separate processes). Eagerly it
+    would be 2 * k * k separate ops. Same terms, summed in another order.
     """
     k = weight.shape[-1]
     p = k // 2
