@@ -137,7 +137,9 @@ def spatial_maps(x: torch.Tensor, concat_order: Sequence[str]) -> torch.Tensor:
     return torch.cat([maps[name] for name in concat_order], dim=1)
 
 
-def spatial_conv(maps: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, unrolled: bool = False) -> torch.Tensor:
+def spatial_conv(
+    maps: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, unrolled: bool = False
+) -> torch.Tensor:
     """The k x k 'same' convolution of the (B, 2, H, W) spatial maps to one channel: ``F.conv2d``, or with
     ``unrolled`` the same sum written as 2 * k * k shifted multiply-adds of the zero-padded maps.
 
