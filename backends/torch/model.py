@@ -27,7 +27,7 @@ from cbam_multi.model import MNISTNetSpec
 from cbam_multi.weights import init_weights, validate_weights
 
 from .modules import CBAM
-from .weights import Layout, to_numpy, torch_layouts
+from .weights import Layout, copy_canonical, module_tensors, to_numpy, torch_layouts
 
 __all__ = ["MNISTNet", "model_layouts", "export_weights", "import_weights", "export_grads", "fc1_to_torch", "fc1_to_canonical"]
 
@@ -132,10 +132,6 @@ class MNISTNet(nn.Module):
         return self.head.fc2(h)
 
 
-def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
-
-
 def _check_model(model) -> MNISTNetSpec:
     if not isinstance(model, MNISTNet):
         raise TypeError(f"expected a cbam_multi.torch MNISTNet, got {type(model).__name__}")
@@ -145,7 +141,7 @@ def _check_model(model) -> MNISTNetSpec:
 def export_weights(model: MNISTNet) -> dict[str, np.ndarray]:
     """Canonical weights (fresh C-contiguous NumPy copies, spec order) of the whole model."""
     spec = _check_model(model)
-    tensors = _tensors(model)
+    tensors = module_tensors(model)
     return {
         name: np.array(lay.to_canonical(to_numpy(tensors[lay.torch_name])), order="C", copy=True)
         for name, lay in model_layouts(spec).items()
@@ -157,24 +153,15 @@ def import_weights(model: MNISTNet, weights: Mapping[str, np.ndarray]) -> MNISTN
     spec = _check_model(model)
     arrays = {n: to_numpy(a) for n, a in weights.items()}
     validate_weights(arrays, spec)
-    tensors = _tensors(model)
-    staged = []
-    for name, lay in model_layouts(spec).items():
-        target = tensors[lay.torch_name]
-        src = torch.from_numpy(np.array(lay.to_torch(arrays[name]), order="C", copy=True))
-        if tuple(src.shape) != tuple(target.shape):
-            raise WeightsError(f"{name}: converted shape {tuple(src.shape)} != {lay.torch_name} {tuple(target.shape)}")
-        staged.append((target, src.to(device=target.device, dtype=target.dtype)))
-    with torch.no_grad():
-        for target, src in staged:
-            target.copy_(src)
+    tensors = module_tensors(model)
+    copy_canonical(arrays, {name: (lay, tensors[lay.torch_name]) for name, lay in model_layouts(spec).items()})
     return model
 
 
 def export_grads(model: MNISTNet) -> dict[str, np.ndarray]:
     """``.grad`` of every trainable parameter in canonical names/layouts (after ``loss.backward()``)."""
     spec = _check_model(model)
-    tensors = _tensors(model)
+    tensors = module_tensors(model)
     out, missing = {}, []
     for name, lay in model_layouts(spec).items():
         if not lay.trainable:

@@ -106,8 +106,24 @@ def _module_scope(module: torch.nn.Module) -> tuple[CBAMSpec, str | None, str]:
     return spec, part, "" if part is None else part + "."
 
 
-def _tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+def module_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of ``module`` by its state_dict name."""
     return {**dict(module.named_parameters()), **dict(module.named_buffers())}
+
+
+def copy_canonical(arrays: Mapping[str, np.ndarray], targets: Mapping[str, tuple["Layout", torch.Tensor]]) -> None:
+    """Copy canonical ``arrays`` into torch tensors, all or nothing: every array is first converted to its
+    target's layout, dtype and device and its shape checked (``targets``: canonical name -> (Layout, tensor)),
+    and only then are they all copied in, so a failure leaves every tensor unchanged."""
+    staged = []
+    for name, (lay, target) in targets.items():
+        src = torch.from_numpy(np.array(lay.to_torch(arrays[name]), order="C", copy=True))
+        if tuple(src.shape) != tuple(target.shape):  # cannot happen for a valid spec; guard anyway
+            raise WeightsError(f"{name}: converted shape {tuple(src.shape)} != {lay.torch_name} {tuple(target.shape)}")
+        staged.append((target, src.to(device=target.device, dtype=target.dtype)))
+    with torch.no_grad():
+        for target, src in staged:
+            target.copy_(src)
 
 
 def export_weights(module: torch.nn.Module) -> dict[str, Array]:
@@ -117,7 +133,7 @@ def export_weights(module: torch.nn.Module) -> dict[str, Array]:
     everything for CBAM. bfloat16 parameters come out as float32 (NumPy has no bfloat16).
     """
     spec, part, prefix = _module_scope(module)
-    tensors = _tensors(module)
+    tensors = module_tensors(module)
     out = {}
     for name, lay in torch_layouts(spec, part).items():
         arr = lay.to_canonical(to_numpy(tensors[lay.torch_name[len(prefix) :]]))
@@ -135,17 +151,9 @@ def import_weights(module: torch.nn.Module, weights: Mapping[str, Array]) -> tor
     spec, part, prefix = _module_scope(module)
     arrays = {name: to_numpy(value) for name, value in weights.items()}
     validate_weights(arrays, spec, part)
-    tensors = _tensors(module)
-    staged = []
-    for name, lay in torch_layouts(spec, part).items():
-        target = tensors[lay.torch_name[len(prefix) :]]
-        src = torch.from_numpy(np.array(lay.to_torch(arrays[name]), order="C", copy=True))
-        if tuple(src.shape) != tuple(target.shape):  # cannot happen for a valid spec; guard anyway
-            raise WeightsError(f"{name}: converted shape {tuple(src.shape)} != parameter shape {tuple(target.shape)}")
-        staged.append((target, src.to(device=target.device, dtype=target.dtype)))
-    with torch.no_grad():
-        for target, src in staged:
-            target.copy_(src)
+    tensors = module_tensors(module)
+    targets = {name: (lay, tensors[lay.torch_name[len(prefix) :]]) for name, lay in torch_layouts(spec, part).items()}
+    copy_canonical(arrays, targets)
     return module
 
 
@@ -155,7 +163,7 @@ def export_grads(module: torch.nn.Module) -> dict[str, Array]:
     Raises WeightsError naming the parameters without a gradient (run ``loss.backward()`` first).
     """
     spec, part, prefix = _module_scope(module)
-    tensors = _tensors(module)
+    tensors = module_tensors(module)
     out, missing = {}, []
     for name, lay in torch_layouts(spec, part).items():
         if not lay.trainable:
