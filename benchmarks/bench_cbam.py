@@ -286,21 +286,7 @@ def numpy_case(shape, dtype_name, mode) -> list[Case]:
 
 # ------------------------------------------------------------------ main
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    args.malloc_record = common.setup_malloc(args.malloc)
-    import torch
-
-    device = common.torch_device(args.device)
-    prev_threads = torch.get_num_threads()
-    import torch._inductor.config as inductor_config
-
-    prev_disable = inductor_config.force_disable_caches
-    torch.set_num_threads(args.threads or common.n_cores())
-    try:
-        return _run(args, device)
-    finally:
-        torch.set_num_threads(prev_threads)
-        inductor_config.force_disable_caches = prev_disable  # in-process callers (tests) get their setting back
+    return common.run_benchmark(parse_args(argv), _run)
 
 
 def _run(args, device) -> dict:

@@ -295,6 +295,25 @@ def time_window(fn: Callable[[], object], repeat: int) -> float:
     return time.perf_counter() - t0
 
 
+# ------------------------------------------------------------------ entry point
+def run_benchmark(args, run: Callable) -> dict:
+    """What both benchmark scripts' ``main`` does around ``run(args, device)``: apply ``--malloc`` (recorded
+    as ``args.malloc_record``), pick the device, use ``--threads`` torch threads (default: all cores), and
+    give in-process callers (tests) torch's thread count and inductor's cache switch back afterwards."""
+    args.malloc_record = setup_malloc(args.malloc)
+    import torch
+    import torch._inductor.config as inductor_config
+
+    device = torch_device(args.device)
+    prev_threads, prev_disable = torch.get_num_threads(), inductor_config.force_disable_caches
+    torch.set_num_threads(args.threads or n_cores())
+    try:
+        return run(args, device)
+    finally:
+        torch.set_num_threads(prev_threads)
+        inductor_config.force_disable_caches = prev_disable
+
+
 # ------------------------------------------------------------------ allocator
 def add_malloc_arg(parser) -> None:
     parser.add_argument(
