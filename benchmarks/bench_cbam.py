@@ -44,6 +44,7 @@ GOAL_SHAPE = (64, 64, 28, 28)
 PATHS = {
     "torch_eager": ("torch eager", "torch", "seed", "NCHW"),
     "torch_eager_cl": ("torch eager channels_last", "torch", "seed", "NHWC (channels_last)"),
+    "torch_eager_ops": ("torch eager, composed ops (fused CPU kernel off)", "torch", "seed", "NCHW"),
     "torch_compile": ("torch.compile", "torch", "seed", "NCHW"),
     "nnx_jit": ("Flax NNX, nnx.jit", "jax", "seed", "NHWC"),
     "nnx_jit_tree": ("Flax NNX, nnx.jit(graph=False)", "jax", "seed", "NHWC"),
@@ -94,11 +95,15 @@ def _jax_dtype(name):
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
-def _torch_fwd(model, x, sync):
+def _torch_fwd(model, x, sync, composed=False):
+    import contextlib
+
     import torch
 
+    from cbam_multi.torch import cpu_kernel
+
     def fn():
-        with torch.inference_mode():
+        with torch.inference_mode(), (cpu_kernel.disabled() if composed else contextlib.nullcontext()):
             model(x)
         sync()
 
@@ -124,7 +129,7 @@ def torch_cases(pids, shape, dtype_name, mode, device, args, log) -> list[Case]:
 
     from benchmarks import anchors
     from cbam_multi import CBAMSpec, init_weights
-    from cbam_multi.torch import CBAM, export_weights, to_timm_state_dict
+    from cbam_multi.torch import CBAM, cpu_kernel, export_weights, to_timm_state_dict
 
     dt = _torch_dtype(dtype_name)
     sync = common.torch_sync(device)
@@ -139,11 +144,15 @@ def torch_cases(pids, shape, dtype_name, mode, device, args, log) -> list[Case]:
         m = CBAM(spec, dtype=dt, seed=0).to(device)
         return m.train(mode == "fwdbwd")
 
-    def add(pid, model, xin=None, dyin=None, meta=None):
+    def add(pid, model, xin=None, dyin=None, meta=None, composed=False):
         label = PATHS[pid][0]
         xin = x if xin is None else xin
         dyin = dy if dyin is None else dyin
-        fn = _torch_fwd(model, xin, sync) if mode == "fwd" else _torch_fwdbwd(model, xin, dyin, sync)
+        fn = _torch_fwd(model, xin, sync, composed) if mode == "fwd" else _torch_fwdbwd(model, xin, dyin, sync)
+        if isinstance(model, CBAM):  # which forward ran: the fused CPU kernel or the composed ops
+            with torch.inference_mode() if mode == "fwd" else torch.enable_grad():
+                fused = not composed and cpu_kernel.applies(model, xin)
+            meta = {**(meta or {}), "fused_cpu_kernel": fused}
         cases.append(Case(pid, fn, {"label": label, **(meta or {})}))
 
     if "torch_eager" in pids:
@@ -152,6 +161,8 @@ def torch_cases(pids, shape, dtype_name, mode, device, args, log) -> list[Case]:
         cl = torch.channels_last
         add("torch_eager_cl", ours(seed_spec).to(memory_format=cl), x.contiguous(memory_format=cl),
             dy.contiguous(memory_format=cl))
+    if "torch_eager_ops" in pids:
+        add("torch_eager_ops", ours(seed_spec), composed=True)
     if "torch_compile" in pids:
         if args.no_compile or args.smoke:
             cases.append(Case("torch_compile", None, {"label": PATHS["torch_compile"][0], "skipped": "no compile (--smoke/--no-compile)"}))

@@ -7,7 +7,8 @@ For every case and dtype we compare, on the same input and the same fixed random
   * each backend (torch, Flax NNX, Flax linen) with the float64 NumPy oracle: outputs, BN running stats;
   * torch -> canonical -> NNX and NNX -> canonical -> torch: outputs and gradients w.r.t. the input and
     every trainable parameter;
-  * NNX with linen, and jit (or torch.compile) with eager.
+  * NNX with linen, and jit (or torch.compile) with eager;
+  * torch eager inference (the fused CPU kernel), NCHW and channels_last, with the eval-mode oracle.
 """
 
 from __future__ import annotations
@@ -118,6 +119,24 @@ def run_torch(spec, weights, x, g, dtype: str, train: bool, compiled: bool = Fal
     (y * torch.tensor(g, dtype=tdtype)).sum().backward()
     grads = {"input": xt.grad.numpy(), **ct.export_grads(model)}
     return RunResult(y.detach().numpy(), grads, _stats(spec, ct.export_weights(model), train), exported)
+
+
+def run_torch_inference(spec, weights, x, dtype: str, channels_last: bool = False) -> RunResult:
+    """Eval-mode forward under ``torch.inference_mode()``: on CPU the fused kernel where it applies
+    (`cbam_multi.torch.cpu_kernel`), NCHW or channels_last input. Outputs only."""
+    import torch
+
+    import cbam_multi.torch as ct
+
+    tdtype = getattr(torch, dtype)
+    model = ct.CBAM(spec, dtype=tdtype).eval()
+    ct.import_weights(model, weights)
+    xt = torch.tensor(x, dtype=tdtype)
+    if channels_last:
+        xt = xt.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        y = model(xt)
+    return RunResult(y.numpy(), {}, {})
 
 
 def run_nnx(spec, weights, x, g, dtype: str, train: bool, jit: bool = False) -> RunResult:
@@ -256,6 +275,11 @@ def check_case(case: ParityCase, dtype: str, backends=("torch", "jax"), with_com
     results = {name: fn(weights) for name, fn in run.items()}
     for name, res in results.items():
         rows += _compare(cid, dtype, f"{name}~oracle", res, None, oracle)
+    if "torch" in backends:  # eager inference (the fused CPU kernel) against the eval-mode oracle
+        y_eval = cbam_forward(x, weights, spec, train=False)[0] if train else y_ref
+        for layout, cl in (("", False), ("-cl", True)):
+            res = run_torch_inference(spec, weights, x, dtype, channels_last=cl)
+            rows += _compare(cid, dtype, f"torch-infer{layout}~oracle", res, None, (y_eval, {}))
     if "torch" in results and "nnx" in results:
         # Each side runs with the weights the *other* side exported, and must reproduce its outputs/grads.
         rows += _compare(cid, dtype, "torch->nnx", run["nnx"](results["torch"].exported), results["torch"])

@@ -19,6 +19,6 @@ def test_parity(case, dtype):
     # torch.compile is slow to build on CPU: compare it with eager once per compile case, in float32.
     rows = check_case(case, dtype, with_compile=case.compile and dtype == "float32")
     checks = {r.check for r in rows}
-    assert {"torch~oracle", "nnx~oracle", "linen~oracle", "torch->nnx", "nnx->torch", "linen~nnx"} <= checks
+    assert {"torch~oracle", "nnx~oracle", "linen~oracle", "torch->nnx", "nnx->torch", "linen~nnx", "torch-infer~oracle", "torch-infer-cl~oracle"} <= checks
     bad = [r for r in rows if not r.ok]
     assert not bad, "parity failures:\n" + format_table(bad) + "\n\nall rows:\n" + format_table(rows)

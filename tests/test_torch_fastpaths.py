@@ -2,9 +2,10 @@
 
 * ``functional.amax`` (custom autograd backward) gives bit-identical values and gradients to ``torch.amax``,
   ties included (the gradient is shared equally among tied maxima);
-* ``CBAM.forward`` without autograd applies the spatial gate in place on its own intermediate: the result
-  is bit-identical to the autograd path, the caller's input is untouched, and hooks still see the
-  un-gated intermediate.
+* ``CBAM.forward`` without autograd, where the fused CPU kernel does not run (here: turned off with
+  ``cpu_kernel.disabled()``; e.g. bf16, hooks, BatchNorm in train mode), applies the spatial gate in
+  place on its own intermediate: the result is bit-identical to the autograd path, the caller's input is
+  untouched, and hooks still see the un-gated intermediate. (The kernel: tests/test_cpu_kernel.py.)
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from cbam_multi import CBAMSpec  # noqa: E402
-from cbam_multi.torch import CBAM  # noqa: E402
+from cbam_multi.torch import CBAM, cpu_kernel  # noqa: E402
 from cbam_multi.torch.functional import amax  # noqa: E402
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -60,9 +61,9 @@ def test_inplace_inference_path_is_exact_and_leaves_input_alone(preset, dtype):
     x_before = x.clone()
     with_grad = model(x)  # parameters require grad: the out-of-place autograd path
     assert with_grad.requires_grad
-    with torch.inference_mode():
+    with torch.inference_mode(), cpu_kernel.disabled():
         fast = model(x)
-    with torch.no_grad():
+    with torch.no_grad(), cpu_kernel.disabled():
         fast2 = model(x.contiguous(memory_format=torch.channels_last))
     assert torch.equal(_bits(fast), _bits(with_grad.detach()))
     torch.testing.assert_close(fast2, fast)  # channels_last reduces in another order: close, not equal
@@ -86,7 +87,7 @@ def test_inplace_path_respects_hooks_on_the_spatial_gate():
     finally:
         handle.remove()
     assert not seen["aliased"] and torch.equal(seen["input"], gated)
-    with torch.no_grad():
+    with torch.no_grad(), cpu_kernel.disabled():
         assert torch.equal(model(x), y)
 
 

@@ -17,6 +17,7 @@ from cbam_multi.errors import InputError
 from cbam_multi.spec import CBAMSpec
 from cbam_multi.weights import init_weights
 
+from . import cpu_kernel
 from . import functional as CF
 from .weights import import_weights
 
@@ -223,6 +224,9 @@ class CBAM(_Gate):
         self.spatial = SpatialAttention(spec, dtype=dtype, seed=seed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if cpu_kernel.applies(self, x):  # CPU inference: the whole block in one fused kernel
+            self.channel._validate(x)
+            return cpu_kernel.cbam_infer(self, x)
         # the input checks run at the top of self.channel's forward (and self.spatial's)
         y = self.channel(x)
         if _may_overwrite(y, self.spatial):

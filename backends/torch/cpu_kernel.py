@@ -1,0 +1,174 @@
+"""Fused CPU kernel for CBAM inference (`csrc/cbam_infer.cpp`), built on first use, and when it applies.
+
+Eager torch ops cannot fuse: the composed block streams the full tensor through memory ~8 times, where
+the kernel reads ``x`` once and writes the output once, handling each sample while it sits in L2
+(64x64x28x28 float32 on 2 cores: ~1.8 -> ~0.6 ms, see benchmarks/RESULTS.md). It is an inference
+path, like ``nn.MultiheadAttention``'s fast path: `CBAM.forward` takes it only when autograd records
+nothing (``torch.no_grad()``, ``torch.inference_mode()`` or frozen weights), on CPU, for float32/float64
+NCHW or channels_last input, pools avg/max, BatchNorm absent or in eval mode, no hooks and no autocast;
+everything else runs the composed ops, which stay the reference the kernel is tested against.
+
+The kernel is compiled with ``torch.utils.cpp_extension`` (a C++ compiler and ninja; ~20 s once, then
+cached in ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). If the build fails, one
+warning says why and the composed ops are used. ``CBAM_MULTI_CPU_KERNEL=0`` turns the kernel off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import platform
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+__all__ = ["available", "applies", "cbam_infer", "disabled", "ENV_VAR"]
+
+ENV_VAR = "CBAM_MULTI_CPU_KERNEL"
+_SOURCE = Path(__file__).with_name("csrc") / "cbam_infer.cpp"
+_POOL_CODES = {"avg": 0, "max": 1}  # the pools the kernel computes (every preset's)
+_FLOATS = (torch.float32, torch.float64)
+_log = logging.getLogger(__name__)
+
+_lock = threading.Lock()
+_state: dict = {"loaded": None, "error": None}  # loaded: True/False once tried
+_local = threading.local()  # per-thread `disabled()` depth
+
+
+def _cpu_fingerprint() -> str:
+    """The build uses -march=native: key the cached library to this CPU's instruction-set flags."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.processor()
+    return hashlib.sha256(f"{platform.machine()} {flags}".encode()).hexdigest()[:10]
+
+
+def _build() -> None:
+    from torch.utils.cpp_extension import load
+
+    _log.info("cbam_multi: building the fused CBAM CPU kernel (once per machine, ~20 s)")
+    load(
+        name=f"cbam_multi_cpu_{_cpu_fingerprint()}",
+        sources=[str(_SOURCE)],
+        extra_cflags=["-O3", "-march=native", "-fopenmp"],  # -fopenmp: at::parallel_for's OpenMP pragmas
+        extra_ldflags=["-fopenmp"],
+        is_python_module=False,  # the library registers torch.ops.cbam_multi.cbam_infer when loaded
+        verbose=False,
+    )
+
+
+def _env_enabled() -> bool:
+    return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "off", "false", "no")
+
+
+def available() -> bool:
+    """Whether the kernel is on and built (builds it on the first call; a failed build warns once)."""
+    if not _env_enabled() or getattr(_local, "off", 0):
+        return False
+    if _state["loaded"] is None:
+        with _lock:
+            if _state["loaded"] is None:
+                try:
+                    _build()
+                    _state["loaded"] = True
+                except Exception as e:  # no compiler, no ninja, a failed compile: keep working without
+                    _state["loaded"], _state["error"] = False, e
+                    warnings.warn(
+                        f"cbam_multi: the fused CBAM CPU kernel could not be built ({_reason(e)}); eager CPU "
+                        f"inference uses composed torch ops instead (set {ENV_VAR}=0 to skip the build)",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+    return bool(_state["loaded"])
+
+
+def _reason(e: Exception) -> str:
+    """The line of a build failure worth reading: the compiler's first error, else the message's last line."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower() and not line.startswith("Error building")]
+    return f"{type(e).__name__}: {(errors or lines or [''])[0 if errors else -1]}"
+
+
+@contextlib.contextmanager
+def disabled():
+    """Run the composed torch ops inside this block (this thread), e.g. to compare or benchmark them."""
+    _local.off = getattr(_local, "off", 0) + 1
+    try:
+        yield
+    finally:
+        _local.off -= 1
+
+
+def applies(cbam, x: torch.Tensor) -> bool:
+    """Whether ``cbam(x)`` may run the fused kernel. Cheap checks first; `available` (the build) last."""
+    spec = cbam.spec
+    fc1 = cbam.channel.fc1
+    bn = cbam.spatial.bn
+    return (
+        not torch.compiler.is_compiling()  # first: compiled code traces the composed ops (inductor fuses them)
+        and not torch.jit.is_tracing()  # a trace (and ONNX export) should record standard ops
+        and type(x) is torch.Tensor
+        and x.device.type == "cpu"
+        and x.dtype in _FLOATS
+        and fc1.weight.dtype == x.dtype
+        and fc1.weight.device.type == "cpu"
+        and x.dim() == 4
+        and not _autograd_records(cbam, x)
+        and not torch.is_autocast_enabled("cpu")
+        and all(p in _POOL_CODES for p in spec.channel_pools)
+        and (bn is None or not bn.training)
+        and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
+        and not _any_hooks(cbam)
+        and not _functorch_wrapped(x)
+        and available()
+    )
+
+
+def cbam_infer(cbam, x: torch.Tensor) -> torch.Tensor:
+    """The fused forward of a `CBAM` module (call only where `applies`)."""
+    spec = cbam.spec
+    ch, sp = cbam.channel, cbam.spatial
+    c = spec.channels
+    bn = sp.bn
+    # contiguous(): a no-op unless the module was moved with .to(memory_format=torch.channels_last),
+    # which restrides the 4-D conv weights; the kernel reads them densely (a few hundred values)
+    return torch.ops.cbam_multi.cbam_infer(
+        x,
+        ch.fc1.weight.reshape(spec.hidden, c).contiguous(),  # nn.Linear (out, in) or 1x1 nn.Conv2d (out, in, 1, 1)
+        ch.fc1.bias,
+        ch.fc2.weight.reshape(c, spec.hidden).contiguous(),
+        ch.fc2.bias,
+        [_POOL_CODES[p] for p in spec.channel_pools],
+        sp.conv.weight.contiguous(),
+        sp.conv.bias,
+        None if bn is None else bn.weight,
+        None if bn is None else bn.bias,
+        None if bn is None else bn.running_mean,
+        None if bn is None else bn.running_var,
+        spec.norm_eps,
+        spec.concat_order.index("mean"),
+        spec.gate == "hard_sigmoid",
+    )
+
+
+def _autograd_records(cbam, x: torch.Tensor) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    return x.requires_grad or any(p.requires_grad for p in cbam.parameters())
+
+
+def _any_hooks(cbam) -> bool:
+    from .modules import _has_hooks  # the composed path would run these hooks; the kernel cannot
+
+    return any(_has_hooks(m) for m in cbam.modules())
+
+
+def _functorch_wrapped(t: torch.Tensor) -> bool:
+    from .functional import _functorch_wrapped as wrapped
+
+    return wrapped(t)

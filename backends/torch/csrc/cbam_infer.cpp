@@ -1,0 +1,316 @@
+// Fused CBAM inference for CPU: the whole block in one pass over each sample.
+//
+// Composed torch ops stream the full tensor through memory about 8 times (pools, channel-gated copy,
+// channel mean and max, spatial-gated product). Here each sample is handled start to finish by one
+// thread while its slab (C*H*W values: 200 KB for 64x28x28 float32) stays in that core's L2 cache:
+// x is read from memory once and the output written once; the other passes hit the cache.
+//
+// Same maths and rounding points as the composed path in functional.py / modules.py: y = x * cg is
+// rounded before the channel statistics, the output is (x * cg) * sg, the pools' logits are summed in
+// spec order, BatchNorm (eval) is the affine map with the running statistics. Sums run in a different
+// order (vector lanes), so results agree to float rounding, not bit for bit.
+//
+// Covers: float32/float64, NCHW-contiguous or channels_last input, pools avg/max, either concat order,
+// any odd kernel, optional MLP/conv biases, BatchNorm in eval mode, sigmoid or hard_sigmoid gates.
+// Anything else (autograd, BN in train mode, other pools or dtypes) stays on the composed path; the
+// Python side (cpu_kernel.py) decides.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kTile = 1024;    // spatial positions per channel-reduction tile (accumulators in L1)
+constexpr int64_t kPoolAvg = 0, kPoolMax = 1;
+
+// max that propagates NaN, like torch.amax: keeps a NaN already in `a`, takes a NaN in `b`
+template <typename T>
+inline T nan_max(T a, T b) {
+  return (b > a || b != b) ? b : a;
+}
+
+template <typename T>
+inline T gate(T z, bool hard) {
+  if (hard) {  // same expression as functional.apply_gate: clamp(z / 6 + 0.5, 0, 1)
+    T v = z / T(6) + T(0.5);
+    return v < T(0) ? T(0) : (v > T(1) ? T(1) : v);
+  }
+  return T(1) / (T(1) + std::exp(-z));
+}
+
+template <typename T>
+struct Params {
+  const T* w1;  // (hidden, C), nn.Linear layout
+  const T* b1;  // (hidden,) or null
+  const T* w2;  // (C, hidden)
+  const T* b2;  // (C,) or null
+  int64_t hidden;
+  std::vector<int64_t> pools;  // kPoolAvg / kPoolMax in spec order
+  const T* conv;               // (2, k, k): input channel mean_channel is the mean map
+  int64_t k;
+  int64_t mean_channel;
+  T conv_bias;  // 0 when the conv has none
+  T z_scale;    // eval BatchNorm folded to z * scale + shift (1, 0 without BN)
+  T z_shift;
+  bool hard;
+};
+
+// sum and max (NaN-propagating, like torch.amax) of a contiguous row. `omp simd` lets the compiler
+// reorder the float sum across vector lanes (plain -O3 may not); NaN is tracked apart because a
+// vectorised max drops it.
+template <typename T>
+void row_sum_max(const T* row, int64_t n, T& sum_out, T& max_out) {
+  T sum = T(0), mx = -std::numeric_limits<T>::infinity();
+  int nan = 0;
+#pragma omp simd reduction(+ : sum) reduction(max : mx) reduction(| : nan)
+  for (int64_t i = 0; i < n; ++i) {
+    const T v = row[i];
+    sum += v;
+    mx = v > mx ? v : mx;
+    nan |= v != v;
+  }
+  sum_out = sum;
+  max_out = nan ? std::numeric_limits<T>::quiet_NaN() : mx;
+}
+
+// per-channel sums and maxima over H*W -> sum[C], mx[C]
+template <typename T, bool ChannelsLast>
+void channel_pools(const T* x, int64_t C, int64_t HW, T* sum, T* mx) {
+  if (!ChannelsLast) {
+    for (int64_t c = 0; c < C; ++c) row_sum_max(x + c * HW, HW, sum[c], mx[c]);
+    return;
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    sum[c] = T(0);
+    mx[c] = -std::numeric_limits<T>::infinity();
+  }
+  for (int64_t p = 0; p < HW; ++p) {
+    const T* row = x + p * C;
+    for (int64_t c = 0; c < C; ++c) {
+      sum[c] += row[c];
+      mx[c] = nan_max(mx[c], row[c]);
+    }
+  }
+}
+
+// a . b over n values (vectorised: the sum may be reordered)
+template <typename T>
+T dot(const T* a, const T* b, int64_t n) {
+  T acc = T(0);
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+}
+
+// cg = gate(sum over pools of fc2(relu(fc1(pool)))); `sum` is turned into the average in place
+template <typename T>
+void channel_gate(const Params<T>& p, int64_t C, int64_t HW, T* sum, const T* mx, T* hid, T* cg) {
+  for (int64_t c = 0; c < C; ++c) {
+    sum[c] /= T(HW);
+    cg[c] = T(0);
+  }
+  for (int64_t pool : p.pools) {
+    const T* pooled = pool == kPoolAvg ? sum : mx;
+    for (int64_t h = 0; h < p.hidden; ++h) {
+      T acc = dot(p.w1 + h * C, pooled, C);
+      if (p.b1) acc += p.b1[h];
+      hid[h] = acc > T(0) ? acc : (acc != acc ? acc : T(0));  // relu, NaN stays NaN
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      T acc = dot(p.w2 + c * p.hidden, hid, p.hidden);
+      if (p.b2) acc += p.b2[c];
+      cg[c] += acc;
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) cg[c] = gate(cg[c], p.hard);
+}
+
+// mean and max over channels of y = x * cg (y rounded as the composed path stores it) -> mean[HW], mx[HW]
+template <typename T, bool ChannelsLast>
+void spatial_maps(const T* x, const T* cg, int64_t C, int64_t HW, T* mean, T* mx) {
+  if (!ChannelsLast) {
+    for (int64_t t0 = 0; t0 < HW; t0 += kTile) {
+      const int64_t n = std::min(kTile, HW - t0);
+      T* s = mean + t0;
+      T* m = mx + t0;
+      for (int64_t i = 0; i < n; ++i) {
+        s[i] = T(0);
+        m[i] = -std::numeric_limits<T>::infinity();
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        const T g = cg[c];
+        const T* row = x + c * HW + t0;
+        for (int64_t i = 0; i < n; ++i) {
+          const T v = row[i] * g;
+          s[i] += v;
+          m[i] = nan_max(m[i], v);
+        }
+      }
+    }
+  } else {
+    std::vector<T> y(C);
+    for (int64_t p = 0; p < HW; ++p) {
+      const T* row = x + p * C;
+      for (int64_t c = 0; c < C; ++c) y[c] = row[c] * cg[c];
+      row_sum_max(y.data(), C, mean[p], mx[p]);
+    }
+  }
+  for (int64_t i = 0; i < HW; ++i) mean[i] /= T(C);
+}
+
+// sg = gate(BN(conv_kxk([mean, max] in spec order) + bias)), zero 'same' padding
+template <typename T>
+void spatial_gate(const Params<T>& p, int64_t H, int64_t W, const T* mean, const T* mx, T* z, T* sg) {
+  const int64_t HW = H * W, k = p.k, pad = k / 2;
+  for (int64_t i = 0; i < HW; ++i) z[i] = T(0);
+  for (int64_t ch = 0; ch < 2; ++ch) {
+    const T* map = ch == p.mean_channel ? mean : mx;
+    for (int64_t dy = 0; dy < k; ++dy) {
+      for (int64_t dx = 0; dx < k; ++dx) {
+        const T w = p.conv[(ch * k + dy) * k + dx];
+        const int64_t oy = dy - pad, ox = dx - pad;  // output (i, j) reads map (i + oy, j + ox)
+        const int64_t i0 = std::max<int64_t>(0, -oy), i1 = std::min<int64_t>(H, H - oy);
+        const int64_t j0 = std::max<int64_t>(0, -ox), j1 = std::min<int64_t>(W, W - ox);
+        for (int64_t i = i0; i < i1; ++i) {
+          T* zr = z + i * W;
+          const T* mr = map + (i + oy) * W + ox;
+          for (int64_t j = j0; j < j1; ++j) zr[j] += w * mr[j];
+        }
+      }
+    }
+  }
+  for (int64_t i = 0; i < HW; ++i) sg[i] = gate((z[i] + p.conv_bias) * p.z_scale + p.z_shift, p.hard);
+}
+
+// out = (x * cg) * sg
+template <typename T, bool ChannelsLast>
+void apply_gates(const T* x, const T* cg, const T* sg, int64_t C, int64_t HW, T* out) {
+  if (!ChannelsLast) {
+    for (int64_t c = 0; c < C; ++c) {
+      const T g = cg[c];
+      const T* row = x + c * HW;
+      T* o = out + c * HW;
+      for (int64_t i = 0; i < HW; ++i) o[i] = (row[i] * g) * sg[i];
+    }
+  } else {
+    for (int64_t p = 0; p < HW; ++p) {
+      const T s = sg[p];
+      const T* row = x + p * C;
+      T* o = out + p * C;
+      for (int64_t c = 0; c < C; ++c) o[c] = (row[c] * cg[c]) * s;
+    }
+  }
+}
+
+template <typename T, bool ChannelsLast>
+void run(const at::Tensor& x, at::Tensor& out, const Params<T>& p) {
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
+  const T* xd = x.const_data_ptr<T>();
+  T* od = out.mutable_data_ptr<T>();
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> sum(C), mx(C), cg(C), hid(p.hidden), mean(HW), cmax(HW), z(HW), sg(HW);
+    for (int64_t b = begin; b < end; ++b) {
+      const T* xb = xd + b * C * HW;
+      channel_pools<T, ChannelsLast>(xb, C, HW, sum.data(), mx.data());
+      channel_gate(p, C, HW, sum.data(), mx.data(), hid.data(), cg.data());
+      spatial_maps<T, ChannelsLast>(xb, cg.data(), C, HW, mean.data(), cmax.data());
+      spatial_gate(p, H, W, mean.data(), cmax.data(), z.data(), sg.data());
+      apply_gates<T, ChannelsLast>(xb, cg.data(), sg.data(), C, HW, od + b * C * HW);
+    }
+  });
+}
+
+const at::Tensor* opt(const std::optional<at::Tensor>& t) { return t.has_value() ? &*t : nullptr; }
+
+void check_param(const at::Tensor* t, const at::Tensor& x, const char* name, int64_t numel) {
+  if (!t) return;
+  TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == x.scalar_type() && t->is_contiguous(),
+              "cbam_infer: ", name, " must be a contiguous CPU tensor of the input's dtype");
+  TORCH_CHECK(t->numel() == numel, "cbam_infer: ", name, " has ", t->numel(), " values, expected ", numel);
+}
+
+template <typename T>
+T scalar(const at::Tensor* t, T fallback) {
+  return t ? t->const_data_ptr<T>()[0] : fallback;
+}
+
+at::Tensor cbam_infer(const at::Tensor& x, const at::Tensor& fc1_w, const std::optional<at::Tensor>& fc1_b,
+                      const at::Tensor& fc2_w, const std::optional<at::Tensor>& fc2_b, at::IntArrayRef pools,
+                      const at::Tensor& conv_w, const std::optional<at::Tensor>& conv_b,
+                      const std::optional<at::Tensor>& bn_w, const std::optional<at::Tensor>& bn_b,
+                      const std::optional<at::Tensor>& bn_mean, const std::optional<at::Tensor>& bn_var,
+                      double bn_eps, int64_t mean_channel, bool hard_sigmoid) {
+  TORCH_CHECK(x.dim() == 4 && x.device().is_cpu(), "cbam_infer: x must be a 4-D CPU tensor");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "cbam_infer: x must be float32 or float64, got ", x.scalar_type());
+  const bool channels_last = !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  TORCH_CHECK(x.is_contiguous() || channels_last, "cbam_infer: x must be contiguous (NCHW or channels_last)");
+  const int64_t C = x.size(1);
+  TORCH_CHECK(fc1_w.dim() == 2 && fc1_w.size(1) == C, "cbam_infer: fc1 weight must be (hidden, C)");
+  const int64_t hidden = fc1_w.size(0);
+  TORCH_CHECK(mean_channel == 0 || mean_channel == 1, "cbam_infer: mean_channel must be 0 or 1");
+  TORCH_CHECK(!pools.empty(), "cbam_infer: no channel pools");
+  for (int64_t pool : pools) TORCH_CHECK(pool == kPoolAvg || pool == kPoolMax, "cbam_infer: unknown pool ", pool);
+  TORCH_CHECK(conv_w.dim() == 4 && conv_w.size(0) == 1 && conv_w.size(1) == 2 && conv_w.size(2) == conv_w.size(3) &&
+                  conv_w.size(2) % 2 == 1,
+              "cbam_infer: conv weight must be (1, 2, k, k) with odd k");
+  const int64_t k = conv_w.size(2);
+  const bool has_bn = bn_w.has_value();
+  TORCH_CHECK(has_bn == bn_b.has_value() && has_bn == bn_mean.has_value() && has_bn == bn_var.has_value(),
+              "cbam_infer: BatchNorm needs weight, bias, running mean and running var together");
+  check_param(&fc1_w, x, "fc1 weight", hidden * C);
+  check_param(opt(fc1_b), x, "fc1 bias", hidden);
+  check_param(&fc2_w, x, "fc2 weight", C * hidden);
+  check_param(opt(fc2_b), x, "fc2 bias", C);
+  check_param(&conv_w, x, "conv weight", 2 * k * k);
+  check_param(opt(conv_b), x, "conv bias", 1);
+  for (const auto* t : {opt(bn_w), opt(bn_b), opt(bn_mean), opt(bn_var)}) check_param(t, x, "BatchNorm tensor", 1);
+
+  at::Tensor out = at::empty_like(x);  // keeps x's memory format
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_infer", [&] {
+    Params<scalar_t> p;
+    p.w1 = fc1_w.const_data_ptr<scalar_t>();
+    p.b1 = fc1_b ? fc1_b->const_data_ptr<scalar_t>() : nullptr;
+    p.w2 = fc2_w.const_data_ptr<scalar_t>();
+    p.b2 = fc2_b ? fc2_b->const_data_ptr<scalar_t>() : nullptr;
+    p.hidden = hidden;
+    p.pools.assign(pools.begin(), pools.end());
+    p.conv = conv_w.const_data_ptr<scalar_t>();
+    p.k = k;
+    p.mean_channel = mean_channel;
+    p.conv_bias = scalar<scalar_t>(opt(conv_b), scalar_t(0));
+    p.z_scale = scalar_t(1);
+    p.z_shift = scalar_t(0);
+    if (has_bn) {  // eval BatchNorm as torch computes it: z * (gamma * invstd) + (beta - mean * gamma * invstd)
+      const scalar_t invstd = scalar_t(1) / std::sqrt(scalar<scalar_t>(opt(bn_var), 0) + scalar_t(bn_eps));
+      p.z_scale = scalar<scalar_t>(opt(bn_w), 0) * invstd;
+      p.z_shift = scalar<scalar_t>(opt(bn_b), 0) - scalar<scalar_t>(opt(bn_mean), 0) * p.z_scale;
+    }
+    p.hard = hard_sigmoid;
+    if (channels_last) {
+      run<scalar_t, true>(x, out, p);
+    } else {
+      run<scalar_t, false>(x, out, p);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(cbam_multi, m) {
+  m.def(
+      "cbam_infer(Tensor x, Tensor fc1_w, Tensor? fc1_b, Tensor fc2_w, Tensor? fc2_b, int[] pools, Tensor conv_w, "
+      "Tensor? conv_b, Tensor? bn_w, Tensor? bn_b, Tensor? bn_mean, Tensor? bn_var, float bn_eps, int mean_channel, "
+      "bool hard_sigmoid) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(cbam_multi, CPU, m) { m.impl("cbam_infer", &cbam_infer); }

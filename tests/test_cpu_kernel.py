@@ -1,0 +1,179 @@
+"""The fused CPU inference kernel (`cbam_multi.torch.cpu_kernel`): it runs where it should, computes what the
+composed ops compute (values against the float64 oracle are in parity_tests: ``torch-infer~oracle``), and
+everything it cannot do stays on the composed path.
+
+The kernel must build here (a C++ compiler and ninja are part of the project's set-up); these tests fail
+rather than skip when it does not, unless ``CBAM_MULTI_CPU_KERNEL=0`` turns it off on purpose.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from cbam_multi import CBAMSpec  # noqa: E402
+from cbam_multi.errors import InputError  # noqa: E402
+from cbam_multi.parity import CASES, TOLERANCES  # noqa: E402
+from cbam_multi.reference import cbam_forward  # noqa: E402
+from cbam_multi.torch import CBAM, cpu_kernel, export_weights  # noqa: E402
+
+if not cpu_kernel._env_enabled():
+    pytest.skip(f"{cpu_kernel.ENV_VAR}=0 turns the fused kernel off", allow_module_level=True)
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+KERNEL_CASES = [c for c in CASES if set(c.spec.channel_pools) <= {"avg", "max"}]
+
+
+def _model(spec, dtype=torch.float32, seed=0, bn_state=True):
+    model = CBAM(spec, dtype=dtype, seed=seed).eval()
+    if spec.has_norm and bn_state:  # non-trivial running statistics, so the folded BatchNorm is exercised
+        with torch.no_grad():
+            bn = model.spatial.bn
+            bn.weight.fill_(0.8), bn.bias.fill_(-0.3), bn.running_mean.fill_(0.15), bn.running_var.fill_(1.7)
+    return model
+
+
+def test_kernel_builds():
+    assert cpu_kernel.available(), f"the fused kernel did not build: {cpu_kernel._state['error']!r}"
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: c.id)
+def test_fused_matches_composed_ops_and_oracle(case, dtype, layout):
+    spec = case.spec
+    model = _model(spec, DTYPES[dtype], seed=1)
+    rng = np.random.default_rng(0)
+    x64 = rng.normal(size=(case.batch, spec.channels, case.height, case.width))
+    x = torch.tensor(x64, dtype=DTYPES[dtype])
+    if layout == "channels_last":  # as users do: the module too (it restrides the 4-D conv weights)
+        x = x.contiguous(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        assert cpu_kernel.applies(model, x)
+        fused = model(x)
+        with cpu_kernel.disabled():
+            assert not cpu_kernel.applies(model, x)
+            composed = model(x)
+    assert fused.shape == composed.shape and fused.dtype == x.dtype
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    assert fused.is_contiguous(memory_format=fmt)  # the output keeps the input's memory format
+    weights = {n: a.astype(np.float64) for n, a in export_weights(model).items()}
+    y_ref, _ = cbam_forward(x64, weights, spec, train=False)
+    tol = TOLERANCES[dtype]["y"]
+    err_ref = float(np.max(np.abs(fused.double().numpy() - y_ref)))
+    err_ops = (fused - composed).abs().max().item()
+    assert err_ref <= tol, f"fused vs float64 oracle: max abs err {err_ref:.3e} > {tol:.0e}"
+    assert err_ops <= tol, f"fused vs composed ops: max abs err {err_ops:.3e} > {tol:.0e}"
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_nan_and_inf_propagate_like_the_composed_ops(layout):
+    model = _model(CBAMSpec.official(16))
+    x = torch.randn(3, 16, 6, 5)
+    x[0, 3, 2, 1] = float("nan")  # sample 0: NaN reaches the pools, so the whole sample is NaN
+    x[1, 5, 0, 0] = float("inf")
+    x[2, 7, 4, 4] = -float("inf")
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        fused = model(x)
+        with cpu_kernel.disabled():
+            composed = model(x)
+    assert torch.equal(fused.isnan(), composed.isnan()) and fused[0].isnan().all()
+    finite = composed.isfinite()
+    assert torch.equal(fused.isfinite(), finite)
+    torch.testing.assert_close(fused[finite], composed[finite])
+
+
+def test_input_is_left_alone_and_errors_are_the_same():
+    model = _model(CBAMSpec.seed(8))
+    x = torch.randn(2, 8, 5, 5)
+    before = x.clone()
+    with torch.no_grad():
+        model(x)
+        assert torch.equal(x, before)
+        with pytest.raises(InputError, match="8 channels on axis 1"):
+            model(torch.randn(2, 5, 5, 8))  # NHWC by mistake: the same message as the composed path
+
+
+def _runs_kernel(model, x) -> bool:
+    with torch.no_grad():
+        return cpu_kernel.applies(model, x)
+
+
+def test_where_the_kernel_does_not_apply():
+    spec = CBAMSpec.official(32)
+    model = _model(spec)
+    x = torch.randn(2, 32, 6, 6)
+    assert _runs_kernel(model, x)
+    # autograd records: parameters require grad and grad mode is on
+    assert not cpu_kernel.applies(model, x)
+    assert model(x).grad_fn is not None
+    # frozen weights and an input without grad: nothing to record, so the kernel runs
+    frozen = _model(spec).requires_grad_(False)
+    assert cpu_kernel.applies(frozen, x) and frozen(x).grad_fn is None
+    assert not _runs_kernel(model, x.to(torch.bfloat16))  # dtype (the composed path raises the mismatch)
+    assert not _runs_kernel(_model(spec, torch.bfloat16), x.to(torch.bfloat16))
+    assert not _runs_kernel(model, x[:, :, ::2])  # neither NCHW- nor channels_last-contiguous
+    assert not _runs_kernel(model, x[0])  # rank 3: the composed path raises the rank error
+    assert not _runs_kernel(_model(CBAMSpec.seed(32, channel_pools=("avg", "lp"))), x)  # pools the kernel lacks
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        assert not cpu_kernel.applies(model, x)
+    for name in ("channel", "spatial", "spatial.conv", "spatial.bn", "channel.fc1"):  # a hook must see its call
+        handle = model.get_submodule(name).register_forward_hook(lambda m, i, o: None)
+        assert not _runs_kernel(model, x), name
+        handle.remove()
+    assert _runs_kernel(model, x)
+
+
+def test_batchnorm_train_mode_under_no_grad_updates_running_stats():
+    model = _model(CBAMSpec.official(32)).train()
+    x = torch.randn(4, 32, 6, 6)
+    assert not _runs_kernel(model, x)
+    before = model.spatial.bn.running_mean.clone()
+    with torch.no_grad():
+        model(x)
+    assert not torch.equal(model.spatial.bn.running_mean, before)
+
+
+def test_env_var_turns_it_off(monkeypatch):
+    model, x = _model(CBAMSpec.seed(8)), torch.randn(2, 8, 4, 4)
+    monkeypatch.setenv(cpu_kernel.ENV_VAR, "0")
+    assert not _runs_kernel(model, x)
+    monkeypatch.setenv(cpu_kernel.ENV_VAR, "1")
+    assert _runs_kernel(model, x)
+
+
+def test_torch_jit_trace_records_standard_ops():
+    model = _model(CBAMSpec.seed(8))
+    x = torch.randn(2, 8, 4, 4)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, x)
+    assert "cbam_multi::" not in str(traced.inlined_graph)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), model(x))
+
+
+def test_failed_build_warns_once_and_falls_back(monkeypatch):
+    def broken_build():
+        raise RuntimeError("Error building extension\nfoo.cpp:1:2: error: no compiler here\nninja: build stopped")
+
+    monkeypatch.setattr(cpu_kernel, "_build", broken_build)
+    monkeypatch.setitem(cpu_kernel._state, "loaded", None)
+    monkeypatch.setitem(cpu_kernel._state, "error", None)
+    model, x = _model(CBAMSpec.seed(8)), torch.randn(2, 8, 4, 4)
+    with pytest.warns(RuntimeWarning, match="error: no compiler here") as record:
+        with torch.no_grad():
+            y = model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning
+        with torch.no_grad():
+            assert torch.equal(model(x), y)
+    assert len(record) == 1 and not cpu_kernel.available()
+    with cpu_kernel.disabled(), torch.no_grad():
+        assert torch.equal(model(x), y)  # the composed ops ran
