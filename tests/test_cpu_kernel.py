@@ -149,6 +149,7 @@ def test_env_var_turns_it_off(monkeypatch):
     assert _runs_kernel(model, x)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
 def test_torch_jit_trace_records_standard_ops():
     model = _model(CBAMSpec.seed(8))
     x = torch.randn(2, 8, 4, 4)

@@ -6,9 +6,9 @@
 // x is read from memory once and the output written once; the other passes hit the cache.
 //
 // Same maths and rounding points as the composed path in functional.py / modules.py: y = x * cg is
-// rounded before the channel statistics, the output is (x * cg) * sg, the pools' logits are summed in
-// spec order, BatchNorm (eval) is the affine map with the running statistics. Sums run in a different
-// order (vector lanes), so results agree to float rounding, not bit for bit.
+// rounded before the channel statistics, the output is (x * cg) * sg, BatchNorm (eval) is the affine
+// map with the running statistics. Sums run in another order (vector lanes) and the pools share one
+// fc2 product (fc2 is affine), so results agree to float rounding, not bit for bit.
 //
 // Covers: float32/float64, NCHW-contiguous or channels_last input, pools avg/max, either concat order,
 // any odd kernel, optional MLP/conv biases, BatchNorm in eval mode, sigmoid or hard_sigmoid gates.
@@ -63,29 +63,39 @@ struct Params {
   bool hard;
 };
 
-// sum and max (NaN-propagating, like torch.amax) of a contiguous row. `omp simd` lets the compiler
-// reorder the float sum across vector lanes (plain -O3 may not); NaN is tracked apart because a
-// vectorised max drops it.
+// sum and max (NaN-propagating, like torch.amax) of row[i] * scale[i] (scale may be null: of row[i]).
+// `omp simd` lets the compiler reorder the float sum across vector lanes (plain -O3 may not). A vectorised
+// max drops NaN, but a NaN also makes the sum NaN: then (rarely) the max is taken again, NaN-aware.
 template <typename T>
-void row_sum_max(const T* row, int64_t n, T& sum_out, T& max_out) {
+void row_sum_max(const T* row, const T* scale, int64_t n, T& sum_out, T& max_out) {
   T sum = T(0), mx = -std::numeric_limits<T>::infinity();
-  int nan = 0;
-#pragma omp simd reduction(+ : sum) reduction(max : mx) reduction(| : nan)
-  for (int64_t i = 0; i < n; ++i) {
-    const T v = row[i];
-    sum += v;
-    mx = v > mx ? v : mx;
-    nan |= v != v;
+  if (scale) {
+#pragma omp simd reduction(+ : sum) reduction(max : mx)
+    for (int64_t i = 0; i < n; ++i) {
+      const T v = row[i] * scale[i];
+      sum += v;
+      mx = v > mx ? v : mx;
+    }
+  } else {
+#pragma omp simd reduction(+ : sum) reduction(max : mx)
+    for (int64_t i = 0; i < n; ++i) {
+      sum += row[i];
+      mx = row[i] > mx ? row[i] : mx;
+    }
+  }
+  if (sum != sum) {  // a NaN (or inf - inf) in the row
+    mx = -std::numeric_limits<T>::infinity();
+    for (int64_t i = 0; i < n; ++i) mx = nan_max(mx, scale ? row[i] * scale[i] : row[i]);
   }
   sum_out = sum;
-  max_out = nan ? std::numeric_limits<T>::quiet_NaN() : mx;
+  max_out = mx;
 }
 
 // per-channel sums and maxima over H*W -> sum[C], mx[C]
 template <typename T, bool ChannelsLast>
 void channel_pools(const T* x, int64_t C, int64_t HW, T* sum, T* mx) {
   if (!ChannelsLast) {
-    for (int64_t c = 0; c < C; ++c) row_sum_max(x + c * HW, HW, sum[c], mx[c]);
+    for (int64_t c = 0; c < C; ++c) row_sum_max(x + c * HW, static_cast<const T*>(nullptr), HW, sum[c], mx[c]);
     return;
   }
   for (int64_t c = 0; c < C; ++c) {
@@ -110,27 +120,62 @@ T dot(const T* a, const T* b, int64_t n) {
   return acc;
 }
 
-// cg = gate(sum over pools of fc2(relu(fc1(pool)))); `sum` is turned into the average in place
+// out0 = W v0 and, if v1 is given, out1 = W v1 (W row-major, rows x cols). Each weight row is read once
+// for both vectors, and four rows run side by side: eight independent multiply-add chains per column
+// sweep instead of one latency-bound chain per dot product.
+template <typename T>
+void matvec2(const T* W, int64_t rows, int64_t cols, const T* v0, const T* v1, T* out0, T* out1) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    const T* w0 = W + r * cols;
+    const T *w1 = w0 + cols, *w2 = w1 + cols, *w3 = w2 + cols;
+    T a0 = 0, a1 = 0, a2 = 0, a3 = 0, b0 = 0, b1 = 0, b2 = 0, b3 = 0;
+    if (v1) {
+#pragma omp simd reduction(+ : a0, a1, a2, a3, b0, b1, b2, b3)
+      for (int64_t i = 0; i < cols; ++i) {
+        const T x = v0[i], y = v1[i];
+        a0 += w0[i] * x, a1 += w1[i] * x, a2 += w2[i] * x, a3 += w3[i] * x;
+        b0 += w0[i] * y, b1 += w1[i] * y, b2 += w2[i] * y, b3 += w3[i] * y;
+      }
+      out1[r] = b0, out1[r + 1] = b1, out1[r + 2] = b2, out1[r + 3] = b3;
+    } else {
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+      for (int64_t i = 0; i < cols; ++i) {
+        const T x = v0[i];
+        a0 += w0[i] * x, a1 += w1[i] * x, a2 += w2[i] * x, a3 += w3[i] * x;
+      }
+    }
+    out0[r] = a0, out0[r + 1] = a1, out0[r + 2] = a2, out0[r + 3] = a3;
+  }
+  for (; r < rows; ++r) {
+    out0[r] = dot(W + r * cols, v0, cols);
+    if (v1) out1[r] = dot(W + r * cols, v1, cols);
+  }
+}
+
+template <typename T>
+inline T relu(T v) {
+  return v > T(0) ? v : (v != v ? v : T(0));  // NaN stays NaN, as in torch.relu
+}
+
+// cg = gate(sum over pools of fc2(relu(fc1(pool)))), computed as gate(fc2_w (sum of relu(fc1(pool)))
+// + P * fc2_b): fc2 is affine, so the pools share one fc2 product (same value, rounded differently).
+// `sum` is turned into the average in place; hid holds 3 * hidden values.
 template <typename T>
 void channel_gate(const Params<T>& p, int64_t C, int64_t HW, T* sum, const T* mx, T* hid, T* cg) {
-  for (int64_t c = 0; c < C; ++c) {
-    sum[c] /= T(HW);
-    cg[c] = T(0);
+  for (int64_t c = 0; c < C; ++c) sum[c] /= T(HW);
+  const int64_t P = static_cast<int64_t>(p.pools.size()), H = p.hidden;
+  const T* pooled0 = p.pools[0] == kPoolAvg ? sum : mx;
+  const T* pooled1 = P > 1 ? (p.pools[1] == kPoolAvg ? sum : mx) : nullptr;
+  T *h0 = hid, *h1 = hid + H, *hs = hid + 2 * H;
+  matvec2(p.w1, H, C, pooled0, pooled1, h0, h1);
+  for (int64_t h = 0; h < H; ++h) {
+    const T b = p.b1 ? p.b1[h] : T(0);
+    hs[h] = relu(h0[h] + b);
+    if (pooled1) hs[h] += relu(h1[h] + b);
   }
-  for (int64_t pool : p.pools) {
-    const T* pooled = pool == kPoolAvg ? sum : mx;
-    for (int64_t h = 0; h < p.hidden; ++h) {
-      T acc = dot(p.w1 + h * C, pooled, C);
-      if (p.b1) acc += p.b1[h];
-      hid[h] = acc > T(0) ? acc : (acc != acc ? acc : T(0));  // relu, NaN stays NaN
-    }
-    for (int64_t c = 0; c < C; ++c) {
-      T acc = dot(p.w2 + c * p.hidden, hid, p.hidden);
-      if (p.b2) acc += p.b2[c];
-      cg[c] += acc;
-    }
-  }
-  for (int64_t c = 0; c < C; ++c) cg[c] = gate(cg[c], p.hard);
+  matvec2(p.w2, C, H, hs, static_cast<const T*>(nullptr), cg, static_cast<T*>(nullptr));
+  for (int64_t c = 0; c < C; ++c) cg[c] = gate(p.b2 ? cg[c] + T(P) * p.b2[c] : cg[c], p.hard);
 }
 
 // mean and max over channels of y = x * cg (y rounded as the composed path stores it) -> mean[HW], mx[HW]
@@ -156,12 +201,7 @@ void spatial_maps(const T* x, const T* cg, int64_t C, int64_t HW, T* mean, T* mx
       }
     }
   } else {
-    std::vector<T> y(C);
-    for (int64_t p = 0; p < HW; ++p) {
-      const T* row = x + p * C;
-      for (int64_t c = 0; c < C; ++c) y[c] = row[c] * cg[c];
-      row_sum_max(y.data(), C, mean[p], mx[p]);
-    }
+    for (int64_t p = 0; p < HW; ++p) row_sum_max(x + p * C, cg, C, mean[p], mx[p]);
   }
   for (int64_t i = 0; i < HW; ++i) mean[i] /= T(C);
 }
@@ -216,7 +256,7 @@ void run(const at::Tensor& x, at::Tensor& out, const Params<T>& p) {
   const T* xd = x.const_data_ptr<T>();
   T* od = out.mutable_data_ptr<T>();
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> sum(C), mx(C), cg(C), hid(p.hidden), mean(HW), cmax(HW), z(HW), sg(HW);
+    std::vector<T> sum(C), mx(C), cg(C), hid(3 * p.hidden), mean(HW), cmax(HW), z(HW), sg(HW);
     for (int64_t b = begin; b < end; ++b) {
       const T* xb = xd + b * C * HW;
       channel_pools<T, ChannelsLast>(xb, C, HW, sum.data(), mx.data());
@@ -257,7 +297,7 @@ at::Tensor cbam_infer(const at::Tensor& x, const at::Tensor& fc1_w, const std::o
   TORCH_CHECK(fc1_w.dim() == 2 && fc1_w.size(1) == C, "cbam_infer: fc1 weight must be (hidden, C)");
   const int64_t hidden = fc1_w.size(0);
   TORCH_CHECK(mean_channel == 0 || mean_channel == 1, "cbam_infer: mean_channel must be 0 or 1");
-  TORCH_CHECK(!pools.empty(), "cbam_infer: no channel pools");
+  TORCH_CHECK(pools.size() == 1 || pools.size() == 2, "cbam_infer: expects 1 or 2 channel pools");
   for (int64_t pool : pools) TORCH_CHECK(pool == kPoolAvg || pool == kPoolMax, "cbam_infer: unknown pool ", pool);
   TORCH_CHECK(conv_w.dim() == 4 && conv_w.size(0) == 1 && conv_w.size(1) == 2 && conv_w.size(2) == conv_w.size(3) &&
                   conv_w.size(2) % 2 == 1,
