@@ -8,6 +8,7 @@ rather than skip when it does not, unless ``CBAM_MULTI_CPU_KERNEL=0`` turns it o
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import numpy as np
@@ -178,3 +179,43 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch):
     assert len(record) == 1 and not cpu_kernel.available()
     with cpu_kernel.disabled(), torch.no_grad():
         assert torch.equal(model(x), y)  # the composed ops ran
+
+
+_PORTABLE_CHECK = """
+import torch
+from cbam_multi import CBAMSpec
+from cbam_multi.torch import CBAM, cpu_kernel
+assert cpu_kernel.available(), cpu_kernel._state["error"]
+worst = 0.0
+for spec, shape in [(CBAMSpec.seed(64), (3, 64, 7, 7)), (CBAMSpec.timm(48), (2, 48, 13, 11)),
+                    (CBAMSpec.paper(32, hidden_rule="round"), (2, 32, 5, 9))]:
+    model = CBAM(spec, seed=1).eval()
+    for cl in (False, True):
+        x = torch.randn(shape)
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x[0, 3, 1, 2] = float("nan")
+        with torch.no_grad():
+            assert cpu_kernel.applies(model, x)
+            fused = model(x)
+            with cpu_kernel.disabled():
+                composed = model(x)
+        assert torch.equal(fused.isnan(), composed.isnan())
+        ok = ~composed.isnan()
+        worst = max(worst, (fused[ok] - composed[ok]).abs().max().item())
+print("max abs err", worst)
+assert worst <= 1e-5, worst
+"""
+
+
+def test_portable_build_without_avx512(tmp_path):
+    """The generic loops (what a CPU without AVX-512 runs): built for x86-64-v3 (AVX2) in a fresh process."""
+    import platform
+    import subprocess
+    import sys
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86-64-v3 is an x86 target")
+    env = {**os.environ, cpu_kernel.ARCH_ENV_VAR: "x86-64-v3"}
+    done = subprocess.run([sys.executable, "-c", _PORTABLE_CHECK], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr

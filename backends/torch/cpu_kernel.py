@@ -8,9 +8,11 @@ nothing (``torch.no_grad()``, ``torch.inference_mode()`` or frozen weights), on 
 NCHW or channels_last input, pools avg/max, BatchNorm absent or in eval mode, no hooks and no autocast;
 everything else runs the composed ops, which stay the reference the kernel is tested against.
 
-The kernel is compiled with ``torch.utils.cpp_extension`` (a C++ compiler and ninja; ~20 s once, then
-cached in ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). If the build fails, one
-warning says why and the composed ops are used. ``CBAM_MULTI_CPU_KERNEL=0`` turns the kernel off.
+The kernel is compiled with ``torch.utils.cpp_extension`` (a C++ compiler and ninja; ~10 s once, then
+cached in ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) for ``-march=native``, or the
+target in ``CBAM_MULTI_CPU_KERNEL_ARCH`` (e.g. ``x86-64-v3``: AVX2 code without the AVX-512 paths). If the
+build fails, one warning says why and the composed ops are used. ``CBAM_MULTI_CPU_KERNEL=0`` turns the
+kernel off.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "applies", "cbam_infer", "disabled", "ENV_VAR"]
+__all__ = ["available", "applies", "cbam_infer", "disabled", "ENV_VAR", "ARCH_ENV_VAR"]
 
 ENV_VAR = "CBAM_MULTI_CPU_KERNEL"
+ARCH_ENV_VAR = "CBAM_MULTI_CPU_KERNEL_ARCH"  # -march value (default native), e.g. x86-64-v3 for AVX2 only
 _SOURCE = Path(__file__).with_name("csrc") / "cbam_infer.cpp"
 _POOL_CODES = {"avg": 0, "max": 1}  # the pools the kernel computes (every preset's)
 _FLOATS = (torch.float32, torch.float64)
@@ -39,23 +42,28 @@ _state: dict = {"loaded": None, "error": None}  # loaded: True/False once tried
 _local = threading.local()  # per-thread `disabled()` depth
 
 
-def _cpu_fingerprint() -> str:
-    """The build uses -march=native: key the cached library to this CPU's instruction-set flags."""
+def _arch() -> str:
+    return os.environ.get(ARCH_ENV_VAR, "native").strip() or "native"
+
+
+def _build_key(arch: str) -> str:
+    """-march=native compiles for this CPU: key the cached library to its instruction-set flags (and arch)."""
     try:
         flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
         flags = platform.processor()
-    return hashlib.sha256(f"{platform.machine()} {flags}".encode()).hexdigest()[:10]
+    return hashlib.sha256(f"{platform.machine()} {flags} {arch}".encode()).hexdigest()[:10]
 
 
 def _build() -> None:
     from torch.utils.cpp_extension import load
 
-    _log.info("cbam_multi: building the fused CBAM CPU kernel (once per machine, ~20 s)")
+    arch = _arch()
+    _log.info("cbam_multi: building the fused CBAM CPU kernel (once per machine, ~10 s)")
     load(
-        name=f"cbam_multi_cpu_{_cpu_fingerprint()}",
+        name=f"cbam_multi_cpu_{_build_key(arch)}",
         sources=[str(_SOURCE)],
-        extra_cflags=["-O3", "-march=native", "-fopenmp"],  # -fopenmp: at::parallel_for's OpenMP pragmas
+        extra_cflags=["-O3", f"-march={arch}", "-fopenmp"],  # -fopenmp: at::parallel_for's OpenMP pragmas
         extra_ldflags=["-fopenmp"],
         is_python_module=False,  # the library registers torch.ops.cbam_multi.cbam_infer when loaded
         verbose=False,

@@ -26,6 +26,10 @@
 #include <optional>
 #include <vector>
 
+#if defined(__AVX512F__)  // the build uses -march=native: set on CPUs with AVX-512
+#include <immintrin.h>
+#endif
+
 namespace {
 
 constexpr int64_t kTile = 1024;    // spatial positions per channel-reduction tile (accumulators in L1)
@@ -91,6 +95,37 @@ void row_sum_max(const T* row, const T* scale, int64_t n, T& sum_out, T& max_out
   max_out = mx;
 }
 
+#if defined(__AVX512F__)
+// float32 with AVX-512: the same sums, with the lanes reduced by shuffles. GCC's `omp simd` reductions
+// spill the lanes and add them one by one, which dominated rows of ~50 values (7x7 maps).
+inline __mmask16 tail_mask(int64_t left) { return static_cast<__mmask16>((1u << left) - 1u); }
+
+inline void row_sum_max(const float* row, const float* scale, int64_t n, float& sum_out, float& max_out) {
+  __m512 vs = _mm512_setzero_ps(), vm = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    __m512 v = _mm512_loadu_ps(row + i);
+    if (scale) v = _mm512_mul_ps(v, _mm512_loadu_ps(scale + i));
+    vs = _mm512_add_ps(vs, v);
+    vm = _mm512_max_ps(vm, v);
+  }
+  if (i < n) {
+    const __mmask16 k = tail_mask(n - i);
+    __m512 v = _mm512_maskz_loadu_ps(k, row + i);
+    if (scale) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(k, scale + i));
+    vs = _mm512_add_ps(vs, v);  // masked-off lanes hold 0
+    vm = _mm512_mask_max_ps(vm, k, vm, v);
+  }
+  float sum = _mm512_reduce_add_ps(vs), mx = _mm512_reduce_max_ps(vm);
+  if (sum != sum) {  // a NaN (or inf - inf) in the row: vmaxps does not propagate NaN
+    mx = -std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < n; ++j) mx = nan_max(mx, scale ? row[j] * scale[j] : row[j]);
+  }
+  sum_out = sum;
+  max_out = mx;
+}
+#endif
+
 // per-channel sums and maxima over H*W -> sum[C], mx[C]
 template <typename T, bool ChannelsLast>
 void channel_pools(const T* x, int64_t C, int64_t HW, T* sum, T* mx) {
@@ -152,6 +187,39 @@ void matvec2(const T* W, int64_t rows, int64_t cols, const T* v0, const T* v1, T
     if (v1) out1[r] = dot(W + r * cols, v1, cols);
   }
 }
+
+#if defined(__AVX512F__)
+inline void matvec2(const float* W, int64_t rows, int64_t cols, const float* v0, const float* v1, float* out0,
+                    float* out1) {
+  const int64_t full = cols / 16 * 16;
+  const __mmask16 k = tail_mask(cols - full);
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) {  // four rows side by side, both vectors: eight independent chains
+    const float* w[4] = {W + r * cols, W + (r + 1) * cols, W + (r + 2) * cols, W + (r + 3) * cols};
+    __m512 a[4], b[4];
+    for (int j = 0; j < 4; ++j) a[j] = b[j] = _mm512_setzero_ps();
+    for (int64_t i = 0; i <= full; i += 16) {
+      const bool tail = i == full;
+      if (tail && k == 0) break;
+      const __m512 x = tail ? _mm512_maskz_loadu_ps(k, v0 + i) : _mm512_loadu_ps(v0 + i);
+      const __m512 y = v1 ? (tail ? _mm512_maskz_loadu_ps(k, v1 + i) : _mm512_loadu_ps(v1 + i)) : x;
+      for (int j = 0; j < 4; ++j) {
+        const __m512 wj = tail ? _mm512_maskz_loadu_ps(k, w[j] + i) : _mm512_loadu_ps(w[j] + i);
+        a[j] = _mm512_fmadd_ps(wj, x, a[j]);
+        if (v1) b[j] = _mm512_fmadd_ps(wj, y, b[j]);
+      }
+    }
+    for (int j = 0; j < 4; ++j) {
+      out0[r + j] = _mm512_reduce_add_ps(a[j]);
+      if (v1) out1[r + j] = _mm512_reduce_add_ps(b[j]);
+    }
+  }
+  for (; r < rows; ++r) {
+    out0[r] = dot(W + r * cols, v0, cols);
+    if (v1) out1[r] = dot(W + r * cols, v1, cols);
+  }
+}
+#endif
 
 template <typename T>
 inline T relu(T v) {
