@@ -122,6 +122,7 @@ def test_where_the_kernel_does_not_apply():
     assert not _runs_kernel(_model(spec, torch.bfloat16), x.to(torch.bfloat16))
     assert not _runs_kernel(model, x[:, :, ::2])  # neither NCHW- nor channels_last-contiguous
     assert not _runs_kernel(model, x[0])  # rank 3: the composed path raises the rank error
+    assert not _runs_kernel(model, x.to_sparse())  # sparse: the composed ops decide what happens
     assert not _runs_kernel(_model(CBAMSpec.seed(32, channel_pools=("avg", "lp"))), x)  # pools the kernel lacks
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
         assert not cpu_kernel.applies(model, x)

@@ -121,6 +121,7 @@ def applies(cbam, x: torch.Tensor) -> bool:
         not torch.compiler.is_compiling()  # first: compiled code traces the composed ops (inductor fuses them)
         and not torch.jit.is_tracing()  # a trace (and ONNX export) should record standard ops
         and type(x) is torch.Tensor
+        and x.layout == torch.strided  # not sparse
         and x.device.type == "cpu"
         and x.dtype in _FLOATS
         and fc1.weight.dtype == x.dtype
