@@ -133,6 +133,25 @@ def test_where_the_kernel_does_not_apply():
     assert _runs_kernel(model, x)
 
 
+def test_torch_func_transforms_run_the_composed_ops():
+    model = _model(CBAMSpec.official(32))
+    x = torch.randn(3, 2, 32, 5, 5)
+    with torch.no_grad():
+        batched = torch.func.vmap(model)(x)  # vmap over a leading axis of 2-sample batches
+        with cpu_kernel.disabled():
+            looped = torch.stack([model(xi) for xi in x])
+    torch.testing.assert_close(batched, looped)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    loss = lambda p, xin: torch.func.functional_call(model, p, (xin,)).sum()  # noqa: E731
+    grads = torch.func.grad(loss)(params, x[0])
+    with cpu_kernel.disabled():
+        expected = torch.func.grad(loss)(params, x[0])
+    assert set(grads) == set(params)
+    for name in params:
+        torch.testing.assert_close(grads[name], expected[name])
+        assert grads[name].abs().sum() > 0, name
+
+
 def test_batchnorm_train_mode_under_no_grad_updates_running_stats():
     model = _model(CBAMSpec.official(32)).train()
     x = torch.randn(4, 32, 6, 6)

@@ -121,6 +121,7 @@ def applies(cbam, x: torch.Tensor) -> bool:
         not torch.compiler.is_compiling()  # first: compiled code traces the composed ops (inductor fuses them)
         and not torch.jit.is_tracing()  # a trace (and ONNX export) should record standard ops
         and type(x) is torch.Tensor
+        and not _functorch_wrapped(x)  # vmap / torch.func transforms run the composed ops
         and x.layout == torch.strided  # not sparse
         and x.device.type == "cpu"
         and x.dtype in _FLOATS
@@ -133,7 +134,6 @@ def applies(cbam, x: torch.Tensor) -> bool:
         and (bn is None or not bn.training)
         and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
         and not _any_hooks(cbam)
-        and not _functorch_wrapped(x)
         and available()
     )
 
