@@ -8,8 +8,14 @@ and XLA:CPU allocates each execution's temporaries as one block larger than 32 M
 step of batch 128 re-faulted all of them (MNIST step, JAX: 28.7 -> 20.5 ms without CBAM; see
 benchmarks/RESULTS.md).
 
-`keep_heap` sets ``M_MMAP_MAX = 0`` (every allocation from the heap) and a 1 GiB trim threshold (freed
-memory stays with the process until more than that is free at the heap top). It changes the whole
+`keep_heap` sets ``M_MMAP_MAX = 0`` (every allocation from the heap), a 1 GiB trim threshold (freed
+memory stays with the process until more than that is free at the heap top) and a 64 MiB top pad. The
+pad is for threads: XLA's worker threads allocate from per-thread arenas, which grow by extra 64 MiB
+heaps that glibc unmaps as soon as one is entirely free, whatever the trim threshold - unless the pad
+asks it to keep that much in reserve. Without it a large per-step buffer allocated on a worker thread
+was faulted in again on every step (JAX MNIST step, batch 128: 0-5,500 faults per step depending on
+the process, ~1.2 us each; see benchmarks/RESULTS.md). (``M_ARENA_MAX = 1`` also stops the faults,
+but one arena lock for every thread measured ~5 % slower.) It changes the whole
 process's allocator, so only entry points that own their process call it: ``cbam-multi train`` and the
 benchmarks (each with a switch to leave glibc's defaults). The price: resident memory stays at its
 peak instead of shrinking after a large temporary is freed.
@@ -24,8 +30,10 @@ import sys
 __all__ = ["keep_heap"]
 
 _M_TRIM_THRESHOLD = -1  # glibc <malloc.h> mallopt parameters
+_M_TOP_PAD = -2
 _M_MMAP_MAX = -4
 TRIM_THRESHOLD = 1 << 30
+TOP_PAD = 64 << 20  # = glibc's HEAP_MAX_SIZE on 64-bit: the size of one per-thread heap
 
 _applied: dict | None = None
 
@@ -46,9 +54,13 @@ def keep_heap() -> dict:
         _applied = {"applied": False, "reason": f"no glibc mallopt: {e}"}
         return _applied
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    ok = mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+    ok = (
+        mallopt(_M_MMAP_MAX, 0) == 1
+        and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+        and mallopt(_M_TOP_PAD, TOP_PAD) == 1
+    )
     _applied = (
-        {"applied": True, "settings": {"M_MMAP_MAX": 0, "M_TRIM_THRESHOLD": TRIM_THRESHOLD}}
+        {"applied": True, "settings": {"M_MMAP_MAX": 0, "M_TRIM_THRESHOLD": TRIM_THRESHOLD, "M_TOP_PAD": TOP_PAD}}
         if ok else {"applied": False, "reason": "mallopt refused the settings"}
     )
     return _applied
