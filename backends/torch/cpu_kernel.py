@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from .functional import _functorch_wrapped
+
 __all__ = ["available", "applies", "cbam_infer", "disabled", "ENV_VAR", "ARCH_ENV_VAR"]
 
 ENV_VAR = "CBAM_MULTI_CPU_KERNEL"
@@ -176,8 +178,3 @@ def _any_hooks(cbam) -> bool:
 
     return any(_has_hooks(m) for m in cbam.modules())
 
-
-def _functorch_wrapped(t: torch.Tensor) -> bool:
-    from .functional import _functorch_wrapped as wrapped
-
-    return wrapped(t)

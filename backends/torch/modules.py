@@ -82,11 +82,6 @@ def _has_hooks(module: nn.Module) -> bool:
     )
 
 
-def _functorch_wrapped(t: torch.Tensor) -> bool:
-    fn = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
-    return bool(fn(t)) if fn is not None else False
-
-
 def _may_overwrite(y, spatial: nn.Module) -> bool:
     """True when CBAM.forward may apply the spatial gate to its intermediate ``y`` in place: eager mode,
     a plain tensor that autograd does not track (no_grad / inference_mode / frozen weights), no functorch
@@ -95,7 +90,7 @@ def _may_overwrite(y, spatial: nn.Module) -> bool:
         type(y) is torch.Tensor
         and not torch.compiler.is_compiling()
         and not y.requires_grad
-        and not _functorch_wrapped(y)
+        and not CF._functorch_wrapped(y)
         and not _has_hooks(spatial)
     )
 

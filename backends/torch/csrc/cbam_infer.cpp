@@ -21,6 +21,7 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <optional>
@@ -67,6 +68,15 @@ struct Params {
   bool hard;
 };
 
+// max of row[i] * scale[i] (scale may be null: of row[i]) with NaN propagated, element by element: the slow
+// path for the rare row that holds a NaN, where vectorised maxima would drop it
+template <typename T>
+T nan_aware_max(const T* row, const T* scale, int64_t n) {
+  T mx = -std::numeric_limits<T>::infinity();
+  for (int64_t i = 0; i < n; ++i) mx = nan_max(mx, scale ? row[i] * scale[i] : row[i]);
+  return mx;
+}
+
 // sum and max (NaN-propagating, like torch.amax) of row[i] * scale[i] (scale may be null: of row[i]).
 // `omp simd` lets the compiler reorder the float sum across vector lanes (plain -O3 may not). A vectorised
 // max drops NaN, but a NaN also makes the sum NaN: then (rarely) the max is taken again, NaN-aware.
@@ -87,12 +97,8 @@ void row_sum_max(const T* row, const T* scale, int64_t n, T& sum_out, T& max_out
       mx = row[i] > mx ? row[i] : mx;
     }
   }
-  if (sum != sum) {  // a NaN (or inf - inf) in the row
-    mx = -std::numeric_limits<T>::infinity();
-    for (int64_t i = 0; i < n; ++i) mx = nan_max(mx, scale ? row[i] * scale[i] : row[i]);
-  }
   sum_out = sum;
-  max_out = mx;
+  max_out = sum != sum ? nan_aware_max(row, scale, n) : mx;  // a NaN (or inf - inf) in the row
 }
 
 #if defined(__AVX512F__)
@@ -116,13 +122,9 @@ inline void row_sum_max(const float* row, const float* scale, int64_t n, float& 
     vs = _mm512_add_ps(vs, v);  // masked-off lanes hold 0
     vm = _mm512_mask_max_ps(vm, k, vm, v);
   }
-  float sum = _mm512_reduce_add_ps(vs), mx = _mm512_reduce_max_ps(vm);
-  if (sum != sum) {  // a NaN (or inf - inf) in the row: vmaxps does not propagate NaN
-    mx = -std::numeric_limits<float>::infinity();
-    for (int64_t j = 0; j < n; ++j) mx = nan_max(mx, scale ? row[j] * scale[j] : row[j]);
-  }
+  const float sum = _mm512_reduce_add_ps(vs);
   sum_out = sum;
-  max_out = mx;
+  max_out = sum != sum ? nan_aware_max(row, scale, n) : _mm512_reduce_max_ps(vm);  // vmaxps drops NaN
 }
 #endif
 
