@@ -18,6 +18,7 @@ from typing import Callable
 
 import numpy as np
 
+from cbam_multi._optional import require
 from cbam_multi.reference import cbam_forward
 from cbam_multi.spec import STATISTIC, CBAMSpec
 from cbam_multi.weights import init_weights
@@ -102,8 +103,7 @@ class RunResult:
 
 # ------------------------------------------------------------------ runners
 def run_torch(spec, weights, x, g, dtype: str, train: bool, compiled: bool = False) -> RunResult:
-    import torch
-
+    torch = require("torch", "the torch parity runner")
     import cbam_multi.torch as ct
 
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -124,8 +124,7 @@ def run_torch(spec, weights, x, g, dtype: str, train: bool, compiled: bool = Fal
 def run_torch_inference(spec, weights, x, dtype: str, channels_last: bool = False) -> RunResult:
     """Eval-mode forward under ``torch.inference_mode()``: on CPU the fused kernel where it applies
     (`cbam_multi.torch.cpu_kernel`), NCHW or channels_last input. Outputs only."""
-    import torch
-
+    torch = require("torch", "the torch parity runner")
     import cbam_multi.torch as ct
 
     tdtype = getattr(torch, dtype)
@@ -140,7 +139,7 @@ def run_torch_inference(spec, weights, x, dtype: str, channels_last: bool = Fals
 
 
 def run_nnx(spec, weights, x, g, dtype: str, train: bool, jit: bool = False) -> RunResult:
-    import jax.numpy as jnp
+    jnp = require("jax.numpy", "the NNX parity runner")
     from flax import nnx
 
     import cbam_multi.jax as cj
@@ -165,7 +164,7 @@ def run_nnx(spec, weights, x, g, dtype: str, train: bool, jit: bool = False) -> 
 
 
 def run_linen(spec, weights, x, g, dtype: str, train: bool) -> RunResult:
-    import jax
+    jax = require("jax", "the linen parity runner")
     import jax.numpy as jnp
 
     from cbam_multi.jax import linen

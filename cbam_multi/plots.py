@@ -9,12 +9,13 @@ from typing import Sequence
 
 import numpy as np
 
+from cbam_multi._optional import require
 from cbam_multi.errors import CBAMError
 from cbam_multi.weights import atomic_write_bytes
 
 
 def _pyplot():
-    import matplotlib
+    matplotlib = require("matplotlib", "cbam-multi plot")
 
     matplotlib.use("Agg")  # files only: works headless and in CI
     import matplotlib.pyplot as plt
@@ -74,15 +75,13 @@ def attention_maps(backend: str, checkpoint, images_nhwc: np.ndarray) -> list[np
     if not getattr(spec, "cbam", False):
         raise CBAMError(f"{checkpoint}: this model has no CBAM blocks (trained with --no-cbam)")
     if backend == "torch":
-        import torch
-
+        torch = require("torch", "attention maps from torch")
         from cbam_multi.torch import model as tm
 
         model = tm.import_weights(tm.MNISTNet(spec, dtype=torch.float32), weights)
         x = torch.tensor(images_nhwc.transpose(0, 3, 1, 2), dtype=torch.float32)
         return [a.numpy() for a in tm.attention_maps(model, x)]
-    import jax.numpy as jnp
-
+    jnp = require("jax.numpy", "attention maps from JAX")
     from cbam_multi.jax import model as jm
 
     model = jm.import_weights(jm.MNISTNet(spec, dtype=jnp.float32, use_running_average=True), weights)

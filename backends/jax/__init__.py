@@ -17,9 +17,14 @@ linen: ``cbam_multi.jax.linen.CBAM(spec, seed)``. BatchNorm follows PyTorch's mo
 (``spec.norm_momentum``); Flax's own ``BatchNorm`` momentum would be ``spec.flax_momentum``.
 """
 
-from cbam_multi.jax import functional, linen
-from cbam_multi.jax.modules import CBAM, ChannelAttention, SpatialAttention
-from cbam_multi.jax.weights import export_grads, export_weights, import_weights
+from cbam_multi._optional import require
+
+for _module in ("jax", "flax", "optax"):  # missing ones: an error naming the extra, not a bare ModuleNotFoundError
+    require(_module, "cbam_multi.jax")
+
+from cbam_multi.jax import functional, linen  # noqa: E402
+from cbam_multi.jax.modules import CBAM, ChannelAttention, SpatialAttention  # noqa: E402
+from cbam_multi.jax.weights import export_grads, export_weights, import_weights  # noqa: E402
 
 __all__ = [
     "CBAM",
