@@ -291,12 +291,41 @@ def check_case(case: ParityCase, dtype: str, backends=("torch", "jax"), with_com
     return rows
 
 
+QUANTITIES = ("y", "grad", "stats")  # the summary's columns; "grad-names" (a name mismatch) shows as a failure
+
+
 def format_table(rows: list[Row]) -> str:
-    header = f"{'case':<44} {'dtype':<8} {'check':<14} {'qty':<6} {'max err':>10} {'tol':>8}  ok"
-    lines = [header, "-" * len(header)]
+    """One line per row, columns as wide as their longest entry (case ids vary in length), then the
+    largest error per dtype and quantity: the figures README quotes."""
+    cells = [
+        (r.case, r.dtype, r.check, r.quantity, f"{r.error:.2e}", f"{r.tol:.0e}", "ok" if r.ok else "FAIL") for r in rows
+    ]
+    head = ("case", "dtype", "check", "qty", "max err", "tol", "ok")
+    widths = [max(len(c[i]) for c in [head, *cells]) for i in range(len(head))]
+    right = {4, 5}  # numbers right-aligned
+
+    def line(c) -> str:
+        return "  ".join(v.rjust(w) if i in right else v.ljust(w) for i, (v, w) in enumerate(zip(c, widths))).rstrip()
+
+    lines = [line(head), "-" * (sum(widths) + 2 * (len(widths) - 1)), *(line(c) for c in cells)]
+    return "\n".join(lines + ["", format_summary(rows)])
+
+
+def summarize(rows: list[Row]) -> dict[str, dict[str, float]]:
+    """{dtype: {quantity: largest error}} over every row (outputs max abs; grad/stats relative)."""
+    out: dict[str, dict[str, float]] = {}
     for r in rows:
-        lines.append(
-            f"{r.case:<44} {r.dtype:<8} {r.check:<14} {r.quantity:<6} {r.error:>10.2e} {r.tol:>8.0e}  "
-            f"{'ok' if r.ok else 'FAIL'}"
-        )
+        if r.quantity in QUANTITIES:
+            d = out.setdefault(r.dtype, {})
+            d[r.quantity] = float(np.maximum(d.get(r.quantity, -np.inf), r.error))  # NaN propagates
+    return out
+
+
+def format_summary(rows: list[Row]) -> str:
+    worst = summarize(rows)
+    head = f"{'largest error':<14}" + "".join(f"{q:>10}" for q in QUANTITIES)
+    lines = [head]
+    for dtype in (d for d in DTYPES if d in worst):
+        cells = "".join(f"{worst[dtype][q]:>10.1e}" if q in worst[dtype] else f"{'-':>10}" for q in QUANTITIES)
+        lines.append(f"{dtype:<14}{cells}")
     return "\n".join(lines)
