@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fixtures.make_fixtures import FIXTURE_DIR, dataset
 
 from cbam_multi import MNISTNetSpec, load_weights
-from fixtures.make_fixtures import FIXTURE_DIR, dataset
 
 torch = pytest.importorskip("torch")
 
@@ -28,7 +28,7 @@ def test_v1_train_state_resumes_to_the_recorded_numbers(tmp_path, backend):
             pytest.skip("float64 JAX needs x64 mode")
     from cbam_multi import training
 
-    state = training.TrainState.load(FIXTURE_DIR / "train_state.safetensors")
+    state = training.ResumeState.load(FIXTURE_DIR / "train_state.safetensors")
     assert (state.epoch, state.step) == (1, 2)
     shutil.copy(FIXTURE_DIR / "train_state.safetensors", tmp_path / "train_state.safetensors")
     cfg = state.config.replace(backend=backend, out=str(tmp_path), resume=True)

@@ -11,12 +11,12 @@ jax = pytest.importorskip("jax")
 jnp = pytest.importorskip("jax.numpy")
 nnx = pytest.importorskip("flax.nnx")
 
-import cbam_multi.jax.model as jm  # noqa: E402
-import cbam_multi.torch.model as tm  # noqa: E402
-from cbam_multi import InputError, WeightsError  # noqa: E402
-from cbam_multi.config import TrainConfig  # noqa: E402
-from cbam_multi.model import MNISTNetSpec, forward  # noqa: E402
-from cbam_multi.weights import init_weights  # noqa: E402
+import cbam_multi.jax.models.mnist as jm
+import cbam_multi.torch.models.mnist as tm
+from cbam_multi import InputError, WeightsError
+from cbam_multi.models.mnist import MNISTNetSpec, forward
+from cbam_multi.training.config import TrainConfig
+from cbam_multi.weights import init_weights
 
 SPECS = {
     "default": MNISTNetSpec(),
@@ -182,7 +182,7 @@ def test_errors_name_the_problem():
 # ------------------------------------------------------------------ 1-epoch smoke runs
 def _tiny_dataset(n_train=192, n_test=70, seed=0):
     """Synthetic digits-like data: each class is a fixed random blob pattern plus noise (learnable fast)."""
-    from cbam_multi.data import Dataset
+    from cbam_multi.training.data import Dataset
 
     rng = np.random.default_rng(seed)
     protos = rng.uniform(0, 255, size=(10, 28, 28))

@@ -17,9 +17,9 @@ linen: ``cbam_multi.jax.linen.CBAM(spec, seed)``. BatchNorm follows PyTorch's mo
 (``spec.norm_momentum``); Flax's own ``BatchNorm`` momentum would be ``spec.flax_momentum``.
 """
 
-from cbam_multi.jax import functional, linen
-from cbam_multi.jax.modules import CBAM, ChannelAttention, SpatialAttention
-from cbam_multi.jax.weights import export_grads, export_weights, import_weights
+from . import functional, linen
+from .modules import CBAM, ChannelAttention, SpatialAttention
+from .weights import export_grads, export_weights, import_weights
 
 __all__ = [
     "CBAM",
@@ -31,7 +31,3 @@ __all__ = [
     "functional",
     "linen",
 ]
-
-# MNIST classifier and training, importable here but not (yet) in __all__ (whole-model canonical weights: cbam_multi.jax.model.export_weights / import_weights)
-from cbam_multi.jax.model import MNISTNet  # noqa: E402
-from cbam_multi.jax.train import evaluate, train_and_evaluate  # noqa: E402

@@ -17,12 +17,12 @@ functions run eagerly, under ``jit`` and under ``grad``. Numerics follow `cbam_m
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
+
+import numpy as np
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-
 from cbam_multi.errors import InputError, WeightsError
 from cbam_multi.spec import CBAMSpec
 from cbam_multi.weights import init_weights

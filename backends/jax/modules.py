@@ -16,12 +16,13 @@ the new statistic); Flax's ``nnx.BatchNorm`` convention would be ``spec.flax_mom
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 from flax import nnx
 
-from cbam_multi.jax import functional as F
+import jax
+import jax.numpy as jnp
 from cbam_multi.spec import CBAMSpec
+
+from . import functional as F
 
 __all__ = ["ChannelAttention", "SpatialAttention", "CBAM"]
 

@@ -6,8 +6,8 @@ The epoch loop, schedule, batches, metrics and checkpoint formats are shared wit
 * the model is split once (``nnx.split``) into a static graphdef, the ``nnx.Param`` state and the rest
   (BatchNorm statistics); ONE ``jax.jit``-compiled function does forward, backward, the optax update
   and the statistics update, with the parameter, statistic and optimizer buffers donated;
-* optimizers are optax chains matching torch.optim exactly (formulas in `cbam_multi.config`), wrapped
-  in ``optax.inject_hyperparams`` so the learning rate of `cbam_multi.training.lr_at` is an input of
+* optimizers are optax chains matching torch.optim exactly (formulas in `cbam_multi.training.config`), wrapped
+  in ``optax.inject_hyperparams`` so the learning rate of `cbam_multi.training.schedule.lr_at` is an input of
   the compiled step (no recompilation, the same numbers as torch);
 * compiled steps are cached per (graphdef, optimizer, dtype, mesh), so repeated runs in one process
   (tests, resumes) compile once.
@@ -30,23 +30,23 @@ Scale-out and precision (see docs/SCALE_OUT.md and `cbam_multi.jax.sharding`):
 from __future__ import annotations
 
 import time
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
-from cbam_multi import training
-from cbam_multi.config import ConfigError, TrainConfig
-from cbam_multi.data import Dataset
-from cbam_multi.model import MNISTNetSpec
+import jax
+import jax.numpy as jnp
+from cbam_multi.models import MNISTNetSpec
+from cbam_multi.training.config import ConfigError, TrainConfig
+from cbam_multi.training.state import optimizer_slots
 
 from . import sharding
-from .model import MNISTNet, export_weights, import_weights
+from .models.mnist import MNISTNet, export_weights, import_weights
 
-__all__ = ["train_and_evaluate", "evaluate", "JaxTrainer", "make_optimizer"]
+__all__ = ["JaxTrainer", "build_predict", "make_optimizer"]
 
 # canonical slot name -> field of the optax state that holds it
 _SLOT_FIELDS = {"mu": "mu", "nu": "nu", "momentum": "trace"}
@@ -240,7 +240,7 @@ class _Predictor:
 
 
 class JaxTrainer:
-    """`cbam_multi.training.Trainer` for JAX: NHWC NNX model split once, one jitted, donating train step,
+    """`cbam_multi.training.fit.Trainer` for JAX: NHWC NNX model split once, one jitted, donating train step,
     data parallel over ``devices`` (default ``jax.devices()``: every device of every process).
 
     ``self.dtype`` is the compute dtype, ``self.param_dtype`` that of parameters and optimizer state.
@@ -262,7 +262,7 @@ class JaxTrainer:
         self.params, self.rest = self._replicate((params, rest))
         self.tx, self._step = _train_step_fn(self.graphdef, config, self.mesh)
         self.opt_state = self._replicate(self.tx.init(self.params))
-        self.slots = training.optimizer_slots(config)
+        self.slots = optimizer_slots(config)
         self._predictor = _Predictor(self.model, config.eval_batch_size, self.mesh)
 
     def _replicate(self, tree):
@@ -349,45 +349,9 @@ class JaxTrainer:
         return desc
 
 
-def train_and_evaluate(
-    config: TrainConfig, *, data: Dataset | None = None, stop_after_epoch: int | None = None, devices=None
-) -> dict:
-    """Train and evaluate ``config`` with JAX/Flax/optax; see `cbam_multi.training.fit` (identical in torch).
-
-    Writes ``<out>/metrics.json``, ``<out>/checkpoint.safetensors`` and ``<out>/train_state.safetensors``
-    after every epoch; ``data`` overrides loading (a preloaded `cbam_multi.data.Dataset`). Data parallel
-    over ``devices`` (default: ``jax.devices()``, all devices of all processes; see `cbam_multi.jax.sharding`).
-    """
-    if config.backend != "jax":
-        raise ConfigError(f"cbam_multi.jax.train got a config for backend {config.backend!r}; use config.replace(backend='jax')")
-    _check_dtype(config.dtype)
-    make = JaxTrainer if devices is None else (lambda c: JaxTrainer(c, devices=devices))
-    return training.fit(config, make, data=data, stop_after_epoch=stop_after_epoch)
-
-
-def evaluate(
-    checkpoint,
-    *,
-    dataset: str = "auto",
-    data_dir=None,
-    n_test: int | None = None,
-    batch_size: int = 1000,
-    dtype: str = "float32",
-    data: Dataset | None = None,
-    progress: bool = False,
-) -> dict:
-    """Evaluate a model checkpoint written by either backend (file or run directory) on the test split.
-
-    Returns ``{"accuracy", "loss", "predictions", "logits", "correct", "n", ...}``; the tail batch is kept
-    (padded to the compiled batch size, then cut).
-    """
-
-    def build(weights, spec: MNISTNetSpec, dtype_name: str):
-        model = MNISTNet(spec, dtype=_check_dtype(dtype_name), param_dtype=_param_dtype(dtype_name))
-        import_weights(model, weights)
-        return _Predictor(model, batch_size), "jax"
-
-    return training.evaluate_checkpoint(
-        checkpoint, build, dataset=dataset, data_dir=data_dir, n_test=n_test, batch_size=batch_size,
-        dtype=dtype, data=data, progress=progress,
-    )
+def build_predict(weights, spec: MNISTNetSpec, dtype: str, batch_size: int):
+    """The predict function (NHWC NumPy batch -> logits) of a model with canonical ``weights``, compiled for
+    ``batch_size`` (a smaller tail is padded, then cut). For `cbam_multi.training.evaluate`."""
+    model = MNISTNet(spec, dtype=_check_dtype(dtype), param_dtype=_param_dtype(dtype))
+    import_weights(model, weights)
+    return _Predictor(model, batch_size)

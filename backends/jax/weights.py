@@ -8,15 +8,17 @@ only (un)nesting by the "." in the names; no transposes. BatchNorm running stati
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cbam_multi.jax import functional as F
+import jax.numpy as jnp
 from cbam_multi.spec import CBAMSpec
 from cbam_multi.weights import validate_weights
+
+from . import functional as F
 
 Weights = dict[str, np.ndarray]
 

@@ -30,7 +30,3 @@ __all__ = [
     "from_timm_state_dict",
     "to_timm_state_dict",
 ]
-
-# MNIST classifier and training, importable here but not (yet) in __all__ (whole-model canonical weights: cbam_multi.torch.model.export_weights / import_weights)
-from .model import MNISTNet  # noqa: E402
-from .train import evaluate, train_and_evaluate  # noqa: E402

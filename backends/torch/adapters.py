@@ -24,11 +24,11 @@ right for any spec. State dicts hold only tensors: the spec must describe the re
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
-import torch
 
+import torch
 from cbam_multi.errors import WeightsError
 from cbam_multi.spec import CBAMSpec
 from cbam_multi.weights import validate_weights

@@ -7,12 +7,12 @@ the checkpoint adapters all use it.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping
 
 import numpy as np
-import torch
 
+import torch
 from cbam_multi.errors import WeightsError
 from cbam_multi.spec import TRAINABLE, CBAMSpec
 from cbam_multi.weights import validate_weights
@@ -111,7 +111,7 @@ def module_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {**dict(module.named_parameters()), **dict(module.named_buffers())}
 
 
-def copy_canonical(arrays: Mapping[str, np.ndarray], targets: Mapping[str, tuple["Layout", torch.Tensor]]) -> None:
+def copy_canonical(arrays: Mapping[str, np.ndarray], targets: Mapping[str, tuple[Layout, torch.Tensor]]) -> None:
     """Copy canonical ``arrays`` into torch tensors, all or nothing: every array is first converted to its
     target's layout, dtype and device and its shape checked (``targets``: canonical name -> (Layout, tensor)),
     and only then are they all copied in, so a failure leaves every tensor unchanged."""

@@ -1,10 +1,10 @@
-"""The MNIST classifier (`cbam_multi.model.MNISTNetSpec`) as a Flax NNX module, NHWC, with this backend's CBAM.
+"""The MNIST classifier (`cbam_multi.models.MNISTNetSpec`) as a Flax NNX module, NHWC, with this backend's CBAM.
 
 Every variable sits at the path of its canonical name (``model.block0.conv0.kernel`` is
 ``"block0.conv0.kernel"``, ``model.block1.cbam.channel.fc1.kernel`` is ``"block1.cbam.channel.fc1.kernel"``),
 so canonical weights need no transposes: conv kernels are HWIO and the NHWC flatten before
 ``head.fc1`` is the canonical row order. Values start from `cbam_multi.weights.init_weights(spec, seed)`,
-identical to `cbam_multi.torch.model.MNISTNet(spec, seed=seed)`.
+identical to `cbam_multi.torch.models.mnist.MNISTNet(spec, seed=seed)`.
 
 Train/eval: ``model.train()`` / ``model.eval()`` (only matters for CBAM specs with BatchNorm, whose
 running statistics are ``nnx.BatchStat`` and update in train mode).
@@ -12,18 +12,18 @@ running statistics are ``nnx.BatchStat`` and update in train mode).
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import jax
+import jax.numpy as jnp
 from cbam_multi.errors import InputError, WeightsError
-from cbam_multi.model import MNISTNetSpec
+from cbam_multi.models import MNISTNetSpec
 from cbam_multi.weights import init_weights, validate_weights
 
-from .modules import CBAM
+from ..modules import CBAM
 
 __all__ = ["MNISTNet", "max_pool_2x2", "export_weights", "import_weights", "export_grads", "model_variables"]
 

@@ -1,7 +1,7 @@
-"""The MNIST classifier (`cbam_multi.model.MNISTNetSpec`) as a torch module, NCHW, with this backend's CBAM.
+"""The MNIST classifier (`cbam_multi.models.MNISTNetSpec`) as a torch module, NCHW, with this backend's CBAM.
 
 Parameters start from the canonical seeded weights (`cbam_multi.weights.init_weights(spec, seed)`),
-so ``MNISTNet(spec, seed=s)`` here and in `cbam_multi.jax.model` are the same function.
+so ``MNISTNet(spec, seed=s)`` here and in `cbam_multi.jax.models.mnist` are the same function.
 
 Canonical <-> torch (`model_layouts`, the one table used by every import/export here):
 
@@ -14,20 +14,20 @@ Canonical <-> torch (`model_layouts`, the one table used by every import/export 
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
+
 import torch
 import torch.nn.functional as F
+from cbam_multi.errors import InputError, WeightsError
+from cbam_multi.models import MNISTNetSpec
+from cbam_multi.weights import init_weights, validate_weights
 from torch import nn
 from torch.nn.utils import skip_init
 
-from cbam_multi.errors import InputError, WeightsError
-from cbam_multi.model import MNISTNetSpec
-from cbam_multi.weights import init_weights, validate_weights
-
-from .modules import CBAM
-from .weights import Layout, copy_canonical, module_tensors, to_numpy, torch_layouts
+from ..modules import CBAM
+from ..weights import Layout, copy_canonical, module_tensors, to_numpy, torch_layouts
 
 __all__ = ["MNISTNet", "model_layouts", "export_weights", "import_weights", "export_grads", "fc1_to_torch", "fc1_to_canonical"]
 
