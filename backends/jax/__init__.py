@@ -21,13 +21,6 @@ from . import functional, linen
 from .modules import CBAM, ChannelAttention, SpatialAttention
 from .weights import export_grads, export_weights, import_weights
 
-__all__ = [
-    "CBAM",
-    "ChannelAttention",
-    "SpatialAttention",
-    "export_weights",
-    "import_weights",
-    "export_grads",
-    "functional",
-    "linen",
-]
+# The CBAM layer only: networks are in `cbam_multi.jax.models`, the trainer in `cbam_multi.jax.train`
+# (loaded by `cbam_multi.training` when used).
+__all__ = ["CBAM", "ChannelAttention", "SpatialAttention", "export_weights", "import_weights", "export_grads", "functional", "linen"]

@@ -44,7 +44,7 @@ from cbam_multi.training.config import ConfigError, TrainConfig
 from cbam_multi.training.state import optimizer_slots
 
 from . import sharding
-from .models.mnist import MNISTNet, export_weights, import_weights
+from .models.mnist import MNISTNet, export_model_weights, import_model_weights
 
 __all__ = ["JaxTrainer", "build_predict", "make_optimizer"]
 
@@ -98,14 +98,13 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
 
 
 # XLA:CPU options for the MNIST train / predict programs (per executable: the user's other JAX programs
-# are untouched; nothing changes off CPU). Measured on the MNIST step (benchmarks/RESULTS.md), jaxlib 0.10:
-# * YNNPACK library fusions only for dots: YNNPACK's convolutions and reductions ran this network's
-#   convolutions, their gradients and CBAM's pools 1.5-2x slower than XLA's own kernels. (XLA's own dots are
-#   kept off: with them a float32 run drifted 100x further from float64.) Train step 600 -> ~330 us/image.
-# * fast min/max: NaN-propagating max *reductions* are emitted as slow scalar loops (CBAM's max pools, the
-#   2x2 max-pool); without NaN propagation they vectorise, 2.7-3.4x faster (step -8 %). Only reductions
-#   change: elementwise max (ReLU), the convolutions and CBAM's mean pools still carry a NaN input to the
-#   loss (tests/test_training.py::test_a_nan_in_the_batch_shows_as_a_nan_loss).
+# are untouched; nothing changes off CPU). Figures: benchmarks/RESULTS.md, "XLA:CPU compiler options".
+# * YNNPACK library fusions only for dots: YNNPACK's convolutions and reductions are slower than XLA's own
+#   kernels for this network, and XLA's own dots drift further from float64 in float32.
+# * fast min/max: NaN-propagating max *reductions* are emitted as scalar loops (CBAM's max pools, the
+#   2x2 max-pool); without NaN propagation they vectorise. Only reductions change: elementwise max (ReLU),
+#   the convolutions and CBAM's mean pools still carry a NaN input to the loss
+#   (tests/test_training.py::test_a_nan_in_the_batch_shows_as_a_nan_loss).
 CPU_COMPILER_OPTIONS = {
     "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
     "xla_cpu_enable_fast_min_max": True,
@@ -275,13 +274,13 @@ class JaxTrainer:
 
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
         self._sync_model()  # the module may still point at buffers a train step donated
-        import_weights(self.model, weights)
+        import_model_weights(self.model, weights)
         _, params, rest = nnx.split(self.model, nnx.Param, ...)
         self.params, self.rest = self._replicate((params, rest))
 
     def get_weights(self) -> dict[str, np.ndarray]:
         self._sync_model()
-        return export_weights(self.model)
+        return export_model_weights(self.model)
 
     def set_opt_state(self, slots: Mapping[str, Mapping[str, np.ndarray]], step: int) -> None:
         state = self.tx.init(self.params)
@@ -353,5 +352,5 @@ def build_predict(weights, spec: MNISTNetSpec, dtype: str, batch_size: int):
     """The predict function (NHWC NumPy batch -> logits) of a model with canonical ``weights``, compiled for
     ``batch_size`` (a smaller tail is padded, then cut). For `cbam_multi.training.evaluate`."""
     model = MNISTNet(spec, dtype=_check_dtype(dtype), param_dtype=_param_dtype(dtype))
-    import_weights(model, weights)
+    import_model_weights(model, weights)
     return _Predictor(model, batch_size)

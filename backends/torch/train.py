@@ -29,7 +29,7 @@ from cbam_multi.training.config import TrainConfig
 from cbam_multi.training.state import optimizer_slots
 
 from . import distributed
-from .models.mnist import MNISTNet, export_weights, import_weights, model_layouts
+from .models.mnist import MNISTNet, export_model_weights, import_model_weights, model_layouts
 from .weights import to_numpy
 
 __all__ = ["TorchTrainer", "build_predict", "make_optimizer"]
@@ -92,10 +92,10 @@ class TorchTrainer:
 
     # ---------------------------------------------------------------- weights / optimizer state
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
-        import_weights(self.net, weights)
+        import_model_weights(self.net, weights)
 
     def get_weights(self) -> dict[str, np.ndarray]:
-        return export_weights(self.net)
+        return export_model_weights(self.net)
 
     def set_opt_state(self, slots: Mapping[str, Mapping[str, np.ndarray]], step: int) -> None:
         """Install canonical optimizer slots (converted to torch layouts) as if ``step`` steps were taken."""
@@ -194,7 +194,7 @@ def build_predict(weights, spec: MNISTNetSpec, dtype: str, batch_size: int):
     mixed = dtype == "bfloat16"
     dev = _device()
     model = MNISTNet(spec, dtype=torch.float32 if mixed else getattr(torch, dtype)).to(dev)
-    import_weights(model, weights)
+    import_model_weights(model, weights)
     model.eval()
 
     @torch.inference_mode()

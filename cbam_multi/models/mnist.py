@@ -147,15 +147,9 @@ class MNISTNetSpec(JsonData):
 
 # ------------------------------------------------------------ NumPy oracle
 def _conv_same(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray) -> np.ndarray:
-    """NCHW x, HWIO kernel, zero 'same' padding, cross-correlation."""
-    k = kernel.shape[0]
-    p = k // 2
-    xp = np.pad(x, ((0, 0), (0, 0), (p, p), (p, p)))
-    h, w = x.shape[2:]
-    out = np.zeros((x.shape[0], kernel.shape[3], h, w))
-    for i in range(k):
-        for j in range(k):
-            out += np.einsum("bchw,co->bohw", xp[:, :, i : i + h, j : j + w], kernel[i, j])
+    """NCHW x, HWIO kernel, zero 'same' padding, cross-correlation: the block oracle's convolution
+    (`cbam_multi.reference.conv2d_same`) once per output channel."""
+    out = np.stack([reference.conv2d_same(x, kernel[..., o : o + 1]) for o in range(kernel.shape[3])], axis=1)
     return out + bias[None, :, None, None]
 
 
