@@ -195,8 +195,7 @@ def attention_maps(model: MNISTNet, x: jax.Array) -> list[jax.Array]:
     Runs the model once (eagerly) with each CBAM block wrapped to record its input (mirrors the torch
     `attention_maps`), then evaluates that block's gates on it with the pure functions.
     """
-    from cbam_multi.jax import functional as F
-
+    from .. import functional as F
     from ..weights import export_weights as export_block
 
     spec = expect_instance(model, MNISTNet, "a cbam_multi.jax MNISTNet").spec
