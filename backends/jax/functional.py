@@ -19,10 +19,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import numpy as np
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+
 from cbam_multi.errors import InputError, WeightsError
 from cbam_multi.spec import CBAMSpec
 from cbam_multi.weights import init_weights

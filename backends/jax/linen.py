@@ -16,9 +16,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
-
 import jax
 import jax.numpy as jnp
+
 from cbam_multi.spec import CBAMSpec
 
 from . import functional as F

@@ -16,10 +16,10 @@ the new statistic); Flax's ``nnx.BatchNorm`` convention would be ``spec.flax_mom
 
 from __future__ import annotations
 
-from flax import nnx
-
 import jax
 import jax.numpy as jnp
+from flax import nnx
+
 from cbam_multi.spec import CBAMSpec
 
 from . import functional as F

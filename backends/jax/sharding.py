@@ -25,12 +25,12 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-
 import jax
-from cbam_multi.training.config import ConfigError
+import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from cbam_multi.training.config import ConfigError
 
 DATA_AXIS = "data"
 

@@ -33,12 +33,12 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
-import jax
-import jax.numpy as jnp
 from cbam_multi.models import MNISTNetSpec
 from cbam_multi.training.config import ConfigError, TrainConfig
 from cbam_multi.training.state import optimizer_slots

@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-import jax.numpy as jnp
 from cbam_multi.spec import CBAMSpec
 from cbam_multi.weights import validate_weights
 

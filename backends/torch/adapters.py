@@ -27,8 +27,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
-
 import torch
+
 from cbam_multi.errors import WeightsError
 from cbam_multi.spec import CBAMSpec
 from cbam_multi.weights import validate_weights

@@ -27,6 +27,7 @@ import warnings
 from pathlib import Path
 
 import torch
+
 from cbam_multi.machine import cpu_flags
 
 from .guards import functorch_wrapped, has_hooks

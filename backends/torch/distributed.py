@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
 from cbam_multi.training.config import ConfigError
 
 __all__ = [

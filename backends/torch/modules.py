@@ -9,11 +9,12 @@ torch and JAX backends start from identical numbers for the same seed.
 from __future__ import annotations
 
 import torch
+from torch import nn
+from torch.nn.utils import skip_init
+
 from cbam_multi.errors import InputError
 from cbam_multi.spec import CBAMSpec
 from cbam_multi.weights import init_weights
-from torch import nn
-from torch.nn.utils import skip_init
 
 from . import cpu_kernel
 from . import functional as CF

@@ -21,9 +21,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-
 import torch
 import torch.nn.functional as F
+
 from cbam_multi.models import MNISTNetSpec
 from cbam_multi.training.config import TrainConfig
 from cbam_multi.training.state import optimizer_slots

@@ -11,8 +11,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
-
 import torch
+
 from cbam_multi.errors import WeightsError
 from cbam_multi.spec import TRAINABLE, CBAMSpec
 from cbam_multi.weights import validate_weights

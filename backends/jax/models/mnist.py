@@ -14,11 +14,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-import jax
-import jax.numpy as jnp
 from cbam_multi.errors import InputError, WeightsError, expect_instance
 from cbam_multi.models import MNISTNetSpec
 from cbam_multi.weights import init_weights, validate_weights

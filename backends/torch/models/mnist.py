@@ -17,14 +17,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
-
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import skip_init
+
 from cbam_multi.errors import InputError, WeightsError, expect_instance
 from cbam_multi.models import MNISTNetSpec
 from cbam_multi.weights import init_weights, validate_weights
-from torch import nn
-from torch.nn.utils import skip_init
 
 from ..modules import CBAM
 from ..weights import TRANSFORMS, Layout, copy_canonical, module_tensors, to_numpy, torch_layouts
