@@ -53,7 +53,7 @@ def test_cpu_constraints_pin_the_cpu_torch_wheel(platform):
 
 @pytest.mark.parametrize("platform", sorted(PLATFORMS))
 def test_gpu_constraints_match_cpu_ones_except_the_torch_build(platform):
-    cpu_options, cpu = parse("constraints.txt")
+    _, cpu = parse("constraints.txt")
     gpu_options, gpu = parse("constraints-gpu.txt")
     assert not any(CPU_INDEX in o for o in gpu_options), "constraints-gpu.txt must not name the CPU index"
     cpu_pins, gpu_pins = active_pins(cpu, platform), active_pins(gpu, platform)

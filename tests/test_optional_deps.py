@@ -29,11 +29,12 @@ def run_without(blocked: tuple[str, ...], code: str) -> subprocess.CompletedProc
         (("torch",), "import cbam_multi.torch", "torch"),
         (("jax",), "import cbam_multi.jax", "jax"),
         (("flax",), "import cbam_multi.jax", "jax"),
-        (("optax",), "import cbam_multi.jax", "jax"),
-        (("matplotlib",), "from cbam_multi import plots; plots._pyplot()", "plot"),
+        (("optax",), "from cbam_multi.training.backends import backend_module; backend_module('jax')", "jax"),
+        (("torch",), "from cbam_multi.training.backends import backend_module; backend_module('torch')", "torch"),
+        (("matplotlib",), "from cbam_multi.training import plots; plots._pyplot()", "plot"),
         (("torch",), "from cbam_multi import parity; parity.run_torch_inference(None, None, None, 'float32')", "torch"),
     ],
-    ids=["torch", "jax", "flax", "optax", "matplotlib", "parity-runner"],
+    ids=["torch", "jax", "flax", "optax-jax-trainer", "torch-trainer", "matplotlib", "parity-runner"],
 )
 def test_missing_framework_names_the_extra(blocked, code, extra):
     proc = run_without(blocked, code)
@@ -44,7 +45,7 @@ def test_missing_framework_names_the_extra(blocked, code, extra):
 
 
 def test_core_imports_without_any_framework():
-    code = "import cbam_multi, cbam_multi.parity, cbam_multi.plots; print(cbam_multi.CBAMSpec.paper(64).hidden)"
+    code = "import cbam_multi, cbam_multi.parity, cbam_multi.training.plots; print(cbam_multi.CBAMSpec.paper(64).hidden)"
     proc = run_without(("torch", "jax", "flax", "optax", "matplotlib", "mlxtend"), code)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "4"

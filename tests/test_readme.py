@@ -5,7 +5,7 @@ how this test treats it. A command README gains or loses without an entry here f
 RUN commands run in README order in one scratch folder (so `runs/...` paths written by one are read by the
 next), as written plus the listed small-size flags: argparse lets a later flag override an earlier one,
 so e.g. `--epochs 2` appended to a command is what a user would type to shorten it. The first runs
-through the installed `cbam-multi` entry point; the rest in one interpreter, through `cbam_multi.cli.main`,
+through the installed `cbam-multi` entry point; the rest in one interpreter, through `cbam_multi.training.cli.main`,
 the function that entry point calls. PARSE commands are checked by the real argument parser only (the
 reason says where they run for real); SKIP ones are not `cbam-multi` commands (installs, the suite itself).
 Every `runs/...` path any README command names must exist after the RUN commands.
@@ -40,9 +40,11 @@ COMMANDS: dict[str, tuple] = {
     'pip install -c constraints.txt -e ".[all]"': (SKIP, "installs; tests/test_install.py checks the constraints files"),
     'pip install -c constraints.txt -e ".[dev]"': (SKIP, "installs; tests/test_install.py checks the constraints files"),
     'pip install -c constraints.txt -e ".[jax]"': (SKIP, "installs; tests/test_optional_deps.py checks a one-framework install"),
-    'pip install -c constraints-gpu.txt -e ".[all]" "jax[cuda12]"': (SKIP, "needs a CUDA machine; constraints checked by tests/test_install.py"),
+    'pip install -c constraints-gpu.txt -e ".[all]" "jax[cuda12]"': (
+        SKIP, "needs a CUDA machine; constraints checked by tests/test_install.py"),
     'pip install -c constraints.txt -e ".[all]" "jax[tpu]"': (SKIP, "needs a TPU VM; constraints checked by tests/test_install.py"),
-    "python -m pytest -q": (SKIP, "the suite this test is part of"),
+    "ruff check .": (SKIP, "lint; CI runs it"),
+    "python -m pytest -q -n auto": (SKIP, "the suite this test is part of"),
     "cbam-multi train --backend jax --epochs 1": (RUN, SMALL),
     # Numerical parity
     "cbam-multi parity": (RUN, ["--preset", "paper", "--dtype", "float32"]),
@@ -60,7 +62,7 @@ COMMANDS: dict[str, tuple] = {
     # Scale-out
     "XLA_FLAGS=--xla_force_host_platform_device_count=4 cbam-multi train --backend jax": (
         PARSE, "tests/test_scale_out.py runs the CLI on 4 forced host devices"),
-    "torchrun --standalone --nproc_per_node 2 -m cbam_multi.cli train --backend torch --distributed": (
+    "torchrun --standalone --nproc_per_node 2 -m cbam_multi.training.cli train --backend torch --distributed": (
         PARSE, "tests/test_scale_out.py runs the CLI under torchrun with 2 processes"),
 }
 
@@ -93,7 +95,7 @@ def cli_argv(command: str) -> list[str]:
     if words[0] == "cbam-multi":
         return words[1:]
     if words[0] == "torchrun":
-        return words[words.index("cbam_multi.cli") + 1 :]
+        return words[words.index("cbam_multi.training.cli") + 1 :]
     raise AssertionError(f"not a cbam-multi command: {command}")
 
 
@@ -106,7 +108,7 @@ def test_every_readme_command_is_listed_and_vice_versa():
 
 
 def test_readme_parse_only_commands_parse():
-    from cbam_multi.cli import build_parser
+    from cbam_multi.training.cli import build_parser
 
     for command, (mode, *_) in COMMANDS.items():
         if mode != PARSE:
@@ -116,7 +118,7 @@ def test_readme_parse_only_commands_parse():
 
 DRIVER = """
 import json, sys
-from cbam_multi.cli import main
+from cbam_multi.training.cli import main
 for argv in json.loads(sys.argv[1]):
     print("$ cbam-multi " + " ".join(argv), flush=True)
     rc = main(argv)
@@ -141,7 +143,7 @@ def test_readme_shell_commands_run(tmp_path):
     argvs = [cli_argv(c) + list(spec[1]) for c, spec in runs]
     # The first through the console script, as a user runs it; the rest in one interpreter.
     exe = shutil.which("cbam-multi")
-    first = [exe] if exe else [sys.executable, "-m", "cbam_multi.cli"]
+    first = [exe] if exe else [sys.executable, "-m", "cbam_multi.training.cli"]
     proc = subprocess.run([*first, *argvs[0]], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{runs[0][0]}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(argvs[1:])], cwd=tmp_path, env=env,
@@ -163,6 +165,6 @@ def test_readme_python_examples_run():
     assert len(blocks) >= 4, "README lost its usage examples"
     namespace: dict = {}
     for i, block in enumerate(blocks):
-        exec(compile(block, f"README.md python block {i}", "exec"), namespace)  # noqa: S102
+        exec(compile(block, f"README.md python block {i}", "exec"), namespace)
     assert tuple(namespace["y"].shape) == (8, 64, 32, 32)
     assert tuple(namespace["y_nnx"].shape) == tuple(namespace["y_linen"].shape) == (8, 32, 32, 64)

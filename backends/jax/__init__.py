@@ -19,24 +19,13 @@ linen: ``cbam_multi.jax.linen.CBAM(spec, seed)``. BatchNorm follows PyTorch's mo
 
 from cbam_multi._optional import require
 
-for _module in ("jax", "flax", "optax"):  # missing ones: an error naming the extra, not a bare ModuleNotFoundError
+for _module in ("jax", "flax"):  # missing ones: an error naming the extra, not a bare ModuleNotFoundError
     require(_module, "cbam_multi.jax")
 
-from cbam_multi.jax import functional, linen  # noqa: E402
-from cbam_multi.jax.modules import CBAM, ChannelAttention, SpatialAttention  # noqa: E402
-from cbam_multi.jax.weights import export_grads, export_weights, import_weights  # noqa: E402
+from . import functional, linen  # noqa: E402
+from .modules import CBAM, ChannelAttention, SpatialAttention  # noqa: E402
+from .weights import export_grads, export_weights, import_weights  # noqa: E402
 
-__all__ = [
-    "CBAM",
-    "ChannelAttention",
-    "SpatialAttention",
-    "export_weights",
-    "import_weights",
-    "export_grads",
-    "functional",
-    "linen",
-]
-
-# MNIST classifier and training, importable here but not (yet) in __all__ (whole-model canonical weights: cbam_multi.jax.model.export_weights / import_weights)
-from cbam_multi.jax.model import MNISTNet  # noqa: E402
-from cbam_multi.jax.train import evaluate, train_and_evaluate  # noqa: E402
+# The CBAM layer only: networks are in `cbam_multi.jax.models`, the trainer in `cbam_multi.jax.train`
+# (loaded by `cbam_multi.training` when used).
+__all__ = ["CBAM", "ChannelAttention", "SpatialAttention", "export_weights", "import_weights", "export_grads", "functional", "linen"]
