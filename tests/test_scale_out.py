@@ -7,7 +7,7 @@ Multi-device runs need flags set before JAX starts (``XLA_FLAGS=--xla_force_host
 or several processes, so they run in subprocesses and compare their per-step losses and final weights with
 a single-device / single-process run of the same config. Bounds: the ONE table
 `cbam_multi.training.TRAJECTORY_TOLERANCES` (kinds ``sharded:*``, ``ddp:*``, ``bfloat16``,
-``bfloat16-vs-float32``; measurements in its comment). Real MNIST (``$CBAM_MNIST_DIR`` or ``../shared/mnist``)
+``bfloat16-vs-float32``; measurements in its comment). Real MNIST (found as the library finds it, e.g. ``$CBAM_MNIST_DIR``)
 is required and the tests skip with a reason without it.
 """
 
@@ -43,7 +43,7 @@ SUBPROCESS_TIMEOUT = 300
 def mnist_dir() -> Path:
     folder = training.default_mnist_dir()
     if folder is None or not folder.is_dir():
-        pytest.skip("real MNIST not found: set CBAM_MNIST_DIR or put the four IDX files in ../shared/mnist")
+        pytest.skip("full MNIST not found (find_mnist_dir): set CBAM_MNIST_DIR or put the IDX files in ~/.cache/cbam_multi/mnist")
     return folder
 
 

@@ -12,19 +12,27 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from cbam_multi.spec import CBAMSpec
+
+# The one data-location policy (`cbam_multi.training.data.find_mnist_dir`), as every --data-dir help says it.
+DATA_DIR_HELP = (
+    "default: $CBAM_MNIST_DIR, then ~/.cache/cbam_multi/mnist (or $CBAM_MULTI_CACHE), a torchvision-style "
+    "MNIST/raw folder under either or ./data, then a download into that cache"
+)
 
 
 def cmd_parity(args: argparse.Namespace) -> int:
     """Print max errors per case, backend pair and quantity; exit 1 if any exceeds its tolerance."""
     if getattr(args, "train", False):
         return cmd_parity_train(args)
-    import jax
+    if "jax" in args.backends:  # `--backends torch` imports no JAX at all
+        import jax
 
-    # float64 cases need x64; parity is about exact maths, so no reduced-precision matmuls either.
-    jax.config.update("jax_enable_x64", True)
-    jax.config.update("jax_default_matmul_precision", "highest")
+        # float64 cases need x64; parity is about exact maths, so no reduced-precision matmuls either.
+        jax.config.update("jax_enable_x64", True)
+        jax.config.update("jax_default_matmul_precision", "highest")
     from cbam_multi.parity import CASES, check_case, format_table
 
     cases = [c for c in CASES if c.preset in args.preset]
@@ -39,18 +47,24 @@ def cmd_parity(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from cbam_multi import __version__
+
     parser = argparse.ArgumentParser(prog="cbam-multi", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"cbam-multi {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{parity,train,evaluate,plot}")
 
     p = sub.add_parser("parity", help="cross-framework numerical parity report (CBAM block)")
-    p.add_argument("--preset", nargs="+", choices=CBAMSpec.PRESETS, default=list(CBAMSpec.PRESETS))
-    p.add_argument("--dtype", nargs="+", choices=("float64", "float32"), default=["float64", "float32"])
-    p.add_argument("--backends", nargs="+", choices=("torch", "jax"), default=["torch", "jax"])
+    p.add_argument("--preset", nargs="+", choices=CBAMSpec.PRESETS, default=list(CBAMSpec.PRESETS),
+                   help="CBAM presets whose cases to run (default: all)")
+    p.add_argument("--dtype", nargs="+", choices=("float64", "float32"), default=["float64", "float32"],
+                   help="precisions to check (default: both)")
+    p.add_argument("--backends", nargs="+", choices=("torch", "jax"), default=["torch", "jax"],
+                   help="frameworks to compare with the NumPy oracle and each other; only these are imported (default: both)")
     p.add_argument("--compile", action="store_true", help="compare torch.compile with eager on every case (slow)")
     p.add_argument("--train", action="store_true", help="instead: torch vs JAX MNIST training trajectories (loss per step)")
     p.add_argument("--steps", type=int, default=200, help="with --train: optimizer steps (default 200)")
     p.add_argument("--batch-size", type=int, default=64, help="with --train: batch size (default 64)")
-    p.add_argument("--data-dir", default=None, help="with --train: MNIST IDX folder (default $CBAM_MNIST_DIR or ../shared/mnist)")
+    p.add_argument("--data-dir", default=None, help="with --train: folder with the full MNIST IDX files (" + DATA_DIR_HELP + ")")
     p.set_defaults(func=cmd_parity)
 
     add_train_parser(sub)
@@ -83,10 +97,15 @@ def cmd_parity_train(args: argparse.Namespace) -> int:
     import tempfile
 
     from cbam_multi.training import format_trajectory, trajectory_parity
+    from cbam_multi.training.data import find_mnist_dir
 
     if "float64" in args.dtype:
         _setup_jax("float64")
     data_dir = args.data_dir or _default_data_dir("mnist")
+    if find_mnist_dir(data_dir) is None:  # before any training: the 5,000-image sample is too small for 200 steps
+        from cbam_multi.training.data import load_mnist
+
+        load_mnist(None, dataset="mnist")  # downloads into the cache, or raises DataError saying where it looked
     failed = 0
     for dtype in args.dtype:
         with tempfile.TemporaryDirectory(prefix="cbam-trajectory-") as tmp:
@@ -102,22 +121,22 @@ def add_train_parser(sub) -> None:
     p = sub.add_parser("train", help="train MNISTNet (CBAM) on MNIST with torch or JAX; metrics + checkpoints in --out")
     p.add_argument("--backend", choices=("torch", "jax"), help="default: the --config file's, else torch")
     p.add_argument("--config", help="a TrainConfig JSON file; the flags below override its fields")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float, help="peak learning rate")
-    p.add_argument("--optimizer", choices=OPTIMIZERS)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--schedule", choices=SCHEDULES)
-    p.add_argument("--warmup-frac", type=float)
+    p.add_argument("--epochs", type=int, help="passes over the training set (default 5)")
+    p.add_argument("--batch-size", type=int, help="training batch size (default 64)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 3e-3)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, help="update rule, the same formula in torch.optim and optax (default adamw)")
+    p.add_argument("--weight-decay", type=float, help="decoupled (adamw) or L2 (adam, sgd) weight decay")
+    p.add_argument("--schedule", choices=SCHEDULES, help="learning-rate schedule after the warmup (default cosine)")
+    p.add_argument("--warmup-frac", type=float, help="fraction of all steps spent warming the learning rate up linearly")
     p.add_argument("--augment-shift", type=int, help="random translation by up to this many pixels (0 = off)")
     p.add_argument("--seed", type=int, help="model init seed")
     p.add_argument("--data-seed", type=int, help="batch order / augmentation seed")
     p.add_argument("--no-cbam", action="store_true", help="baseline without CBAM blocks")
     p.add_argument("--dataset", choices=DATASETS, help="auto (default): full MNIST if found, else the bundled sample")
-    p.add_argument("--data-dir", help="folder with the MNIST IDX files (default $CBAM_MNIST_DIR or ../shared/mnist)")
+    p.add_argument("--data-dir", help="folder with the MNIST IDX files (" + DATA_DIR_HELP + ")")
     p.add_argument("--n-train", type=int, help="use the first N training images")
     p.add_argument("--n-test", type=int, help="use the first N test images")
-    p.add_argument("--eval-batch-size", type=int)
+    p.add_argument("--eval-batch-size", type=int, help="batch size of the test-set evaluation after each epoch")
     p.add_argument("--out", help="run directory (default runs/mnist-<backend>[-nocbam])")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its train_state.safetensors")
     p.add_argument("--init-from", help="start from this model checkpoint (file or run dir, either framework)")
@@ -231,13 +250,15 @@ def add_evaluate_parser(sub) -> None:
     from cbam_multi.training.config import DATASETS
 
     p = sub.add_parser("evaluate", help="evaluate a model checkpoint (written by either framework) on the test split")
-    p.add_argument("--backend", choices=("torch", "jax"), default="torch")
-    p.add_argument("--checkpoint", required=True, help="checkpoint.safetensors or a run directory")
-    p.add_argument("--dataset", choices=DATASETS, default="auto")
-    p.add_argument("--data-dir")
-    p.add_argument("--n-test", type=int)
-    p.add_argument("--batch-size", type=int, default=1000)
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--backend", choices=("torch", "jax"), default="torch",
+                   help="framework that runs the model, whichever wrote the checkpoint (default torch)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint.safetensors or a run directory, e.g. runs/mnist-jax")
+    p.add_argument("--dataset", choices=DATASETS, default="auto",
+                   help="auto (default): full MNIST if found or downloadable, else the 5,000-image sample")
+    p.add_argument("--data-dir", help="folder with the MNIST IDX files (" + DATA_DIR_HELP + ")")
+    p.add_argument("--n-test", type=int, help="evaluate on the first N test images (default: all)")
+    p.add_argument("--batch-size", type=int, default=1000, help="evaluation batch size (default 1000)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="precision of the evaluation (default float32)")
     p.add_argument("--json", action="store_true", help="print the result as JSON (predictions included)")
     p.set_defaults(func=cmd_evaluate)
 
@@ -272,9 +293,10 @@ def add_plot_parser(sub) -> None:
     p = sub.add_parser("plot", help="PNGs: both backends' training curves overlaid; digits with attention maps")
     p.add_argument("runs", nargs="+", help="run directories (or metrics.json files) to overlay, e.g. runs/mnist-*")
     p.add_argument("--checkpoint", help="model checkpoint for the attention grid (default: the first run's)")
-    p.add_argument("--n-images", type=int, default=8)
-    p.add_argument("--dataset", choices=("auto", "mnist", "sample"), default="auto")
-    p.add_argument("--data-dir")
+    p.add_argument("--n-images", type=int, default=8, help="test digits in the attention grid (default 8)")
+    p.add_argument("--dataset", choices=("auto", "mnist", "sample"), default="auto",
+                   help="where the digits come from: auto (default) = full MNIST if found, else the sample")
+    p.add_argument("--data-dir", help="folder with the MNIST IDX files (" + DATA_DIR_HELP + ")")
     p.add_argument("--out", default="runs/plots", help="folder for curves.png and attention.png")
     p.set_defaults(func=cmd_plot)
 
@@ -299,8 +321,29 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cbam_multi.errors import CBAMError
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    with warnings.catch_warnings():  # restores the caller's filters and showwarning afterwards
+        warnings.simplefilter("default")  # each distinct warning once
+        warnings.showwarning = _show_one_line
+        try:
+            return args.func(args)
+        except CBAMError as e:  # bad input, missing data, bad checkpoint: the message says what to do
+            print(f"cbam-multi {args.command}: error: {e}", file=sys.stderr)
+            return 2
+
+
+_SHOWN: set[str] = set()
+
+
+def _show_one_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as the CLI prints them: one line, no source excerpt (it is the library's, not the user's),
+    each distinct one once per process."""
+    text = f"warning: {message}"
+    if text not in _SHOWN:
+        _SHOWN.add(text)
+        print(text, file=file or sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@ step by step, with THE tolerance table of training parity (measurements: benchma
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -60,12 +59,12 @@ def trajectory_tolerance(dtype: str, steps: int) -> dict[str, float | None]:
 
 
 def default_mnist_dir() -> Path | None:
-    """``$CBAM_MNIST_DIR``, else ``../shared/mnist`` next to the repository root, if it exists."""
-    env = os.environ.get("CBAM_MNIST_DIR")
-    if env:
-        return Path(env)
-    shared = Path(__file__).resolve().parents[1].parent / "shared" / "mnist"
-    return shared if shared.is_dir() else None
+    """The full-MNIST folder the library would use: `cbam_multi.training.data.find_mnist_dir`'s search
+    ($CBAM_MNIST_DIR, the cache, torchvision-style folders), or None. The one policy of the library, the
+    CLI and the tests; CI points $CBAM_MNIST_DIR at its copy."""
+    from cbam_multi.training.data import find_mnist_dir
+
+    return find_mnist_dir()
 
 
 def trajectory_parity(

@@ -62,16 +62,31 @@ def fetch_missing(
     checksums = SHA256_RAW if checksums is None else checksums
     if not mirrors:
         raise DataError("download_mnist: no mirrors given")
+    created = [d for d in (dest, *dest.parents) if not d.exists()]  # deepest first
     try:
         dest.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DataError(f"{dest}: cannot create download dir: {exc}") from exc
     used: dict[str, str] = {}
-    for name in MNIST_FILES:
-        if _already_valid(dest, name, checksums[name]):
-            continue
-        used[name] = _fetch_one(dest, name, checksums[name], mirrors, timeout, retries, progress)
+    try:
+        for name in MNIST_FILES:
+            if _already_valid(dest, name, checksums[name]):
+                continue
+            used[name] = _fetch_one(dest, name, checksums[name], mirrors, timeout, retries, progress)
+    except BaseException:
+        _remove_empty(created)  # a failed first download leaves no empty cache folders behind
+        raise
     return used
+
+
+def _remove_empty(folders: Sequence[Path]) -> None:
+    """Remove the folders this download created, deepest first, as long as they are empty (files that
+    did verify stay, and so do the folders holding them)."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def _already_valid(dest: Path, name: str, sha256: str) -> bool:
