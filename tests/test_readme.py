@@ -59,6 +59,8 @@ COMMANDS: dict[str, tuple] = {
     "cbam-multi evaluate --backend torch --checkpoint runs/mnist-jax": (RUN, ["--n-test", "100"]),
     "cbam-multi plot runs/mnist-torch runs/mnist-jax": (RUN, ["--n-images", "2", "--out", "runs/plots"]),
     "cbam-multi parity --train --steps 200": (RUN, ["--steps", "3", "--dtype", "float64"], FULL_MNIST),
+    "cbam-multi train --backend jax --tensorboard --out runs/mnist-jax-tb": (RUN, ["--epochs", "1", *SMALL]),
+    "tensorboard --logdir runs": (SKIP, "serves a web UI; tests/test_tensorboard.py reads the events back"),
     # Scale-out
     "XLA_FLAGS=--xla_force_host_platform_device_count=4 cbam-multi train --backend jax": (
         PARSE, "tests/test_scale_out.py runs the CLI on 4 forced host devices"),
@@ -156,6 +158,7 @@ def test_readme_shell_commands_run(tmp_path):
             if word.startswith("runs/"):
                 assert (tmp_path / word).exists(), f"README names {word} (in `{command}`), which no README command writes"
     assert (tmp_path / "runs/plots/curves.png").is_file() and (tmp_path / "runs/plots/attention.png").is_file()
+    assert any((tmp_path / "runs/mnist-jax-tb/tensorboard").glob("events.out.tfevents.*"))
     jax_run = json.loads((tmp_path / "runs/mnist-jax/metrics.json").read_text())
     assert [e["epoch"] for e in jax_run["epochs"]] == [1, 2], "--resume continued the Quickstart run by one epoch"
 

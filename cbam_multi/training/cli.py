@@ -150,6 +150,9 @@ def add_train_parser(sub) -> None:
     )
     p.add_argument("--stop-after-epoch", type=int, help="stop after this epoch (as if interrupted; continue with --resume)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard event files to <out>/tensorboard (losses, accuracy, learning rate, "
+                   "images/s; needs the tensorboard extra); view with: tensorboard --logdir runs")
     p.add_argument(
         "--malloc-defaults", action="store_true",
         help="leave glibc's allocator as it is (default: keep freed memory in the heap, see cbam_multi.training.heap)",
@@ -181,6 +184,8 @@ def train_config_from_args(args: argparse.Namespace):
         changes["resume"] = True
     if args.no_progress:
         changes["progress"] = False
+    if args.tensorboard:
+        changes["tensorboard"] = True
     if args.out is not None:
         changes["out"] = args.out
     elif not args.config:

@@ -111,6 +111,7 @@ class TrainConfig(JsonData):
     resume: bool = False  # continue from <out>/train_state.safetensors (bit-identically)
     init_from: str | None = None  # model checkpoint (either framework) to start from; fresh optimizer
     progress: bool = True  # tqdm bars
+    tensorboard: bool = False  # also log to <out>/tensorboard/ (TensorBoard event files; the `tensorboard` extra)
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
@@ -164,6 +165,7 @@ class TrainConfig(JsonData):
             v = getattr(self, name)
             need(v is None or _pos_int(v), f"{name} must be None or an int >= 1, got {v!r}")
         need(isinstance(self.resume, bool) and isinstance(self.progress, bool), "resume and progress must be bools")
+        need(isinstance(self.tensorboard, bool), "tensorboard must be a bool")
         need(not (self.resume and self.init_from), "resume and init_from are exclusive (resume restores the weights too)")
         if problems:
             raise ConfigError("invalid TrainConfig: " + "; ".join(problems))

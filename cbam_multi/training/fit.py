@@ -143,6 +143,13 @@ def fit(
         "train_state": str(out / TRAIN_STATE_FILE),
     }
     metrics = _metrics(base, history)
+    # TensorBoard events: opened before training, so a missing package fails now and not after epoch 1;
+    # flushed after every epoch, so an interrupted run keeps what it logged.
+    events = None
+    if config.tensorboard and is_main:
+        from cbam_multi.training.tensorboard import SUBDIR, EventLog
+
+        events = EventLog(out / SUBDIR)
     for epoch in range(start_epoch, config.epochs):
         handles, lrs = [], []
         aug = augment_rng(config, epoch)
@@ -185,6 +192,8 @@ def fit(
             save_weights(out / CHECKPOINT_FILE, weights, config.model, extra_metadata=written)
             ResumeState(config, weights, opt_state, step, epoch + 1, history, trainer.backend).save(out / TRAIN_STATE_FILE)
             write_json_atomic(out / METRICS_FILE, metrics)
+            if events is not None:
+                events.epoch(step - len(losses), record, lrs)
         if show:
             print(
                 f"[{trainer.backend}] epoch {epoch + 1}/{config.epochs}: train loss {record['train_loss']:.4f}, "
@@ -195,6 +204,8 @@ def fit(
             )
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
             break
+    if events is not None:
+        events.close()
     if not history:
         raise ConfigError(f"nothing to do: the checkpoint in {out} already finished {start_epoch} epochs")
     return metrics
