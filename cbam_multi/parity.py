@@ -321,11 +321,22 @@ def summarize(rows: list[Row]) -> dict[str, dict[str, float]]:
     return out
 
 
+def round_up(x: float) -> float:
+    """``x`` rounded *up* to two significant digits, so a printed summary figure is a true upper bound
+    (1.04e-5 prints as 1.1e-05, never 1.0e-05); NaN and inf pass through."""
+    if not np.isfinite(x) or x <= 0:
+        return x
+    unit = 10.0 ** (np.floor(np.log10(x)) - 1)
+    up = float(np.ceil(round(x / unit, 9)) * unit)  # round(): 1.1e-05 / 1e-06 is 11.000000000000002
+    return float(f"{up:.1e}")
+
+
 def format_summary(rows: list[Row]) -> str:
+    """The largest error per dtype and quantity, rounded up (README quotes these)."""
     worst = summarize(rows)
     head = f"{'largest error':<14}" + "".join(f"{q:>10}" for q in QUANTITIES)
     lines = [head]
     for dtype in (d for d in DTYPES if d in worst):
-        cells = "".join(f"{worst[dtype][q]:>10.1e}" if q in worst[dtype] else f"{'-':>10}" for q in QUANTITIES)
+        cells = "".join(f"{round_up(worst[dtype][q]):>10.1e}" if q in worst[dtype] else f"{'-':>10}" for q in QUANTITIES)
         lines.append(f"{dtype:<14}{cells}")
     return "\n".join(lines)

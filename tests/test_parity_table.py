@@ -3,7 +3,7 @@ per dtype and quantity (NaN included), the figures README quotes. Framework-free
 
 import math
 
-from cbam_multi.parity import CASES, Row, format_table, summarize
+from cbam_multi.parity import CASES, Row, format_table, round_up, summarize
 
 LONG = "seed-C8-B3-9x9-channel_pools=avg+max+lp+lse-gate=hard_sigmoid-and-then-some-more"
 
@@ -43,5 +43,12 @@ def test_summary_is_the_largest_error_per_dtype_and_quantity():
     summary = format_table(rows()).split("\n\n")[1].splitlines()
     assert summary[0].split() == ["largest", "error", "y", "grad", "stats"]
     assert summary[1].split() == ["float64", "-", "1.0e-15", "-"]
-    assert summary[2].split() == ["float32", "2.4e-06", "1.0e-05", "nan"]
+    assert summary[2].split() == ["float32", "2.4e-06", "1.1e-05", "nan"]  # 1.04e-5 rounds up: a bound
     assert "FAIL" in format_table(rows())
+
+
+def test_round_up_is_an_upper_bound_with_two_digits():
+    assert round_up(1.04e-5) == 1.1e-5 and round_up(1.1e-5) == 1.1e-5 and round_up(2.68e-6) == 2.7e-6
+    assert round_up(9.95e-7) == 1.0e-6 and round_up(0.0) == 0.0 and math.isnan(round_up(float("nan")))
+    for x in (1.234e-15, 5.55e-17, 3.0e-6, 9.999e-3):
+        assert x <= round_up(x) <= x * 1.1 + 1e-300
