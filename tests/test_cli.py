@@ -89,25 +89,33 @@ def _run_without(blocked: tuple[str, ...], code: str, tmp_path) -> subprocess.Co
                           timeout=600)
 
 
-def test_torch_commands_do_not_import_jax(tmp_path):
-    """parity --backends torch, train and evaluate with --backend torch run with JAX unimportable."""
-    pytest.importorskip("torch")
+ONE_FRAMEWORK = """
+from cbam_multi.training.cli import main
+backend = sys.argv[1]
+assert main(["parity", "--backends", backend, "--preset", "paper", "--dtype", "float32"]) == 0
+small = ["--n-train", "64", "--n-test", "50", "--batch-size", "32", "--no-progress", "--malloc-defaults"]
+assert main(["train", "--backend", backend, "--epochs", "1", "--out", "run", *small]) == 0
+assert main(["evaluate", "--backend", backend, "--checkpoint", "run", "--n-test", "50"]) == 0
+loaded = {m.split(".")[0] for m in sys.modules if sys.modules[m] is not None}
+print("LOADED", sorted(loaded & {"torch", "jax", "flax", "optax"}))
+"""
+
+
+@pytest.mark.parametrize(("backend", "blocked"), [("torch", ("jax", "flax", "optax")), ("jax", ("torch",))])
+def test_commands_import_only_their_framework(tmp_path, backend, blocked):
+    """parity --backends B, train and evaluate --backend B run with the other framework unimportable."""
+    pytest.importorskip("torch" if backend == "torch" else "optax")
     from cbam_multi.training import default_mnist_dir
 
     if default_mnist_dir() is None:
         pytest.skip("full MNIST not found (see cbam_multi.training.data.find_mnist_dir)")
-    code = """
-from cbam_multi.training.cli import main
-assert main(["parity", "--backends", "torch", "--preset", "paper", "--dtype", "float32"]) == 0
-small = ["--n-train", "64", "--n-test", "50", "--batch-size", "32", "--no-progress", "--malloc-defaults"]
-assert main(["train", "--backend", "torch", "--epochs", "1", "--out", "run", *small]) == 0
-assert main(["evaluate", "--backend", "torch", "--checkpoint", "run", "--n-test", "50"]) == 0
-assert not any(m == "jax" or m.startswith(("jax.", "flax", "optax")) for m in sys.modules if sys.modules[m] is not None)
-print("OK")
-"""
-    proc = _run_without(("jax", "flax", "optax"), code, tmp_path)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "largest error" in proc.stdout and "nnx" not in proc.stdout  # a torch-only table
+    code = ONE_FRAMEWORK.replace("sys.argv[1]", repr(backend))
+    proc = _run_without(blocked, code, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    want = ["torch"] if backend == "torch" else ["flax", "jax", "optax"]
+    assert proc.stdout.strip().splitlines()[-1] == f"LOADED {want}"
+    table = proc.stdout.split("largest error")[0]
+    assert ("nnx" in table) == (backend == "jax") and ("torch~oracle" in table) == (backend == "torch")
 
 
 def test_help_runs(capsys):
