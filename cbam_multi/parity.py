@@ -146,7 +146,7 @@ def run_nnx(spec, weights, x, g, dtype: str, train: bool, jit: bool = False) -> 
     import cbam_multi.jax as cj
 
     jdtype = getattr(jnp, dtype)
-    model = cj.CBAM(spec, dtype=jdtype)
+    model = cj.CBAM(spec, param_dtype=jdtype)
     cj.import_weights(model, weights)
     exported = cj.export_weights(model)
     model.train() if train else model.eval()
@@ -172,7 +172,7 @@ def run_linen(spec, weights, x, g, dtype: str, train: bool) -> RunResult:
 
     jdtype = getattr(jnp, dtype)
     variables = linen.import_variables({n: np.asarray(a, dtype) for n, a in weights.items()}, spec)
-    model = linen.CBAM(spec, dtype=jdtype)
+    model = linen.CBAM(spec, param_dtype=jdtype)
     params, rest = variables["params"], {k: v for k, v in variables.items() if k != "params"}
     xj, gj = _nhwc(x, jdtype), _nhwc(g, jdtype)
 

@@ -102,7 +102,8 @@ class MNISTNet(nnx.Module):
         if spec.cbam:
             for i in range(len(spec.conv_channels)):
                 getattr(self, f"block{i}").cbam = CBAM(
-                    spec.cbam_spec(i), dtype=param_dtype, seed=seed, use_running_average=use_running_average
+                    spec.cbam_spec(i), dtype=self.dtype, param_dtype=param_dtype, seed=seed,
+                    use_running_average=use_running_average,
                 )
         self.head = _Head()
         self.head.fc1 = nnx.Linear(spec.flat_features, spec.dense, dtype=dtype, param_dtype=param_dtype, rngs=rngs)

@@ -107,7 +107,7 @@ def import_variables(weights: Mapping[str, Any], spec: CBAMSpec, dtype=None) -> 
 
 
 def init_variables(spec: CBAMSpec, seed: int = 0, dtype=jnp.float32) -> dict:
-    """The variables ``linen.CBAM(spec, seed, dtype).init(key, x)`` returns, without tracing."""
+    """The variables ``linen.CBAM(spec, seed, param_dtype=dtype).init(key, x)`` returns, without tracing."""
     return _nest_variables(F.init_params(spec, seed, dtype))
 
 
