@@ -267,7 +267,8 @@ class CBAMSpec:
 
     @property
     def has_norm(self) -> bool:
-        return self.spatial_norm == "batchnorm"
+        """Whether the block has the spatial BatchNorm (and its running statistics)."""
+        return self.spatial_norm == "batchnorm" and not self.no_spatial
 
     @property
     def flax_momentum(self) -> float:
