@@ -4,7 +4,15 @@ Framework-free core; pick a backend by import: ``import cbam_multi.torch`` or ``
 """
 
 from cbam_multi import model as _model  # noqa: F401  (registers MNISTNetSpec for checkpoints)
-from cbam_multi.errors import CBAMError, CheckpointError, DataError, InputError, SpecError, WeightsError
+from cbam_multi.errors import (
+    CBAMError,
+    CheckpointError,
+    DataError,
+    InputError,
+    SpecError,
+    SpecMismatchError,
+    WeightsError,
+)
 from cbam_multi.model import MNISTNetSpec
 from cbam_multi.spec import CBAMSpec
 from cbam_multi.weights import init_weights, load_weights, save_weights, validate_weights
@@ -19,6 +27,7 @@ __all__ = [
     "DataError",
     "InputError",
     "SpecError",
+    "SpecMismatchError",
     "WeightsError",
     "init_weights",
     "load_weights",

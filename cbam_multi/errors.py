@@ -26,3 +26,8 @@ class CheckpointError(CBAMError):
 
 class DataError(CBAMError):
     """A dataset file is missing, truncated, corrupt, has the wrong magic or a bad checksum."""
+
+
+class SpecMismatchError(WeightsError, CheckpointError):
+    """A checkpoint was written for a spec whose maths differs from the one it is loaded into (same tensor
+    shapes or not); the message lists the differing fields."""

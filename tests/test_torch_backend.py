@@ -96,7 +96,7 @@ def randn(shape, seed=0, scale=1.0, dtype=torch.float64):
 def test_public_api():
     assert set(ct.__all__) == {
         "CBAM", "ChannelAttention", "SpatialAttention", "export_weights", "import_weights", "export_grads",
-        "from_official_state_dict", "to_official_state_dict", "from_timm_state_dict", "to_timm_state_dict",
+        "load_checkpoint", "from_official_state_dict", "to_official_state_dict", "from_timm_state_dict", "to_timm_state_dict",
     }
     for name in ct.__all__:
         assert hasattr(ct, name)

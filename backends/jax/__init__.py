@@ -19,7 +19,7 @@ linen: ``cbam_multi.jax.linen.CBAM(spec, seed)``. BatchNorm follows PyTorch's mo
 
 from cbam_multi.jax import functional, linen
 from cbam_multi.jax.modules import CBAM, ChannelAttention, SpatialAttention
-from cbam_multi.jax.weights import export_grads, export_weights, import_weights
+from cbam_multi.jax.weights import export_grads, export_weights, import_weights, load_checkpoint
 
 __all__ = [
     "CBAM",
@@ -27,6 +27,7 @@ __all__ = [
     "SpatialAttention",
     "export_weights",
     "import_weights",
+    "load_checkpoint",
     "export_grads",
     "functional",
     "linen",

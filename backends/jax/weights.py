@@ -21,6 +21,7 @@ from cbam_multi.weights import validate_weights
 Weights = dict[str, np.ndarray]
 
 __all__ = [
+    "load_checkpoint",
     "export_weights",
     "import_weights",
     "export_grads",
@@ -133,3 +134,15 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
+
+
+def load_checkpoint(module, path, *, allow_spec_mismatch: bool = False):
+    """Load a `cbam_multi.save_weights` checkpoint into a CBAM / ChannelAttention / SpatialAttention
+    ``module`` (its own part of the weights) and return the module. The checkpoint's spec must match
+    ``module.spec`` in everything that changes the maths (SpecMismatchError lists the differing fields;
+    ``allow_spec_mismatch=True`` loads anyway where names and shapes fit). A failed load changes nothing."""
+    from cbam_multi.weights import load_weights
+
+    weights, _ = load_weights(path, module.spec, allow_spec_mismatch=allow_spec_mismatch)
+    part = getattr(module, "part", None)
+    return import_weights(module, {n: weights[n] for n in module.spec.param_shapes(part)})

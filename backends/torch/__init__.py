@@ -16,7 +16,7 @@ Official (Jongchan/attention-module) and timm checkpoints convert with ``from_of
 
 from .adapters import from_official_state_dict, from_timm_state_dict, to_official_state_dict, to_timm_state_dict
 from .modules import CBAM, ChannelAttention, SpatialAttention
-from .weights import export_grads, export_weights, import_weights
+from .weights import export_grads, export_weights, import_weights, load_checkpoint
 
 __all__ = [
     "CBAM",
@@ -25,6 +25,7 @@ __all__ = [
     "export_weights",
     "import_weights",
     "export_grads",
+    "load_checkpoint",
     "from_official_state_dict",
     "to_official_state_dict",
     "from_timm_state_dict",
