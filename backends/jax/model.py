@@ -122,7 +122,7 @@ class MNISTNet(nnx.Module):
                 h = jax.nn.relu(getattr(block, f"conv{j}")(h))
             if spec.cbam:
                 h = block.cbam(h)
-            h = max_pool_2x2(h)
+            h = max_pool_2x2(h) if spec.pool_tie_rule == "first" else _windows(h).max(axis=-1)  # "split": jnp.max
         h = jax.nn.relu(self.head.fc1(h.reshape(h.shape[0], -1)))  # NHWC flatten = canonical row order
         return self.head.fc2(h)
 
