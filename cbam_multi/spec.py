@@ -252,6 +252,8 @@ class CBAMSpec:
             drop = () if self.has_norm else ("norm_momentum", "norm_eps")
             if self.variant == "light":
                 drop += ("concat_order",)
+        if self.no_spatial and "max" not in self.channel_pools:
+            drop += ("tie_rule",)  # no max pool left whose gradient it could route
         for name in drop:
             facts.pop(name)
         return facts
