@@ -63,6 +63,9 @@ CASES = [
                CBAMSpec.timm(16, mlp_act="leaky_relu", mlp_bias=True), from_timm_state_dict, (2, 16, 5, 6), True),
 ]
 DTYPES = ("float64", "float32")
+# float32 for the anchors whose tie rule differs (official: first, timm: split); float64 for every case
+PARAMS = [pytest.param(c, d, id=f"{c.name}-{d}") for c in CASES for d in DTYPES
+          if d == "float64" or c.name in ("official-train", "blog-seed", "timm_light")]
 
 
 def _anchor(case: AnchorCase, dtype: torch.dtype):
@@ -125,8 +128,7 @@ def _run_anchor(case, mod, x, g, dtype):
     return out
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("case, dtype", PARAMS)
 def test_anchor_parity_with_ties(case, dtype):
     tol = TOLERANCES[dtype]
     tdtype = getattr(torch, dtype)
