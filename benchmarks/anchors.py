@@ -16,7 +16,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -129,7 +129,7 @@ class OfficialFlatten(nn.Module):
 
 
 class OfficialChannelGate(nn.Module):
-    def __init__(self, gate_channels, reduction_ratio=16, pool_types=["avg", "max"]):
+    def __init__(self, gate_channels, reduction_ratio=16, pool_types=["avg", "max"]):  # noqa: B006 (as the original)
         super().__init__()
         self.gate_channels = gate_channels
         self.mlp = nn.Sequential(
@@ -190,7 +190,7 @@ class OfficialSpatialGate(nn.Module):
 
 
 class OfficialCBAM(nn.Module):
-    def __init__(self, gate_channels, reduction_ratio=16, pool_types=["avg", "max"], no_spatial=False):
+    def __init__(self, gate_channels, reduction_ratio=16, pool_types=["avg", "max"], no_spatial=False):  # noqa: B006
         super().__init__()
         self.ChannelGate = OfficialChannelGate(gate_channels, reduction_ratio, pool_types)
         self.no_spatial = no_spatial
@@ -318,7 +318,7 @@ def real_timm_cbam():
         from timm.layers import CbamModule
 
         return CbamModule, getattr(timm, "__version__", "?")
-    except BaseException as e:  # noqa: BLE001 - ImportError, RuntimeError from torchvision, ...
+    except BaseException as e:
         if isinstance(e, KeyboardInterrupt):
             raise
         reason = f"{type(e).__name__}: {e}".splitlines()[0][:200]

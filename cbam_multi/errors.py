@@ -3,6 +3,16 @@
 All derive from ValueError so callers that only know "bad input" still catch them.
 """
 
+__all__ = [
+    "CBAMError",
+    "SpecError",
+    "InputError",
+    "WeightsError",
+    "CheckpointError",
+    "DataError",
+    "expect_instance",
+]
+
 
 class CBAMError(ValueError):
     """Base class of every error this package raises on purpose."""
@@ -31,3 +41,10 @@ class DataError(CBAMError):
 class SpecMismatchError(WeightsError, CheckpointError):
     """A checkpoint was written for a spec whose maths differs from the one it is loaded into (same tensor
     shapes or not); the message lists the differing fields."""
+
+
+def expect_instance(value, cls: type, what: str):
+    """``value`` itself if it is a ``cls``; else a TypeError naming ``what`` was expected and what came."""
+    if not isinstance(value, cls):
+        raise TypeError(f"expected {what}, got {type(value).__name__}")
+    return value

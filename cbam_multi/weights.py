@@ -8,14 +8,13 @@ Works for any spec object with ``param_shapes()``, ``param_inits()``, ``to_json(
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
-
-import dataclasses
 
 from cbam_multi.errors import CheckpointError, SpecError, SpecMismatchError, WeightsError
 from cbam_multi.spec import CBAMSpec
@@ -117,7 +116,7 @@ def read_checkpoint(path) -> tuple[Weights, dict[str, str]]:
     try:
         with safe_open(str(path), framework="numpy") as f:
             metadata = dict(f.metadata() or {})
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118  (safe_open is not a dict)
     except (SafetensorError, ValueError, OSError) as e:
         raise CheckpointError(f"{path}: not a valid safetensors checkpoint (truncated or corrupt?): {e}") from None
     return tensors, metadata

@@ -12,24 +12,24 @@ Also: the tie rules' routing against the oracle's `max_routing`, and the hidden 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 jax = pytest.importorskip("jax")
-import jax.numpy as jnp  # noqa: E402
-import torch.nn as nn  # noqa: E402
+import jax.numpy as jnp
+import torch.nn as nn
 
-from benchmarks import anchors as A  # noqa: E402
-from cbam_multi import CBAMSpec  # noqa: E402
-from cbam_multi.jax import functional as JF  # noqa: E402
-from cbam_multi.parity import TOLERANCES, RunResult, max_abs, rel_err, run_torch, tie_input  # noqa: E402
-from cbam_multi.reference import cbam_forward, max_routing  # noqa: E402
-from cbam_multi.torch import from_official_state_dict, from_timm_state_dict, to_timm_state_dict  # noqa: E402
-from cbam_multi.torch import functional as TF  # noqa: E402
+from benchmarks import anchors as A
+from cbam_multi import CBAMSpec
+from cbam_multi.jax import functional as JF
+from cbam_multi.parity import TOLERANCES, RunResult, max_abs, rel_err, run_torch, tie_input
+from cbam_multi.reference import cbam_forward, max_routing
+from cbam_multi.torch import from_official_state_dict, from_timm_state_dict, to_timm_state_dict
+from cbam_multi.torch import functional as TF
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ def _random_canonical(spec: CBAMSpec) -> dict[str, np.ndarray]:
 
 def _run_jax(spec, weights, x, g, dtype: str, train: bool) -> RunResult:
     """`cbam_multi.jax.functional.cbam` under one jit of its gradient (one compile per case: fast)."""
-    nhwc = lambda a: jnp.asarray(np.transpose(a, (0, 2, 3, 1)), dtype)  # noqa: E731
+    nhwc = lambda a: jnp.asarray(np.transpose(a, (0, 2, 3, 1)), dtype)
     params = {n: jnp.asarray(a, dtype) for n, a in weights.items()}
     gj = nhwc(g)
 

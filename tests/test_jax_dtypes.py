@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 jax = pytest.importorskip("jax")
-import jax.numpy as jnp  # noqa: E402
+import jax.numpy as jnp
 
-import cbam_multi.jax as cj  # noqa: E402
-from cbam_multi import CBAMSpec, InputError, MNISTNetSpec  # noqa: E402
-from cbam_multi.jax import linen as L  # noqa: E402
-from cbam_multi.reference import cbam_forward  # noqa: E402
+import cbam_multi.jax as cj
+from cbam_multi import CBAMSpec, InputError, MNISTNetSpec
+from cbam_multi.jax import linen as L
+from cbam_multi.reference import cbam_forward
 
 SPEC = CBAMSpec.official(16)
 F32, F64, BF16 = jnp.float32, jnp.float64, jnp.bfloat16
@@ -74,7 +74,9 @@ def test_float64_input_is_not_rounded_to_float32():
 
 
 def test_mnist_model_raises_on_another_input_dtype_like_torch():
-    model = cj.MNISTNet(MNISTNetSpec(conv_channels=(4, 8), dense=8), dtype=F32)
+    from cbam_multi.jax.models import MNISTNet
+
+    model = MNISTNet(MNISTNetSpec(conv_channels=(4, 8), dense=8), dtype=F32)
     with pytest.raises(InputError, match="float64.*computes in float32"):
         model(jnp.zeros((1, 28, 28, 1), F64))
 

@@ -7,12 +7,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 jax = pytest.importorskip("jax")
-import jax.numpy as jnp  # noqa: E402
+import jax.numpy as jnp
 
-import cbam_multi.jax.model as jm  # noqa: E402
-import cbam_multi.torch.model as tm  # noqa: E402
-from cbam_multi.model import MNISTNetSpec  # noqa: E402
-from cbam_multi.weights import init_weights  # noqa: E402
+import cbam_multi.jax.models as jm
+import cbam_multi.torch.models as tm
+from cbam_multi.models import MNISTNetSpec
+from cbam_multi.weights import init_weights
 
 
 def _images():
@@ -24,10 +24,10 @@ def _images():
 
 def _input_grads(spec, w, x):
     g = np.random.default_rng(1).normal(size=(2, spec.num_classes))
-    tmod = tm.import_weights(tm.MNISTNet(spec, dtype=torch.float64), w).eval()
+    tmod = tm.import_model_weights(tm.MNISTNet(spec, dtype=torch.float64), w).eval()
     xt = torch.tensor(x, requires_grad=True)
     (tmod(xt) * torch.tensor(g)).sum().backward()
-    jmod = jm.import_weights(jm.MNISTNet(spec, dtype=jnp.float64), w)
+    jmod = jm.import_model_weights(jm.MNISTNet(spec, dtype=jnp.float64), w)
     jmod.eval()
     gx = jax.jit(jax.grad(lambda v: (jmod(v) * jnp.asarray(g)).sum()))(jnp.asarray(np.transpose(x, (0, 2, 3, 1))))
     return xt.grad.numpy(), np.transpose(np.asarray(gx), (0, 3, 1, 2))

@@ -15,12 +15,14 @@ from cbam_multi.weights import spec_differences
 
 torch = pytest.importorskip("torch")
 jnp = pytest.importorskip("jax.numpy")
-import cbam_multi.jax as cj  # noqa: E402
-import cbam_multi.torch as ct  # noqa: E402
+import cbam_multi.jax as cj
+import cbam_multi.torch as ct
 
 # (checkpoint spec, module spec, the fields the message must name): same tensor shapes in every row
 MISMATCHES = {
-    "concat_order": (CBAMSpec.official(32, concat_order=("max", "mean")), CBAMSpec.official(32, concat_order=("mean", "max")), ["concat_order"]),
+    "concat_order": (
+        CBAMSpec.official(32, concat_order=("max", "mean")), CBAMSpec.official(32, concat_order=("mean", "max")), ["concat_order"]
+    ),
     "extra_pools": (CBAMSpec.seed(16, channel_pools=("avg", "max", "lp", "lse")), CBAMSpec.seed(16), ["channel_pools"]),
     "tie_rule": (CBAMSpec.seed(16, tie_rule="split"), CBAMSpec.seed(16), ["tie_rule"]),
     "act_and_gate": (CBAMSpec.timm(16, mlp_act="silu", gate="hard_sigmoid"), CBAMSpec.timm(16), ["gate", "mlp_act"]),
