@@ -3,7 +3,15 @@
 Framework-free core; pick a backend by import: ``import cbam_multi.torch`` or ``import cbam_multi.jax``.
 """
 
-from cbam_multi.errors import CBAMError, CheckpointError, DataError, InputError, SpecError, WeightsError
+from cbam_multi.errors import (
+    CBAMError,
+    CheckpointError,
+    DataError,
+    InputError,
+    SpecError,
+    SpecMismatchError,
+    WeightsError,
+)
 from cbam_multi.models import MNISTNetSpec  # importing it registers the spec type for checkpoints
 from cbam_multi.spec import CBAMSpec
 from cbam_multi.weights import init_weights, load_weights, save_weights, validate_weights
@@ -18,6 +26,7 @@ __all__ = [
     "DataError",
     "InputError",
     "SpecError",
+    "SpecMismatchError",
     "WeightsError",
     "init_weights",
     "load_weights",
