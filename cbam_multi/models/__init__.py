@@ -1,0 +1,1 @@
+"""Framework-free model specs and their float64 NumPy oracles, one file per family."""
