@@ -6,6 +6,7 @@ Framework-free core; pick a backend by import: ``import cbam_multi.torch`` or ``
 from cbam_multi import model as _model  # noqa: F401  (registers MNISTNetSpec for checkpoints)
 from cbam_multi.errors import CBAMError, CheckpointError, DataError, InputError, SpecError, WeightsError
 from cbam_multi.model import MNISTNetSpec
+from cbam_multi.models.resnet import ResNetSpec  # registers ResNetSpec for checkpoints
 from cbam_multi.spec import CBAMSpec
 from cbam_multi.weights import init_weights, load_weights, save_weights, validate_weights
 
@@ -14,6 +15,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CBAMSpec",
     "MNISTNetSpec",
+    "ResNetSpec",
     "CBAMError",
     "CheckpointError",
     "DataError",
