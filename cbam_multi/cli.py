@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_evaluate_parser(sub)
     add_plot_parser(sub)
+    add_convert_parser(sub)
     return parser
 
 
@@ -295,6 +296,51 @@ def cmd_plot(args: argparse.Namespace) -> int:
     n = args.n_images
     path = plots.plot_attention(checkpoint, ds.test_images[:n], ds.test_labels[:n], out / "attention.png")
     print(f"attention: {path}")
+    return 0
+
+
+# ---------------------------------------------------------------- convert (ResNet checkpoints)
+CONVERT_FORMATS = ("canonical", "official", "timm", "torchvision")
+
+
+def add_convert_parser(sub) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="convert ResNet(-CBAM) checkpoints: official / timm / torchvision <-> canonical safetensors; --list the CBAM blocks",
+    )
+    p.add_argument("input", help="checkpoint file (.pth/.pth.tar/.pt: needs torch; .safetensors: does not)")
+    p.add_argument("output", nargs="?", help="file to write (canonical/timm/torchvision: .safetensors or .pth; official: .pth)")
+    p.add_argument("--from", dest="src", choices=CONVERT_FORMATS, help="format of INPUT")
+    p.add_argument("--to", dest="dst", choices=CONVERT_FORMATS, help="format of OUTPUT")
+    p.add_argument("--add-cbam", metavar="PRESET", choices=CBAMSpec.PRESETS, default=None,
+                   help="with --from torchvision: load the plain backbone into a ResNet-CBAM, initialising the CBAM blocks")
+    p.add_argument("--init", choices=("official", "canonical"), default="official", help="init of added CBAM blocks (default official)")
+    p.add_argument("--seed", type=int, default=0, help="seed of added CBAM blocks")
+    p.add_argument("--list", action="store_true", help="list the CBAM blocks in INPUT (prefix, channels, hidden, preset) and exit")
+    p.set_defaults(func=cmd_convert)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from cbam_multi.errors import CBAMError
+    from cbam_multi.models import resnet_convert as rc
+
+    try:
+        if args.list:
+            blocks = rc.list_cbam_blocks(args.input)
+            for b in blocks:
+                print(f"{b['prefix']:<24} {b['format']:<10} channels {b['channels']:>5}  hidden {b['hidden']:>4}  preset {b['preset']}")
+            print(f"{len(blocks)} CBAM block(s)")
+            return 0
+        if not (args.output and args.src and args.dst):
+            print("cbam-multi convert: give INPUT OUTPUT --from FORMAT --to FORMAT (or INPUT --list)", file=sys.stderr)
+            return 2
+        report = rc.convert(args.input, args.output, args.src, args.dst, add_cbam_preset=args.add_cbam, seed=args.seed, init=args.init)
+    except CBAMError as e:
+        print(f"cbam-multi convert: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {report['out']}: {report['tensors']} tensors, {report['spec']}")
+    if report["initialised"]:
+        print(f"initialised {len(report['initialised'])} CBAM tensors: {', '.join(report['initialised'][:6])} ...")
     return 0
 
 

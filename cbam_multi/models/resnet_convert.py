@@ -347,6 +347,8 @@ def convert(src_path, dst_path, src: str, dst: str, *, add_cbam_preset: str | No
     (``.safetensors`` without torch, else ``.pth``). Returns a report: spec, initialised names, output path.
     """
     initialised: list[str] = []
+    if dst == "official" and str(dst_path).endswith(".safetensors"):
+        raise CheckpointError(f"{dst_path}: official checkpoints are torch.save files: use a .pth or .pth.tar name")
     if src == "canonical":
         weights, spec = load_weights(src_path)
         if not isinstance(spec, ResNetSpec):
