@@ -1,11 +1,13 @@
 """`cbam-multi` command line: a thin layer over the library. Each subcommand lives in one function.
 
-    cbam-multi parity [--preset P ...] [--dtype D ...] [--backends torch jax] [--compile]
+    cbam-multi parity [--preset P ...] [--dtype D ...] [--backends torch jax] [--compile] [--model resnet18|resnet50]
     cbam-multi parity --train [--steps 200] [--dtype D ...]       # torch vs JAX training trajectories
     cbam-multi train --backend torch|jax [--epochs N --batch-size B --lr LR --seed S --no-cbam --dataset D
                      --data-dir DIR --n-train N --n-test N --out DIR --resume --init-from CKPT --dtype D ...]
                      [--distributed]   # data parallel: torchrun (torch DDP) / multi-host JAX; see docs/SCALE_OUT.md
     cbam-multi evaluate --backend torch|jax --checkpoint CKPT_OR_RUN_DIR [--dataset D --data-dir DIR ...]
+    cbam-multi convert IN OUT --from official|timm|torchvision|canonical --to ... [--add-cbam PRESET]
+    cbam-multi convert IN --list                                   # the CBAM blocks of a checkpoint
 """
 
 from __future__ import annotations
@@ -27,11 +29,18 @@ def cmd_parity(args: argparse.Namespace) -> int:
     jax.config.update("jax_default_matmul_precision", "highest")
     from cbam_multi.parity import CASES, check_case, format_table
 
-    cases = [c for c in CASES if c.preset in args.preset]
     rows = []
-    for case in cases:
-        for dtype in args.dtype:
-            rows += check_case(case, dtype, backends=tuple(args.backends), with_compile=args.compile or None)
+    if args.model != "cbam":  # whole networks: torch vs JAX vs the float64 oracle
+        from cbam_multi import parity_resnet
+
+        depth = int(args.model[len("resnet"):])
+        for case in [c for c in parity_resnet.RESNET_CASES if c.depth == depth]:
+            for dtype in args.dtype:
+                rows += parity_resnet.check_case(case, dtype, backends=tuple(args.backends))
+    else:
+        for case in [c for c in CASES if c.preset in args.preset]:
+            for dtype in args.dtype:
+                rows += check_case(case, dtype, backends=tuple(args.backends), with_compile=args.compile or None)
     print(format_table(rows))
     failed = [r for r in rows if not r.ok]
     print(f"\n{len(rows) - len(failed)} passed, {len(failed)} failed")
@@ -46,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", nargs="+", choices=CBAMSpec.PRESETS, default=list(CBAMSpec.PRESETS))
     p.add_argument("--dtype", nargs="+", choices=("float64", "float32"), default=["float64", "float32"])
     p.add_argument("--backends", nargs="+", choices=("torch", "jax"), default=["torch", "jax"])
+    p.add_argument("--model", choices=("cbam", "resnet18", "resnet50"), default="cbam",
+                   help="cbam: the CBAM block cases (default); resnet18 / resnet50: whole ResNet-CBAM networks")
     p.add_argument("--compile", action="store_true", help="compare torch.compile with eager on every case (slow)")
     p.add_argument("--train", action="store_true", help="instead: torch vs JAX MNIST training trajectories (loss per step)")
     p.add_argument("--steps", type=int, default=200, help="with --train: optimizer steps (default 200)")

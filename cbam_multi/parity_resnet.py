@@ -175,7 +175,7 @@ def trajectory(spec: ResNetSpec, steps: int = 20, batch: int = 8, size: int = 32
         loss = torch.nn.functional.cross_entropy(model(torch.tensor(x, dtype=td)), torch.tensor(y))
         loss.backward()
         opt.step()
-        torch_losses.append(float(loss))
+        torch_losses.append(float(loss.detach()))
 
     jd = getattr(jnp, dtype)
     step = make_train_step(spec, optax.sgd(lr, momentum=momentum))
