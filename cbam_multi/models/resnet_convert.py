@@ -37,7 +37,14 @@ from cbam_multi.checkpoint_keys import (
 from cbam_multi.errors import CheckpointError, WeightsError
 from cbam_multi.models.resnet import DEPTHS, ResNetSpec
 from cbam_multi.spec import CBAMSpec
-from cbam_multi.weights import atomic_write_bytes, init_weights, load_weights, read_checkpoint, save_weights, validate_weights
+from cbam_multi.weights import (
+    atomic_write_bytes,
+    init_weights,
+    load_weights,
+    read_checkpoint,
+    save_weights,
+    validate_weights,
+)
 
 __all__ = [
     "FORMATS",
