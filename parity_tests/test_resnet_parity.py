@@ -5,6 +5,7 @@ Torch and JAX against the float64 NumPy oracle (logits, BN running statistics in
 ResNet-18-CBAM (CIFAR stem, batch 8, 32x32) in float64. Tolerances: `cbam_multi.parity.RESNET_TOLERANCES`.
 """
 
+import numpy as np
 import pytest
 
 pytest.importorskip("torch", reason="parity needs the torch extra")
@@ -35,5 +36,5 @@ def test_resnet_parity(case, dtype):
 def test_resnet18_cbam_sgd_trajectory_float64():
     result = trajectory(ResNetSpec(18, "cifar", num_classes=10), steps=20, batch=8, size=32, dtype="float64")
     assert len(result["torch"]) == 20
-    assert result["torch"][-1] < result["torch"][0]  # it trains
+    assert np.isfinite(result["torch"]).all() and np.ptp(result["torch"]) > 0.1  # the weights move (random labels: no trend)
     assert result["max_rel"] <= RESNET_TRAJECTORY_TOLERANCE, (result["max_rel"], result["torch"], result["jax"])

@@ -177,3 +177,13 @@ def test_cbam_spec_of_blocks():
     spec = ResNetSpec(depth=50, cbam_preset="timm")
     assert spec.cbam_blocks()["layer2.0.cbam"] == CBAMSpec.timm(512)
     assert ResNetSpec(attention="none").cbam_blocks() == {}
+
+
+def test_cli_parity_resnet18_torch_float64(capsys):
+    pytest.importorskip("torch")
+    pytest.importorskip("jax")
+    from cbam_multi.cli import main
+
+    assert main(["parity", "--model", "resnet18", "--dtype", "float64", "--backends", "torch"]) == 0
+    out = capsys.readouterr().out
+    assert "resnet18-cifar-official-B2-32x32-train" in out and "torch~oracle" in out and "FAIL" not in out

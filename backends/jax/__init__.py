@@ -35,3 +35,4 @@ __all__ = [
 # MNIST classifier and training, importable here but not (yet) in __all__ (whole-model canonical weights: cbam_multi.jax.model.export_weights / import_weights)
 from cbam_multi.jax.model import MNISTNet  # noqa: E402
 from cbam_multi.jax.train import evaluate, train_and_evaluate  # noqa: E402
+from cbam_multi.jax.models.resnet import ResNet  # noqa: E402  (cbam_multi.jax.models: the networks)

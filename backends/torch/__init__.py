@@ -34,3 +34,4 @@ __all__ = [
 # MNIST classifier and training, importable here but not (yet) in __all__ (whole-model canonical weights: cbam_multi.torch.model.export_weights / import_weights)
 from .model import MNISTNet  # noqa: E402
 from .train import evaluate, train_and_evaluate  # noqa: E402
+from .models.resnet import ResNet  # noqa: E402  (cbam_multi.torch.models: the networks)
