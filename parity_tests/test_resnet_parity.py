@@ -24,6 +24,7 @@ def _marks(case):
 @pytest.mark.parametrize("case", [pytest.param(c, marks=_marks(c), id=c.id) for c in RESNET_CASES])
 def test_resnet_parity(case, dtype):
     rows = check_case(case, dtype)
+    print(format_table(rows))  # the figures (pytest -rA shows them)
     checks = {(r.check, r.quantity) for r in rows}
     assert {("torch~oracle", "logits"), ("jax~oracle", "logits"), ("torch~jax", "grad")} <= checks
     if case.train:
