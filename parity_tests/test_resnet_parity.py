@@ -17,7 +17,9 @@ from cbam_multi.parity_resnet import RESNET_CASES, check_case, trajectory  # noq
 
 
 def _marks(case):
-    return [pytest.mark.slow] if case.depth >= 50 else []
+    # one quick case (ResNet-18-CBAM, CIFAR stem, train-mode BN) outside the slow set; each case compiles its
+    # JAX gradient function once per dtype (several seconds on 2 cores)
+    return [] if case == RESNET_CASES[0] else [pytest.mark.slow]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
