@@ -195,6 +195,12 @@ def _run(args, device) -> dict:
             else:
                 log(f"    {c.name:24s} {r.get('skipped') or r.get('error')}")
             rows.append(row)
+        _write(args, stem, env, runner, depth, batch, size, modes, pids, rows, t_start, log)  # after every mode
+    return _write(args, stem, env, runner, depth, batch, size, modes, pids, rows, t_start, log)
+
+
+def _write(args, stem, env, runner, depth, batch, size, modes, pids, rows, t_start, log) -> dict:
+    """JSON + markdown of the rows so far (a long run keeps its finished modes if it is stopped)."""
     env["loadavg_end"] = common.loadavg()
     env["wall_s"] = round(time.perf_counter() - t_start, 1)
     payload = {
