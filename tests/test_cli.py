@@ -27,7 +27,7 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 def test_every_option_has_help_and_data_dir_help_states_the_policy():
     parser = cli.build_parser()
     subs = _subparsers(parser)
-    assert set(subs) == {"parity", "train", "evaluate", "plot"}
+    assert set(subs) == {"parity", "train", "evaluate", "plot", "convert"}
     for name, sub in subs.items():
         for action in sub._actions:
             if isinstance(action, argparse._HelpAction):
