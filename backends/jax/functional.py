@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cbam_multi.errors import InputError, WeightsError
-from cbam_multi.spec import CBAMSpec
+from cbam_multi.spec import CBAMSpec, require_spec
 from cbam_multi.weights import init_weights
 
 Params = Mapping[str, jax.Array]
@@ -37,7 +37,7 @@ __all__ = ["channel_attention", "spatial_attention", "spatial_gate", "cbam", "in
 # ------------------------------------------------------------------ static checks (trace time)
 def check_input(x, spec: CBAMSpec, *, train: bool = False) -> None:
     """Raise InputError for a bad input; shape/dtype only, so it is safe inside ``jit``."""
-    spec.check_input(x.shape, str(x.dtype), "NHWC")
+    require_spec(spec).check_input(x.shape, str(x.dtype), "NHWC")
     if train and spec.has_norm:
         n = x.shape[0] * x.shape[1] * x.shape[2]
         if n < 2:

@@ -20,7 +20,7 @@ import flax.linen as nn
 
 from cbam_multi.jax import functional as F
 from cbam_multi.jax.weights import export_variables, import_variables, init_variables
-from cbam_multi.spec import CBAMSpec
+from cbam_multi.spec import CBAMSpec, require_spec
 
 __all__ = ["ChannelAttention", "SpatialAttention", "CBAM", "init_variables", "export_variables", "import_variables"]
 
@@ -73,6 +73,7 @@ class _Gate(nn.Module):
     part = None  # set by subclasses
 
     def setup(self):
+        require_spec(self.spec)
         # Attribute name = canonical layer name ("fc1", "conv", "bn"), hence the variable paths.
         for layer in _layers(self.spec, self.part):
             setattr(self, layer.split(".")[1], _Layer(self.spec, self.seed, self.dtype, layer))
@@ -116,6 +117,7 @@ class CBAM(nn.Module):
     dtype: Any = jnp.float32
 
     def setup(self):
+        require_spec(self.spec)
         self.channel = ChannelAttention(self.spec, self.seed, self.dtype)
         self.spatial = SpatialAttention(self.spec, self.seed, self.dtype)
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cbam_multi.jax import functional as F
-from cbam_multi.spec import CBAMSpec
+from cbam_multi.spec import CBAMSpec, require_spec
 
 __all__ = ["ChannelAttention", "SpatialAttention", "CBAM"]
 
@@ -32,6 +32,7 @@ class _Layer(nnx.Module):
 
 def _build(module: nnx.Module, spec: CBAMSpec, part: str, dtype, seed: int) -> None:
     """Create the Param/BatchStat leaves of ``part`` on ``module`` at their canonical sub-paths."""
+    require_spec(spec)
     kinds = spec.param_kinds()
     for name, value in F.init_params(spec, seed, dtype, part=part).items():
         _, layer, leaf = name.split(".")
