@@ -26,3 +26,7 @@ class CheckpointError(CBAMError):
 
 class DataError(CBAMError):
     """A dataset file is missing, truncated, corrupt, has the wrong magic or a bad checksum."""
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint loaded, but something about it deserves attention (e.g. it predates the integrity digest)."""
