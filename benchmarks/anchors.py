@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -171,7 +171,7 @@ def real_timm_cbam():
         from timm.layers import CbamModule
 
         return CbamModule, getattr(timm, "__version__", "?")
-    except BaseException as e:  # noqa: BLE001 - ImportError, RuntimeError from torchvision, ...
+    except BaseException as e:
         if isinstance(e, KeyboardInterrupt):
             raise
         reason = f"{type(e).__name__}: {e}".splitlines()[0][:200]

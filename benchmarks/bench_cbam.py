@@ -133,7 +133,7 @@ def torch_cases(pids, shape, dtype_name, mode, device, args, log) -> list[Case]:
 
     dt = _torch_dtype(dtype_name)
     sync = common.torch_sync(device)
-    b, c, h, w = shape
+    _, c, _, _ = shape
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=gen).to(device=device, dtype=dt)
     dy = torch.randn(shape, generator=gen).to(device=device, dtype=dt)
@@ -240,7 +240,7 @@ def jax_cases(pids, shape, dtype_name, mode, args, log) -> list[Case]:
         if mode == "fwd":
             model.eval()
             nnx_fwd = nnx.jit(lambda m, x: m(x), **jit_kw)
-            fn = lambda nnx_fwd=nnx_fwd, model=model: nnx_fwd(model, x).block_until_ready()  # noqa: E731
+            fn = lambda nnx_fwd=nnx_fwd, model=model: nnx_fwd(model, x).block_until_ready()
         else:
             model.train()
 
@@ -248,7 +248,7 @@ def jax_cases(pids, shape, dtype_name, mode, args, log) -> list[Case]:
                 return nnx.grad(lambda m, x: jnp.sum(m(x) * dy), argnums=(0, 1))(m, x)
 
             nnx_fb = nnx.jit(_fb, **jit_kw)
-            fn = lambda nnx_fb=nnx_fb, model=model: jax.block_until_ready(nnx_fb(model, x, dy))  # noqa: E731
+            fn = lambda nnx_fb=nnx_fb, model=model: jax.block_until_ready(nnx_fb(model, x, dy))
         cases.append(Case(pid, fn, {"label": PATHS[pid][0]}))
     if "nnx_split_jit" in pids:
         # the same NNX module, split once into (graphdef, state) outside the jitted function: no per-call
@@ -258,7 +258,7 @@ def jax_cases(pids, shape, dtype_name, mode, args, log) -> list[Case]:
             model.eval()
             gdef, state = nnx.split(model)
             split_fwd = jax.jit(lambda state, x: nnx.merge(gdef, state)(x))
-            fn = lambda: split_fwd(state, x).block_until_ready()  # noqa: E731
+            fn = lambda: split_fwd(state, x).block_until_ready()
         else:
             model.train()
             gdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -267,17 +267,17 @@ def jax_cases(pids, shape, dtype_name, mode, args, log) -> list[Case]:
                 return jnp.sum(nnx.merge(gdef, params, rest)(x) * dy)
 
             split_fb = jax.jit(jax.grad(_split_loss, argnums=(0, 1)))
-            fn = lambda: jax.block_until_ready(split_fb(params, x, rest, dy))  # noqa: E731
+            fn = lambda: jax.block_until_ready(split_fb(params, x, rest, dy))
         cases.append(Case("nnx_split_jit", fn, {"label": PATHS["nnx_split_jit"][0]}))
     if "linen_jit" in pids:
         mod = linen.CBAM(spec, seed=0, dtype=dt)
         variables = init_variables(spec, 0, dt)
         if mode == "fwd":
             linen_fwd = jax.jit(lambda v, x: mod.apply(v, x))
-            fn = lambda: linen_fwd(variables, x).block_until_ready()  # noqa: E731
+            fn = lambda: linen_fwd(variables, x).block_until_ready()
         else:
             linen_fb = jax.jit(jax.grad(lambda v, x, dy: jnp.sum(mod.apply(v, x) * dy), argnums=(0, 1)))
-            fn = lambda: jax.block_until_ready(linen_fb(variables, x, dy))  # noqa: E731
+            fn = lambda: jax.block_until_ready(linen_fb(variables, x, dy))
         cases.append(Case("linen_jit", fn, {"label": PATHS["linen_jit"][0]}))
     return cases
 
@@ -335,8 +335,8 @@ def _run(args, device) -> dict:
 
     jax_ok, jax_err = True, None
     try:
-        import jax  # noqa: F401
         import flax  # noqa: F401
+        import jax  # noqa: F401
     except Exception as e:  # torch-only install: report the JAX rows as unavailable
         jax_ok, jax_err = False, f"{type(e).__name__}: {e}"
 
@@ -387,7 +387,8 @@ def _run(args, device) -> dict:
                     if "median_ms" in r:
                         log(f"    {cs.name:18s} {r['median_ms']:9.3f} ms  (x{row.get('x_limit_same_rounds')} same-rounds limit, "
                             f"x{row['x_limit']:.2f} provisional peak limit, first call "
-                            f"{r['first_call_s']:.2f} s, foreign load {r.get('foreign_load')}, page faults/call {r.get('page_faults_per_call')})")
+                            f"{r['first_call_s']:.2f} s, foreign load {r.get('foreign_load')}, "
+                            f"page faults/call {r.get('page_faults_per_call')})")
                     else:
                         log(f"    {cs.name:18s} {r.get('skipped') or r.get('error')}")
     env["loadavg_end"] = common.loadavg()

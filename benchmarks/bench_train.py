@@ -6,7 +6,7 @@
 
 Writes ``<out>/train[_quick|_smoke].json`` and ``.md`` (default out: benchmarks/results/).
 
-1. MNIST (`cbam_multi.model.MNISTNetSpec`, default net, with ``cbam=True`` and ``cbam=False``): the
+1. MNIST (`cbam_multi.models.MNISTNetSpec`, default net, with ``cbam=True`` and ``cbam=False``): the
    backends' own trainers (`cbam_multi.torch.train.TorchTrainer`, `cbam_multi.jax.train.JaxTrainer`,
    the objects `train_and_evaluate` drives), fed a fixed synthetic batch of MNIST shape (N, 28, 28, 1)
    so no data files are needed. One timed sample = ``k`` train steps (forward, backward, optimizer
@@ -60,10 +60,10 @@ def mnist_cases(args, batch, steps, log) -> tuple[list[Case], dict]:
     """One Case per (backend, cbam on/off): ``steps`` train steps + loss fetch."""
     info: dict = {}
     try:
-        from cbam_multi.config import TrainConfig
-        from cbam_multi.model import MNISTNetSpec
+        from cbam_multi.models import MNISTNetSpec
+        from cbam_multi.training.config import TrainConfig
     except Exception as e:
-        return [], {"unavailable": f"cbam_multi.config / MNISTNetSpec: {type(e).__name__}: {e}"}
+        return [], {"unavailable": f"cbam_multi.training.config / MNISTNetSpec: {type(e).__name__}: {e}"}
     trainers = {}
     try:
         from cbam_multi.torch.train import TorchTrainer
@@ -79,7 +79,7 @@ def mnist_cases(args, batch, steps, log) -> tuple[list[Case], dict]:
         info["jax"] = f"cbam_multi.jax.train unavailable: {type(e).__name__}: {e}"
 
     rng = np.random.default_rng(0)
-    x = rng.random((batch, 28, 28, 1), dtype=np.float32)  # NHWC, as cbam_multi.data yields batches
+    x = rng.random((batch, 28, 28, 1), dtype=np.float32)  # NHWC, as cbam_multi.training.data yields batches
     y = rng.integers(0, 10, size=batch).astype(np.int64)
     cases = []
     variants = [("torch", False), ("jax", False)]
@@ -258,7 +258,8 @@ def _run(args, device) -> dict:
                 r = {"name": c.name, "shape": list(shape), "quiet_wait": quiet, **res.get(c.name, c.meta)}
                 if "median_ms" in r:
                     r["us_per_image"] = round(r["median_ms"] * 1e3 / shape[0], 2)
-                    log(f"    {c.name:22s} {r['median_ms']:9.3f} ms/step ({r['us_per_image']} us/img, first {r['first_call_s']} s, foreign load {r.get('foreign_load')})")
+                    log(f"    {c.name:22s} {r['median_ms']:9.3f} ms/step ({r['us_per_image']} us/img, first {r['first_call_s']} s, "
+                        f"foreign load {r.get('foreign_load')})")
                 payload["block"].append(r)
     env["loadavg_end"] = common.loadavg()
     env["wall_s"] = round(time.perf_counter() - t0, 1)
@@ -305,7 +306,8 @@ def markdown(payload) -> str:
         for r in m["rows"]:
             if "median_ms" in r:
                 table.append([r["label"], "yes" if r["cbam"] else "no", f"{r['images_per_s']:.0f}", f"{r['us_per_image']:.1f}",
-                              r.get("trainer_compile_s") if r["backend"] == "jax" else (r.get("compile_s") if r.get("torch_compile") else "-"),
+                              r.get("trainer_compile_s") if r["backend"] == "jax"
+                              else (r.get("compile_s") if r.get("torch_compile") else "-"),
                               r.get("foreign_load")])
             else:
                 table.append([r.get("label", r["name"]), "yes" if r.get("cbam") else "no", r.get("error") or r.get("skipped"), "", "", ""])

@@ -25,11 +25,14 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
+
+from cbam_multi.jsondata import json_default
+from cbam_multi.machine import cpu_flags, cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results"
@@ -76,19 +79,9 @@ def torch_bf16_supported(device: str) -> tuple[bool, str]:
         ok = torch.cuda.is_bf16_supported()
         return ok, "torch.cuda.is_bf16_supported()" if ok else "GPU lacks bf16"
     # CPU: bf16 kernels always exist; native bf16 arithmetic needs avx512_bf16 / amx (else emulated).
-    flags = _cpu_flags()
+    flags = cpu_flags()
     native = "avx512_bf16" in flags or "amx_bf16" in flags
     return True, "native (avx512_bf16)" if native else "emulated (no avx512_bf16: converts through float32)"
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 # ------------------------------------------------------------------ foreign CPU load
@@ -262,7 +255,7 @@ def _minflt() -> int:
         return 0
 
 
-def run_group(runner: "Runner", cases: list[Case], wait_quiet_s: float = 0.0, retries: int = 2,
+def run_group(runner: Runner, cases: list[Case], wait_quiet_s: float = 0.0, retries: int = 2,
               max_foreign: float = 0.3, log: Callable[[str], None] = print) -> tuple[dict[str, dict], dict | None]:
     """`Runner.run` on a shared machine: wait for quiet CPUs first (``wait_quiet_s`` > 0) and time the
     group again (up to ``retries`` times) when other processes took more than ``max_foreign`` cores
@@ -318,7 +311,7 @@ def run_benchmark(args, run: Callable) -> dict:
 def add_malloc_arg(parser) -> None:
     parser.add_argument(
         "--malloc", choices=("steady", "default"), default="steady",
-        help="steady (default): keep freed memory in the heap (cbam_multi.heap.keep_heap), so every path's "
+        help="steady (default): keep freed memory in the heap (cbam_multi.training.heap.keep_heap), so every path's "
         "buffers are reused instead of page-faulted in again on each call; default: glibc as it is",
     )
 
@@ -327,7 +320,7 @@ def setup_malloc(choice: str) -> dict:
     """Apply ``--malloc`` before the first large allocation; the returned record goes into the JSON."""
     if choice == "default":
         return {"applied": False, "reason": "--malloc default (glibc's own mmap / trim thresholds)"}
-    from cbam_multi.heap import keep_heap
+    from cbam_multi.training.heap import keep_heap
 
     return keep_heap()
 
@@ -357,7 +350,7 @@ def copy_bandwidth(device: str = "cpu", nbytes: int = 256 * 2**20, reps: int = 1
             ts.append(time.perf_counter() - t0)
         return min(ts)
 
-    t = best(lambda: (b.copy_(a), sync()))
+    t = best(lambda: (b.copy_(a), sync()))  # noqa: F821  (a and b are deleted after this call, not before)
     out["torch_copy_gbps"] = round(2 * nbytes / t / 1e9, 2)
     out["torch_threads"] = torch.get_num_threads()
     del a, b
@@ -403,16 +396,6 @@ def _version(pkg: str) -> str | None:
         return None
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _l3_cache() -> str | None:
     p = Path("/sys/devices/system/cpu/cpu0/cache/index3/size")
     try:
@@ -447,7 +430,7 @@ def environment(device: str) -> dict:
     env = {
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "cpu": _cpu_model(),
+        "cpu": (cpu_model() or platform.machine()),
         "cores": n_cores(),
         "l3_cache": _l3_cache(),
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
@@ -494,7 +477,7 @@ def env_markdown(env: dict) -> str:
         lines.append("- Environment: " + ", ".join(f"{k}={val}" for k, val in env["env"].items()))
     if env.get("malloc"):
         m = env["malloc"]
-        lines.append("- Allocator: " + (f"steady heap (cbam_multi.heap.keep_heap: {m['settings']})" if m.get("applied")
+        lines.append("- Allocator: " + (f"steady heap (cbam_multi.training.heap.keep_heap: {m['settings']})" if m.get("applied")
                                          else f"glibc defaults ({m.get('reason')})"))
     return "\n".join(lines)
 
@@ -513,21 +496,11 @@ def md_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(out)
 
 
-def _json_default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    return str(o)
-
-
 def write_outputs(out_dir, stem: str, payload: dict, markdown: str) -> tuple[Path, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     jpath, mpath = out / f"{stem}.json", out / f"{stem}.md"
-    jpath.write_text(json.dumps(payload, indent=1, default=_json_default) + "\n")
+    jpath.write_text(json.dumps(payload, indent=1, default=json_default) + "\n")
     mpath.write_text(markdown.rstrip() + "\n")
     return jpath, mpath
 

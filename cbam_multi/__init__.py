@@ -3,9 +3,8 @@
 Framework-free core; pick a backend by import: ``import cbam_multi.torch`` or ``import cbam_multi.jax``.
 """
 
-from cbam_multi import model as _model  # noqa: F401  (registers MNISTNetSpec for checkpoints)
 from cbam_multi.errors import CBAMError, CheckpointError, DataError, InputError, SpecError, WeightsError
-from cbam_multi.model import MNISTNetSpec
+from cbam_multi.models import MNISTNetSpec  # importing it registers the spec type for checkpoints
 from cbam_multi.spec import CBAMSpec
 from cbam_multi.weights import init_weights, load_weights, save_weights, validate_weights
 

@@ -3,6 +3,16 @@
 All derive from ValueError so callers that only know "bad input" still catch them.
 """
 
+__all__ = [
+    "CBAMError",
+    "SpecError",
+    "InputError",
+    "WeightsError",
+    "CheckpointError",
+    "DataError",
+    "expect_instance",
+]
+
 
 class CBAMError(ValueError):
     """Base class of every error this package raises on purpose."""
@@ -26,6 +36,13 @@ class CheckpointError(CBAMError):
 
 class DataError(CBAMError):
     """A dataset file is missing, truncated, corrupt, has the wrong magic or a bad checksum."""
+
+
+def expect_instance(value, cls: type, what: str):
+    """``value`` itself if it is a ``cls``; else a TypeError naming ``what`` was expected and what came."""
+    if not isinstance(value, cls):
+        raise TypeError(f"expected {what}, got {type(value).__name__}")
+    return value
 
 
 class CheckpointWarning(UserWarning):

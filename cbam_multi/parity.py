@@ -13,8 +13,8 @@ For every case and dtype we compare, on the same input and the same fixed random
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 

@@ -6,7 +6,7 @@ statistics (PyTorch convention, see `cbam_multi.spec`) instead of mutating anyth
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 

@@ -30,14 +30,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 from cbam_multi.errors import InputError, SpecError
+from cbam_multi.jsondata import JsonData
 
 POOLS = ("avg", "max", "lp", "lse")
 GATES = ("sigmoid", "hard_sigmoid")
@@ -53,8 +54,12 @@ SPEC_FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True)
-class CBAMSpec:
+class CBAMSpec(JsonData):
     """One CBAM block, fully specified. Defaults follow the seed blog (r=4, k=3, MLP bias)."""
+
+    JSON_FORMAT = "cbam_multi.CBAMSpec"
+    JSON_VERSION = SPEC_FORMAT_VERSION
+    JSON_ERROR = SpecError
 
     channels: int
     reduction: int = 4
@@ -80,17 +85,17 @@ class CBAMSpec:
 
     # ----------------------------------------------------------------- presets
     @classmethod
-    def seed(cls, channels: int, **overrides) -> "CBAMSpec":
+    def seed(cls, channels: int, **overrides) -> CBAMSpec:
         """The blog this project started from: r=4, 3x3 spatial conv, biases, no BN."""
         return cls(channels, **overrides)
 
     @classmethod
-    def paper(cls, channels: int, **overrides) -> "CBAMSpec":
+    def paper(cls, channels: int, **overrides) -> CBAMSpec:
         """Woo et al. 2018 as described: r=16, 7x7 spatial conv, [mean, max]."""
         return cls(channels, **{"reduction": 16, "spatial_kernel": 7, **overrides})
 
     @classmethod
-    def official(cls, channels: int, **overrides) -> "CBAMSpec":
+    def official(cls, channels: int, **overrides) -> CBAMSpec:
         """Jongchan/attention-module: r=16, k=7, [max, mean], conv without bias + BN(momentum 0.01),
         BN scale zero-initialised (as its ResNet init does for SpatialGate)."""
         return cls(
@@ -108,7 +113,7 @@ class CBAMSpec:
         )
 
     @classmethod
-    def timm(cls, channels: int, **overrides) -> "CBAMSpec":
+    def timm(cls, channels: int, **overrides) -> CBAMSpec:
         """timm ``CbamModule`` defaults: rd_ratio 1/16 rounded (>=1), 1x1-conv MLP without bias,
         k=7, [mean, max], ConvNormAct (conv without bias + BN momentum 0.1)."""
         return cls(
@@ -129,7 +134,7 @@ class CBAMSpec:
     PRESETS = ("seed", "paper", "official", "timm")
 
     @classmethod
-    def preset(cls, name: str, channels: int, **overrides) -> "CBAMSpec":
+    def preset(cls, name: str, channels: int, **overrides) -> CBAMSpec:
         if name not in cls.PRESETS:
             raise SpecError(f"unknown preset {name!r}; choose one of {cls.PRESETS}")
         return getattr(cls, name)(channels, **overrides)
@@ -237,7 +242,7 @@ class CBAMSpec:
         """
         shapes = self.param_shapes()
         inits: dict[str, tuple[str, float]] = {}
-        for name, shape in shapes.items():
+        for name in shapes:
             layer, leaf = name.rsplit(".", 1)
             if layer.endswith(".bn"):
                 value = {"scale": self.norm_gamma_init, "bias": 0.0, "mean": 0.0, "var": 1.0}[leaf]
@@ -296,26 +301,12 @@ class CBAMSpec:
                 f"cast with x.float() / x.astype(jnp.float32)"
             )
 
-    # ---------------------------------------------------------------- JSON
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["channel_pools"] = list(self.channel_pools)
-        d["concat_order"] = list(self.concat_order)
-        return {"format": "cbam_multi.CBAMSpec", "version": SPEC_FORMAT_VERSION, **d}
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
+    # ---------------------------------------------------------------- JSON (`cbam_multi.jsondata.JsonData`)
     @classmethod
-    def from_dict(cls, d: dict) -> "CBAMSpec":
-        fields = plain_data_fields(cls, d, "cbam_multi.CBAMSpec", SPEC_FORMAT_VERSION, SpecError)
+    def _from_fields(cls, fields: dict) -> CBAMSpec:
         if "channels" not in fields:
             raise SpecError("CBAMSpec JSON lacks 'channels'")
         return cls(**fields)
-
-    @classmethod
-    def from_json(cls, text: str) -> "CBAMSpec":
-        return cls.from_dict(json_object(text, "CBAMSpec", SpecError))
 
 
 def require_spec(spec) -> CBAMSpec:
@@ -324,37 +315,6 @@ def require_spec(spec) -> CBAMSpec:
         raise TypeError(f"spec must be a CBAMSpec, got {type(spec).__name__}; build one with CBAMSpec(channels, ...)")
     return spec
 
-
-# ------------------------------------------------------------------ JSON of the plain-data classes
-def json_object(text: str, what: str, error: type[Exception]) -> dict:
-    """``text`` parsed as a JSON object; ``error`` names ``what`` when it is not valid JSON or not an object."""
-    try:
-        d = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise error(f"{what} JSON is not valid JSON: {e}") from None
-    if not isinstance(d, dict):
-        raise error(f"{what} JSON must be an object, got {type(d).__name__}")
-    return d
-
-
-def plain_data_fields(cls, d, fmt: str, version: int, error: type[Exception]) -> dict:
-    """The dataclass fields of ``cls`` in ``d`` (a ``to_dict()`` result or hand-written JSON). The
-    ``format``/``version`` keys may be left out, but must be ``fmt``/``version`` when present; an unknown
-    field name (a typo) is an error rather than silently ignored. Shared by CBAMSpec, MNISTNetSpec and
-    TrainConfig, so their files fail alike."""
-    what = cls.__name__
-    if not isinstance(d, dict):
-        raise error(f"{what} must be given as a dict (JSON object), got {type(d).__name__}")
-    d = dict(d)
-    got_fmt, got_version = d.pop("format", fmt), d.pop("version", version)
-    if got_fmt != fmt:
-        raise error(f"not a {what}: format {got_fmt!r}")
-    if got_version != version:
-        raise error(f"{what} format version {got_version!r} is not supported (this is {version})")
-    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-    if unknown:
-        raise error(f"unknown {what} field(s) {unknown}")
-    return d
 
 
 # ------------------------------------------------------------------ field types from the annotations

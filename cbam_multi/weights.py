@@ -15,8 +15,8 @@ import signal
 import tempfile
 import threading
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 
@@ -195,7 +195,7 @@ def read_checkpoint(path) -> tuple[Weights, dict[str, str]]:
     try:
         with safe_open(str(path), framework="numpy") as f:
             metadata = dict(f.metadata() or {})
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118  (safe_open is not a dict)
     except (SafetensorError, ValueError, OSError) as e:
         raise CheckpointError(f"{path}: not a valid safetensors checkpoint (truncated or corrupt?): {e}") from None
     if DIGEST_KEY in metadata:

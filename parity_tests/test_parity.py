@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("torch", reason="parity needs the torch extra")
 pytest.importorskip("flax", reason="parity needs the jax extra")
 
-from cbam_multi.parity import CASES, DTYPES, check_case, format_table  # noqa: E402
+from cbam_multi.parity import CASES, DTYPES, check_case, format_table
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -19,6 +19,7 @@ def test_parity(case, dtype):
     # torch.compile is slow to build on CPU: compare it with eager once per compile case, in float32.
     rows = check_case(case, dtype, with_compile=case.compile and dtype == "float32")
     checks = {r.check for r in rows}
-    assert {"torch~oracle", "nnx~oracle", "linen~oracle", "torch->nnx", "nnx->torch", "linen~nnx", "torch-infer~oracle", "torch-infer-cl~oracle"} <= checks
+    assert {"torch~oracle", "nnx~oracle", "linen~oracle", "torch->nnx", "nnx->torch", "linen~nnx",
+            "torch-infer~oracle", "torch-infer-cl~oracle"} <= checks
     bad = [r for r in rows if not r.ok]
     assert not bad, "parity failures:\n" + format_table(bad) + "\n\nall rows:\n" + format_table(rows)

@@ -46,7 +46,8 @@ def test_bench_cbam_smoke(tmp_path):
     rows = data["results"]
     assert {r["mode"] for r in rows} == {"fwd", "fwdbwd"}
     by = {(r["path"], r["mode"]): r for r in rows}
-    must_run = ["torch_eager", "torch_eager_cl", "nnx_jit", "nnx_jit_tree", "nnx_split_jit", "linen_jit", "blog", "torch_eager_timm", "timm_copy"]
+    must_run = ["torch_eager", "torch_eager_cl", "nnx_jit", "nnx_jit_tree", "nnx_split_jit", "linen_jit",
+                 "blog", "torch_eager_timm", "timm_copy"]
     for mode in ("fwd", "fwdbwd"):
         for path in must_run:
             row = by[(path, mode)]

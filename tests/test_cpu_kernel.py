@@ -16,11 +16,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from cbam_multi import CBAMSpec  # noqa: E402
-from cbam_multi.errors import InputError  # noqa: E402
-from cbam_multi.parity import CASES, TOLERANCES  # noqa: E402
-from cbam_multi.reference import cbam_forward  # noqa: E402
-from cbam_multi.torch import CBAM, cpu_kernel, export_weights  # noqa: E402
+from cbam_multi import CBAMSpec
+from cbam_multi.errors import InputError
+from cbam_multi.parity import CASES, TOLERANCES
+from cbam_multi.reference import cbam_forward
+from cbam_multi.torch import CBAM, cpu_kernel, export_weights
 
 if not cpu_kernel._env_enabled():
     pytest.skip(f"{cpu_kernel.ENV_VAR}=0 turns the fused kernel off", allow_module_level=True)
@@ -142,7 +142,7 @@ def test_torch_func_transforms_run_the_composed_ops():
             looped = torch.stack([model(xi) for xi in x])
     torch.testing.assert_close(batched, looped)
     params = {n: p.detach() for n, p in model.named_parameters()}
-    loss = lambda p, xin: torch.func.functional_call(model, p, (xin,)).sum()  # noqa: E731
+    loss = lambda p, xin: torch.func.functional_call(model, p, (xin,)).sum()
     grads = torch.func.grad(loss)(params, x[0])
     with cpu_kernel.disabled():
         expected = torch.func.grad(loss)(params, x[0])
@@ -189,9 +189,8 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch):
     monkeypatch.setitem(cpu_kernel._state, "loaded", None)
     monkeypatch.setitem(cpu_kernel._state, "error", None)
     model, x = _model(CBAMSpec.seed(8)), torch.randn(2, 8, 4, 4)
-    with pytest.warns(RuntimeWarning, match="error: no compiler here") as record:
-        with torch.no_grad():
-            y = model(x)
+    with pytest.warns(RuntimeWarning, match="error: no compiler here") as record, torch.no_grad():
+        y = model(x)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no second warning
         with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Tests for cbam_multi.data: IDX parsing, corruption handling, discovery, download, fallback, batching.
+"""Tests for cbam_multi.training.data: IDX parsing, corruption handling, discovery, download, fallback, batching.
 
 No test touches the network: downloads go to a throwaway http.server on 127.0.0.1, and an autouse
 fixture points the default mirrors at a closed local port in case anything tries the real ones.
@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cbam_multi import data
 from cbam_multi.errors import DataError, InputError
+from cbam_multi.training import data
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
@@ -66,7 +66,7 @@ def write_fake_mnist(folder: Path, gz: bool = True) -> dict[str, str]:
 def _no_real_network(monkeypatch):
     """Point the default mirrors at a closed local port and make retries instant."""
     monkeypatch.setattr(data, "MIRRORS", ("http://127.0.0.1:9/",))
-    monkeypatch.setattr(data, "_RETRY_BACKOFF_S", 0.0)
+    monkeypatch.setattr(data.download, "_RETRY_BACKOFF_S", 0.0)
 
 
 @pytest.fixture

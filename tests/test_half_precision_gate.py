@@ -6,8 +6,8 @@ import pytest
 torch = pytest.importorskip("torch")
 jnp = pytest.importorskip("jax.numpy")
 
-from cbam_multi.jax import functional as JF  # noqa: E402
-from cbam_multi.torch import functional as TF  # noqa: E402
+from cbam_multi.jax import functional as JF
+from cbam_multi.torch import functional as TF
 
 
 @pytest.mark.parametrize("kind", ["sigmoid", "hard_sigmoid"])
@@ -20,6 +20,7 @@ def test_bf16_gate_is_float32_rounded_once(kind):
     zj = jnp.asarray(z, jnp.bfloat16)
     got_j = JF._gate(zj, kind)
     assert got_j.dtype == jnp.bfloat16
-    assert np.array_equal(np.asarray(got_j, np.float32), np.asarray(JF._gate(zj.astype(jnp.float32), kind).astype(jnp.bfloat16), np.float32))
+    want_j = JF._gate(zj.astype(jnp.float32), kind).astype(jnp.bfloat16)
+    assert np.array_equal(np.asarray(got_j, np.float32), np.asarray(want_j, np.float32))
     # both backends agree exactly on the rounded gate values
     assert np.array_equal(got_t.float().numpy(), np.asarray(got_j, np.float32))

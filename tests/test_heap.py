@@ -1,4 +1,4 @@
-"""`cbam_multi.heap.keep_heap`: freed large blocks stay in the process, so allocating the same size again
+"""`cbam_multi.training.heap.keep_heap`: freed large blocks stay in the process, so allocating the same size again
 costs no page faults (glibc only). Checked in fresh subprocesses: the setting is process-wide."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="gl
 
 _SCRIPT = """
 import ctypes, json, resource, sys, threading
-from cbam_multi.heap import keep_heap
+from cbam_multi.training.heap import keep_heap
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
 libc.free.argtypes = (ctypes.c_void_p,)

@@ -7,14 +7,14 @@ import jax
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_default_matmul_precision", "highest")
 
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from flax import nnx  # noqa: E402
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
 
-from cbam_multi import CBAMSpec, InputError, WeightsError, init_weights  # noqa: E402
-from cbam_multi import reference as ref  # noqa: E402
-from cbam_multi.jax import (  # noqa: E402
+from cbam_multi import CBAMSpec, InputError, WeightsError, init_weights
+from cbam_multi import reference as ref
+from cbam_multi.jax import (
     CBAM,
     ChannelAttention,
     SpatialAttention,
@@ -22,8 +22,8 @@ from cbam_multi.jax import (  # noqa: E402
     export_weights,
     import_weights,
 )
-from cbam_multi.jax import functional as F  # noqa: E402
-from cbam_multi.jax import linen as L  # noqa: E402
+from cbam_multi.jax import functional as F
+from cbam_multi.jax import linen as L
 
 TOL = 1e-10
 

@@ -11,12 +11,12 @@ jax = pytest.importorskip("jax")
 jnp = pytest.importorskip("jax.numpy")
 nnx = pytest.importorskip("flax.nnx")
 
-import cbam_multi.jax.model as jm  # noqa: E402
-import cbam_multi.torch.model as tm  # noqa: E402
-from cbam_multi import InputError, WeightsError  # noqa: E402
-from cbam_multi.config import TrainConfig  # noqa: E402
-from cbam_multi.model import MNISTNetSpec, forward  # noqa: E402
-from cbam_multi.weights import init_weights  # noqa: E402
+import cbam_multi.jax.models.mnist as jm
+import cbam_multi.torch.models.mnist as tm
+from cbam_multi import InputError, WeightsError
+from cbam_multi.models.mnist import MNISTNetSpec, forward
+from cbam_multi.training.config import TrainConfig
+from cbam_multi.weights import init_weights
 
 SPECS = {
     "default": MNISTNetSpec(),
@@ -47,12 +47,12 @@ def _nhwc(x):
 
 
 def _torch_model(spec, weights, dtype=torch.float64, train=False):
-    m = tm.import_weights(tm.MNISTNet(spec, dtype=dtype), weights)
+    m = tm.import_model_weights(tm.MNISTNet(spec, dtype=dtype), weights)
     return m.train(train)
 
 
 def _jax_model(spec, weights, dtype=jnp.float64, train=False):
-    m = jm.import_weights(jm.MNISTNet(spec, dtype=dtype), weights)
+    m = jm.import_model_weights(jm.MNISTNet(spec, dtype=dtype), weights)
     m.train() if train else m.eval()
     return m
 
@@ -72,7 +72,7 @@ def test_forward_matches_numpy_oracle_float64(name, train):
     assert err_j <= 1e-10, f"jax MNISTNet vs oracle: max abs err {err_j:.3e}"
     # BatchNorm running statistics after one train-mode call (only the BN spec has any)
     assert bool(ref_stats) == (train and name == "official-bn")
-    for mod, export in ((tmod, tm.export_weights), (jmod, jm.export_weights)):
+    for mod, export in ((tmod, tm.export_model_weights), (jmod, jm.export_model_weights)):
         got = export(mod)
         for n, s in ref_stats.items():
             assert np.abs(got[n] - s).max() <= 1e-12, f"{n}: {got[n]} vs oracle {s}"
@@ -82,12 +82,12 @@ def test_forward_matches_numpy_oracle_float64(name, train):
 def test_seeded_init_is_canonical_and_identical_in_both_backends(name):
     spec = SPECS[name]
     w = init_weights(spec, 7, np.float64)
-    got_t = tm.export_weights(tm.MNISTNet(spec, dtype=torch.float64, seed=7))
-    got_j = jm.export_weights(jm.MNISTNet(spec, dtype=jnp.float64, seed=7))
+    got_t = tm.export_model_weights(tm.MNISTNet(spec, dtype=torch.float64, seed=7))
+    got_j = jm.export_model_weights(jm.MNISTNet(spec, dtype=jnp.float64, seed=7))
     assert list(got_t) == list(got_j) == list(spec.param_shapes())
     for n in w:
         assert np.array_equal(got_t[n], w[n]) and np.array_equal(got_j[n], w[n]), n
-    got32 = tm.export_weights(tm.MNISTNet(spec, seed=7))
+    got32 = tm.export_model_weights(tm.MNISTNet(spec, seed=7))
     assert all(np.array_equal(got32[n], w[n].astype(np.float32)) for n in w)
 
 
@@ -97,8 +97,8 @@ def test_canonical_round_trips_are_exact(name):
     w = _weights(spec, seed=3)
     for dtype_t, dtype_j, npdt in ((torch.float64, jnp.float64, np.float64), (torch.float32, jnp.float32, np.float32)):
         wd = {n: a.astype(npdt) for n, a in w.items()}
-        back_t = tm.export_weights(tm.import_weights(tm.MNISTNet(spec, dtype=dtype_t), wd))
-        back_j = jm.export_weights(jm.import_weights(jm.MNISTNet(spec, dtype=dtype_j), wd))
+        back_t = tm.export_model_weights(tm.import_model_weights(tm.MNISTNet(spec, dtype=dtype_t), wd))
+        back_j = jm.export_model_weights(jm.import_model_weights(jm.MNISTNet(spec, dtype=dtype_j), wd))
         for n in w:
             assert back_t[n].dtype == npdt and np.array_equal(back_t[n], wd[n]), f"torch {n}"
             assert back_j[n].dtype == npdt and np.array_equal(back_j[n], wd[n]), f"jax {n}"
@@ -125,12 +125,12 @@ def test_weight_transfer_between_frameworks_gives_equal_outputs(name, dtype):
     x = _x(batch=4, seed=5).astype(dtype)
     # torch -> canonical -> jax
     t1 = tm.MNISTNet(spec, dtype=getattr(torch, dtype), seed=11).eval()
-    j1 = _jax_model(spec, tm.export_weights(t1), dtype=getattr(jnp, dtype))
+    j1 = _jax_model(spec, tm.export_model_weights(t1), dtype=getattr(jnp, dtype))
     err1 = np.abs(t1(torch.tensor(x)).detach().numpy() - np.asarray(j1(jnp.asarray(_nhwc(x))))).max()
     # jax -> canonical -> torch
     j2 = jm.MNISTNet(spec, dtype=getattr(jnp, dtype), seed=12)
     j2.eval()
-    t2 = _torch_model(spec, jm.export_weights(j2), dtype=getattr(torch, dtype))
+    t2 = _torch_model(spec, jm.export_model_weights(j2), dtype=getattr(torch, dtype))
     err2 = np.abs(t2(torch.tensor(x)).detach().numpy() - np.asarray(j2(jnp.asarray(_nhwc(x))))).max()
     assert err1 <= tol, f"torch->jax {dtype}: max abs logit err {err1:.3e} > {tol}"
     assert err2 <= tol, f"jax->torch {dtype}: max abs logit err {err2:.3e} > {tol}"
@@ -144,7 +144,7 @@ def test_gradients_agree_float64(name):
     tmod = _torch_model(spec, w, train=True)
     loss_t = torch.nn.functional.cross_entropy(tmod(torch.tensor(x)), torch.tensor(y))
     loss_t.backward()
-    g_t = tm.export_grads(tmod)
+    g_t = tm.export_model_grads(tmod)
 
     jmod = _jax_model(spec, w, train=True)
     import optax
@@ -153,7 +153,7 @@ def test_gradients_agree_float64(name):
         return optax.softmax_cross_entropy_with_integer_labels(m(jnp.asarray(_nhwc(x))), jnp.asarray(y)).mean()
 
     loss_j, grads = nnx.value_and_grad(loss_fn)(jmod)
-    g_j = jm.export_grads(grads)
+    g_j = jm.export_model_grads(grads)
     assert abs(loss_t.item() - float(loss_j)) <= 1e-12
     trainable = [n for n, k in spec.param_kinds().items() if k == "param"]
     assert sorted(g_t) == sorted(trainable) and set(trainable) <= set(g_j)
@@ -172,17 +172,17 @@ def test_errors_name_the_problem():
         tm.MNISTNet(spec)(torch.zeros(2, 1, 28, 28, dtype=torch.float64))
     w = init_weights(spec)
     del w["head.fc2.bias"]
-    for mod, imp in ((tm.MNISTNet(spec), tm.import_weights), (jm.MNISTNet(spec), jm.import_weights)):
+    for mod, imp in ((tm.MNISTNet(spec), tm.import_model_weights), (jm.MNISTNet(spec), jm.import_model_weights)):
         with pytest.raises(WeightsError, match="head.fc2.bias"):
             imp(mod, w)
     with pytest.raises(TypeError, match="MNISTNet"):
-        tm.export_weights(torch.nn.Linear(2, 2))
+        tm.export_model_weights(torch.nn.Linear(2, 2))
 
 
 # ------------------------------------------------------------------ 1-epoch smoke runs
 def _tiny_dataset(n_train=192, n_test=70, seed=0):
     """Synthetic digits-like data: each class is a fixed random blob pattern plus noise (learnable fast)."""
-    from cbam_multi.data import Dataset
+    from cbam_multi.training.data import Dataset
 
     rng = np.random.default_rng(seed)
     protos = rng.uniform(0, 255, size=(10, 28, 28))

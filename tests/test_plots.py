@@ -9,9 +9,9 @@ pytest.importorskip("torch")
 pytest.importorskip("flax")
 pytest.importorskip("matplotlib")
 
-from cbam_multi import MNISTNetSpec, init_weights, save_weights  # noqa: E402
-from cbam_multi import plots  # noqa: E402
-from cbam_multi.data import normalize  # noqa: E402
+from cbam_multi import MNISTNetSpec, init_weights, save_weights
+from cbam_multi.training import plots
+from cbam_multi.training.data import normalize
 
 
 @pytest.fixture()
@@ -29,7 +29,7 @@ def test_attention_maps_agree_across_backends(checkpoint):
     for t, j in zip(torch_maps, jax_maps):
         err = np.abs(t - j).max()
         assert err < 1e-5, f"attention maps differ by {err:.2e}"
-        assert 0.0 <= t.min() and t.max() <= 1.0  # sigmoid gate
+        assert t.min() >= 0.0 and t.max() <= 1.0  # sigmoid gate
 
 
 def test_plots_write_pngs(checkpoint, tmp_path):

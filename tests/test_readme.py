@@ -16,6 +16,6 @@ def test_readme_python_examples_run():
     assert len(blocks) >= 4, "README lost its usage examples"
     namespace: dict = {}
     for i, block in enumerate(blocks):
-        exec(compile(block, f"README.md python block {i}", "exec"), namespace)  # noqa: S102
+        exec(compile(block, f"README.md python block {i}", "exec"), namespace)
     assert tuple(namespace["y"].shape) == (8, 64, 32, 32)
     assert tuple(namespace["y_nnx"].shape) == tuple(namespace["y_linen"].shape) == (8, 32, 32, 64)

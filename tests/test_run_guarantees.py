@@ -116,7 +116,7 @@ def test_a_second_run_into_the_same_out_fails_at_once(tmp_path, sample_available
         line = one_line_error(cli("train", *TINY, "--dataset", "sample", "--out", str(out)))
         assert str(first.pid) in line and "in use" in line, line
     finally:
-        stdout, stderr = first.communicate(timeout=600)
+        _, stderr = first.communicate(timeout=600)
     assert first.returncode == 0, stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["epochs"]) == 4  # the first run's files, untouched by the second

@@ -29,11 +29,11 @@ torch = pytest.importorskip("torch")
 jax = pytest.importorskip("jax")
 optax = pytest.importorskip("optax")
 
-from cbam_multi import training  # noqa: E402
-from cbam_multi.config import ConfigError, TrainConfig  # noqa: E402
-from cbam_multi.data import load_mnist, subset  # noqa: E402
-from cbam_multi.training import trajectory_tolerance  # noqa: E402
-from cbam_multi.weights import load_weights  # noqa: E402
+from cbam_multi import training
+from cbam_multi.training import trajectory_tolerance
+from cbam_multi.training.config import ConfigError, TrainConfig
+from cbam_multi.training.data import load_mnist, subset
+from cbam_multi.weights import load_weights
 
 N_TRAIN, N_TEST = 2000, 1000
 SUBPROCESS_TIMEOUT = 300
@@ -75,7 +75,9 @@ def _check_pair(kind: str, ref_out, other_out) -> dict:
     loss_rel = float(np.max(np.abs(la - lb) / np.abs(la)))
     window = max(1, len(la) // 4)
     window_rel = float(abs(la[-window:].mean() / lb[-window:].mean() - 1))
-    w_rel = _weights_rel(load_weights(Path(ref_out) / training.CHECKPOINT_FILE)[0], load_weights(Path(other_out) / training.CHECKPOINT_FILE)[0])
+    w_rel = _weights_rel(
+        load_weights(Path(ref_out) / training.CHECKPOINT_FILE)[0], load_weights(Path(other_out) / training.CHECKPOINT_FILE)[0]
+    )
     assert loss_rel <= tol["loss_rel"], f"{kind}: per-step loss rel diff {loss_rel:.3e} > {tol['loss_rel']:.0e}\n{la}\n{lb}"
     assert window_rel <= tol["window_loss_rel"], f"{kind}: smoothed loss rel diff {window_rel:.3e}"
     assert w_rel <= tol["weights_rel"], f"{kind}: final weights rel diff {w_rel:.3e} > {tol['weights_rel']:.0e}"
@@ -102,7 +104,7 @@ def test_bfloat16_config_and_cli_flags():
     assert cfg.param_dtype == "float32" and cfg.mixed_precision
     assert TrainConfig.from_json(cfg.to_json()) == cfg
     assert TrainConfig(dtype="float64").param_dtype == "float64" and not TrainConfig().mixed_precision
-    from cbam_multi.cli import build_parser, train_config_from_args
+    from cbam_multi.training.cli import build_parser, train_config_from_args
 
     args = build_parser().parse_args(["train", "--backend", "jax", "--dtype", "bfloat16", "--distributed", "--batch-size", "128"])
     assert args.distributed and train_config_from_args(args).dtype == "bfloat16"
@@ -149,7 +151,7 @@ def _primitives(jaxpr):
 
 
 def _batch(mnist, n, start=0):
-    from cbam_multi.data import normalize
+    from cbam_multi.training.data import normalize
 
     return normalize(mnist.train_images[start : start + n], np.float32), mnist.train_labels[start : start + n]
 
@@ -246,7 +248,8 @@ def bf16_reports(mnist, tmp_path_factory):
     return {
         "torch-vs-jax": training.trajectory_parity(steps, "bfloat16", out_root=root / "tj", **kw),
         "torch": training.trajectory_parity(
-            steps, "bfloat16", runs=[("torch", "float32"), ("torch", "bfloat16")], tolerance="bfloat16-vs-float32", out_root=root / "t", **kw
+            steps, "bfloat16", runs=[("torch", "float32"), ("torch", "bfloat16")], tolerance="bfloat16-vs-float32",
+            out_root=root / "t", **kw
         ),
         "jax": training.trajectory_parity(
             steps, "bfloat16", runs=[("jax", "float32"), ("jax", "bfloat16")], tolerance="bfloat16-vs-float32", out_root=root / "j", **kw
@@ -269,7 +272,7 @@ def test_bfloat16_checkpoints_are_float32(bf16_reports):
     out = Path(bf16_reports["torch-vs-jax"]["out"])
     for backend in ("torch", "jax"):
         weights, _ = load_weights(out / backend / training.CHECKPOINT_FILE)
-        state = training.TrainState.load(out / backend / training.TRAIN_STATE_FILE)
+        state = training.ResumeState.load(out / backend / training.TRAIN_STATE_FILE)
         assert {w.dtype for w in weights.values()} == {np.dtype("float32")}, backend
         assert {a.dtype for slot in state.opt.values() for a in slot.values()} == {np.dtype("float32")}, backend
         assert state.config.dtype == "bfloat16"
@@ -283,10 +286,11 @@ SHARDED_SCRIPT = textwrap.dedent(
     jax.config.update("jax_enable_x64", True)
     jax.config.update("jax_default_matmul_precision", "highest")
     import numpy as np
-    from cbam_multi.config import ConfigError, TrainConfig
-    from cbam_multi.data import load_mnist, normalize, subset
-    from cbam_multi.model import MNISTNetSpec
-    from cbam_multi.jax.train import JaxTrainer, train_and_evaluate
+    from cbam_multi.training.config import ConfigError, TrainConfig
+    from cbam_multi.training.data import load_mnist, normalize, subset
+    from cbam_multi.models import MNISTNetSpec
+    from cbam_multi.jax.train import JaxTrainer
+    from cbam_multi.training import fit
 
     root = sys.argv[1]
     assert jax.device_count() == 4, jax.devices()
@@ -302,7 +306,7 @@ SHARDED_SCRIPT = textwrap.dedent(
             out = f"{root}/{preset}-{dtype}-{n}"
             cfg = TrainConfig(backend="jax", model=MNISTNetSpec(cbam_preset=preset), epochs=1, batch_size=32, n_train=512,
                               n_test=200, eval_batch_size=100, dtype=dtype, out=out, progress=False)
-            m = train_and_evaluate(cfg, data=data, devices=jax.devices()[:n])
+            m = fit(cfg, lambda c: JaxTrainer(c, devices=jax.devices()[:n]), data=data)
             report["runs"][f"{preset}-{dtype}-{n}"] = {"out": out, "parallel": m["parallel"], "test_loss": m["final"]["test_loss"]}
     # the sharded step compiles once: warmup, then six steps with fresh batches add no compilation
     tr = JaxTrainer(TrainConfig(backend="jax", batch_size=32, eval_batch_size=100))
@@ -351,7 +355,7 @@ def test_jax_multi_process_matches_single_device(mnist_dir, mnist, tmp_path):
     for pid in range(2):
         env = _env(mnist_dir, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                    JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
-        cmd = [sys.executable, "-m", "cbam_multi.cli", "train", "--backend", "jax", *_train_flags("float64"), "--out", str(out)]
+        cmd = [sys.executable, "-m", "cbam_multi.training.cli", "train", "--backend", "jax", *_train_flags("float64"), "--out", str(out)]
         procs.append(subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outputs = [p.communicate(timeout=SUBPROCESS_TIMEOUT) for p in procs]
     for p, (so, se) in zip(procs, outputs):
@@ -374,7 +378,7 @@ def _torchrun() -> list[str]:
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_torch_ddp_matches_single_process(mnist_dir, tmp_path, dtype):
     out = tmp_path / "ddp"
-    cmd = [*_torchrun(), "--standalone", "--nproc_per_node", "2", "-m", "cbam_multi.cli", "train", "--backend", "torch",
+    cmd = [*_torchrun(), "--standalone", "--nproc_per_node", "2", "-m", "cbam_multi.training.cli", "train", "--backend", "torch",
            "--distributed", *_train_flags(dtype), "--out", str(out)]
     proc = _run(cmd, _env(mnist_dir), cwd=tmp_path)
     assert proc.stdout.count("metrics:") == 1  # rank 0 prints, rank 1 does not
@@ -383,5 +387,6 @@ def test_torch_ddp_matches_single_process(mnist_dir, tmp_path, dtype):
     assert sorted(p.name for p in out.iterdir()) == sorted([training.CHECKPOINT_FILE, training.TRAIN_STATE_FILE, training.METRICS_FILE])
     # the single-process reference, in a subprocess too (one thread, like each rank)
     single = tmp_path / "single"
-    _run([sys.executable, "-m", "cbam_multi.cli", "train", "--backend", "torch", *_train_flags(dtype), "--out", str(single)], _env(mnist_dir), cwd=tmp_path)
+    cmd = [sys.executable, "-m", "cbam_multi.training.cli", "train", "--backend", "torch", *_train_flags(dtype), "--out", str(single)]
+    _run(cmd, _env(mnist_dir), cwd=tmp_path)
     _check_pair(f"ddp:{dtype}", single, out)

@@ -6,8 +6,8 @@ import json
 import pytest
 
 from cbam_multi import CBAMSpec, InputError, SpecError
-from cbam_multi.config import ConfigError, TrainConfig
-from cbam_multi.model import MNISTNetSpec
+from cbam_multi.models import MNISTNetSpec
+from cbam_multi.training.config import ConfigError, TrainConfig
 
 
 @pytest.mark.parametrize("preset", CBAMSpec.PRESETS)

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch.nn as nn
+import torch.nn.functional as F
 
-import cbam_multi.torch as ct  # noqa: E402
-from cbam_multi import CBAMSpec, InputError, WeightsError, init_weights  # noqa: E402
-from cbam_multi.reference import cbam_forward  # noqa: E402
-from cbam_multi.torch import (  # noqa: E402
+import cbam_multi.torch as ct
+from cbam_multi import CBAMSpec, InputError, WeightsError, init_weights
+from cbam_multi.reference import cbam_forward
+from cbam_multi.torch import (
     CBAM,
     ChannelAttention,
     SpatialAttention,
@@ -138,13 +138,13 @@ class OfficialCBAM(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # timm's CbamModule: a faithful minimal copy of timm/layers/cbam.py lives in benchmarks/anchors.py
 # (timm itself is not importable everywhere); one copy serves these parity tests and the benchmarks.
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
+import sys
+from pathlib import Path
 
 _ROOT = str(Path(__file__).resolve().parents[1])  # the repository root, for `benchmarks`
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
-from benchmarks.anchors import TimmCbamModule  # noqa: E402
+from benchmarks.anchors import TimmCbamModule
 
 
 # --------------------------------------------------------------------------------------------------
@@ -364,7 +364,7 @@ def test_to_official_and_to_timm_load_strictly_and_match():
 
 
 def test_adapters_reorder_spatial_kernel_for_other_concat_order():
-    official, spec = _official_parts(16)
+    official, _ = _official_parts(16)
     official.eval()
     # the same official weights, described with the other concat order: the adapter swaps the kernel's inputs
     spec_mean_first = CBAMSpec.official(16, concat_order=("mean", "max"))

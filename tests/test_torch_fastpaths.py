@@ -14,9 +14,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from cbam_multi import CBAMSpec  # noqa: E402
-from cbam_multi.torch import CBAM, cpu_kernel  # noqa: E402
-from cbam_multi.torch.functional import amax  # noqa: E402
+from cbam_multi import CBAMSpec
+from cbam_multi.torch import CBAM, cpu_kernel
+from cbam_multi.torch.functional import amax
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 

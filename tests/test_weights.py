@@ -115,7 +115,7 @@ def _child(code: str, *args: str) -> subprocess.CompletedProcess:
     then drops to uid/gid 65534 (nobody) before ``# -- as nobody`` so that file permissions apply to it."""
     prelude = (
         "import os, sys\nfrom cbam_multi.weights import read_checkpoint, load_weights\n"
-        "from cbam_multi.errors import CheckpointError\nimport safetensors, safetensors.numpy  # noqa: F401 (imported before the uid drop)\n"
+        "from cbam_multi.errors import CheckpointError\nimport safetensors, safetensors.numpy  # noqa: F401 (before the uid drop)\n"
         "if os.geteuid() == 0:\n    os.setgid(65534); os.setuid(65534)\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -17,21 +17,10 @@ linen: ``cbam_multi.jax.linen.CBAM(spec, seed)``. BatchNorm follows PyTorch's mo
 (``spec.norm_momentum``); Flax's own ``BatchNorm`` momentum would be ``spec.flax_momentum``.
 """
 
-from cbam_multi.jax import functional, linen
-from cbam_multi.jax.modules import CBAM, ChannelAttention, SpatialAttention
-from cbam_multi.jax.weights import export_grads, export_weights, import_weights
+from . import functional, linen
+from .modules import CBAM, ChannelAttention, SpatialAttention
+from .weights import export_grads, export_weights, import_weights
 
-__all__ = [
-    "CBAM",
-    "ChannelAttention",
-    "SpatialAttention",
-    "export_weights",
-    "import_weights",
-    "export_grads",
-    "functional",
-    "linen",
-]
-
-# MNIST classifier and training, importable here but not (yet) in __all__ (whole-model canonical weights: cbam_multi.jax.model.export_weights / import_weights)
-from cbam_multi.jax.model import MNISTNet  # noqa: E402
-from cbam_multi.jax.train import evaluate, train_and_evaluate  # noqa: E402
+# The CBAM layer only: networks are in `cbam_multi.jax.models`, the trainer in `cbam_multi.jax.train`
+# (loaded by `cbam_multi.training` when used).
+__all__ = ["CBAM", "ChannelAttention", "SpatialAttention", "export_weights", "import_weights", "export_grads", "functional", "linen"]

@@ -17,7 +17,7 @@ functions run eagerly, under ``jit`` and under ``grad``. Numerics follow `cbam_m
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp

@@ -12,15 +12,17 @@ new statistic); in Flax's ``nn.BatchNorm(momentum=...)`` convention it would be 
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
-from cbam_multi.jax import functional as F
-from cbam_multi.jax.weights import export_variables, import_variables, init_variables
 from cbam_multi.spec import CBAMSpec, require_spec
+
+from . import functional as F
+from .weights import export_variables, import_variables, init_variables
 
 __all__ = ["ChannelAttention", "SpatialAttention", "CBAM", "init_variables", "export_variables", "import_variables"]
 
@@ -35,14 +37,14 @@ class _Layer(nn.Module):
     prefix: str
 
     @nn.compact
-    def __call__(self, update: Optional[Mapping[str, jax.Array]] = None) -> dict[str, jax.Array]:
+    def __call__(self, update: Mapping[str, jax.Array] | None = None) -> dict[str, jax.Array]:
         kinds = self.spec.param_kinds()
         part = self.prefix.split(".")[0]
         names = [n for n in self.spec.param_shapes(part) if n.rsplit(".", 1)[0] == self.prefix]
         values, stats = {}, {}
         for name in names:
             leaf = name.rsplit(".", 1)[1]
-            init = lambda *_, _n=name: F.init_params(self.spec, self.seed, self.dtype, part=part)[_n]  # noqa: E731
+            init = lambda *_, _n=name: F.init_params(self.spec, self.seed, self.dtype, part=part)[_n]
             if kinds[name] == "stat":
                 stats[name] = self.variable("batch_stats", leaf, init)
                 values[name] = stats[name].value

@@ -20,8 +20,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cbam_multi.jax import functional as F
 from cbam_multi.spec import CBAMSpec, require_spec
+
+from . import functional as F
 
 __all__ = ["ChannelAttention", "SpatialAttention", "CBAM"]
 

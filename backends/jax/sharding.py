@@ -20,15 +20,17 @@ With a single device the mesh has one device and the compiled step is the one of
 
 from __future__ import annotations
 
+import itertools
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cbam_multi.config import ConfigError
+from cbam_multi.training.config import ConfigError
 
 DATA_AXIS = "data"
 
@@ -114,7 +116,7 @@ def process_rows(batch_size: int, mesh: Mesh) -> slice:
     if not index_map:
         raise ConfigError(f"process {jax.process_index()} owns no device of the data mesh")
     spans = sorted({(idx[0].start or 0, batch_size if idx[0].stop is None else idx[0].stop) for idx in index_map.values()})
-    if any(nxt[0] != prev[1] for prev, nxt in zip(spans, spans[1:])):
+    if any(nxt[0] != prev[1] for prev, nxt in itertools.pairwise(spans)):
         raise ConfigError(f"process {jax.process_index()}: its devices hold non-contiguous rows {spans} of the batch")
     return slice(spans[0][0], spans[-1][1])
 

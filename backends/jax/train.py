@@ -6,8 +6,8 @@ The epoch loop, schedule, batches, metrics and checkpoint formats are shared wit
 * the model is split once (``nnx.split``) into a static graphdef, the ``nnx.Param`` state and the rest
   (BatchNorm statistics); ONE ``jax.jit``-compiled function does forward, backward, the optax update
   and the statistics update, with the parameter, statistic and optimizer buffers donated;
-* optimizers are optax chains matching torch.optim exactly (formulas in `cbam_multi.config`), wrapped
-  in ``optax.inject_hyperparams`` so the learning rate of `cbam_multi.training.lr_at` is an input of
+* optimizers are optax chains matching torch.optim exactly (formulas in `cbam_multi.training.config`), wrapped
+  in ``optax.inject_hyperparams`` so the learning rate of `cbam_multi.training.schedule.lr_at` is an input of
   the compiled step (no recompilation, the same numbers as torch);
 * compiled steps are cached per (graphdef, optimizer, dtype, mesh), so repeated runs in one process
   (tests, resumes) compile once.
@@ -30,7 +30,8 @@ Scale-out and precision (see docs/SCALE_OUT.md and `cbam_multi.jax.sharding`):
 from __future__ import annotations
 
 import time
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -38,15 +39,14 @@ import numpy as np
 import optax
 from flax import nnx
 
-from cbam_multi import training
-from cbam_multi.config import ConfigError, TrainConfig
-from cbam_multi.data import Dataset
-from cbam_multi.model import MNISTNetSpec
+from cbam_multi.models import MNISTNetSpec
+from cbam_multi.training.config import ConfigError, TrainConfig
+from cbam_multi.training.state import optimizer_slots
 
 from . import sharding
-from .model import MNISTNet, export_weights, import_weights
+from .models.mnist import MNISTNet, export_model_weights, import_model_weights
 
-__all__ = ["train_and_evaluate", "evaluate", "JaxTrainer", "make_optimizer"]
+__all__ = ["JaxTrainer", "build_predict", "make_optimizer"]
 
 # canonical slot name -> field of the optax state that holds it
 _SLOT_FIELDS = {"mu": "mu", "nu": "nu", "momentum": "trace"}
@@ -98,14 +98,13 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
 
 
 # XLA:CPU options for the MNIST train / predict programs (per executable: the user's other JAX programs
-# are untouched; nothing changes off CPU). Measured on the MNIST step (benchmarks/RESULTS.md), jaxlib 0.10:
-# * YNNPACK library fusions only for dots: YNNPACK's convolutions and reductions ran this network's
-#   convolutions, their gradients and CBAM's pools 1.5-2x slower than XLA's own kernels. (XLA's own dots are
-#   kept off: with them a float32 run drifted 100x further from float64.) Train step 600 -> ~330 us/image.
-# * fast min/max: NaN-propagating max *reductions* are emitted as slow scalar loops (CBAM's max pools, the
-#   2x2 max-pool); without NaN propagation they vectorise, 2.7-3.4x faster (step -8 %). Only reductions
-#   change: elementwise max (ReLU), the convolutions and CBAM's mean pools still carry a NaN input to the
-#   loss (tests/test_training.py::test_a_nan_in_the_batch_shows_as_a_nan_loss).
+# are untouched; nothing changes off CPU). Figures: benchmarks/RESULTS.md, "XLA:CPU compiler options".
+# * YNNPACK library fusions only for dots: YNNPACK's convolutions and reductions are slower than XLA's own
+#   kernels for this network, and XLA's own dots drift further from float64 in float32.
+# * fast min/max: NaN-propagating max *reductions* are emitted as scalar loops (CBAM's max pools, the
+#   2x2 max-pool); without NaN propagation they vectorise. Only reductions change: elementwise max (ReLU),
+#   the convolutions and CBAM's mean pools still carry a NaN input to the loss
+#   (tests/test_training.py::test_a_nan_in_the_batch_shows_as_a_nan_loss).
 CPU_COMPILER_OPTIONS = {
     "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
     "xla_cpu_enable_fast_min_max": True,
@@ -240,7 +239,7 @@ class _Predictor:
 
 
 class JaxTrainer:
-    """`cbam_multi.training.Trainer` for JAX: NHWC NNX model split once, one jitted, donating train step,
+    """`cbam_multi.training.fit.Trainer` for JAX: NHWC NNX model split once, one jitted, donating train step,
     data parallel over ``devices`` (default ``jax.devices()``: every device of every process).
 
     ``self.dtype`` is the compute dtype, ``self.param_dtype`` that of parameters and optimizer state.
@@ -262,7 +261,7 @@ class JaxTrainer:
         self.params, self.rest = self._replicate((params, rest))
         self.tx, self._step = _train_step_fn(self.graphdef, config, self.mesh)
         self.opt_state = self._replicate(self.tx.init(self.params))
-        self.slots = training.optimizer_slots(config)
+        self.slots = optimizer_slots(config)
         self._predictor = _Predictor(self.model, config.eval_batch_size, self.mesh)
 
     def _replicate(self, tree):
@@ -275,13 +274,13 @@ class JaxTrainer:
 
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
         self._sync_model()  # the module may still point at buffers a train step donated
-        import_weights(self.model, weights)
+        import_model_weights(self.model, weights)
         _, params, rest = nnx.split(self.model, nnx.Param, ...)
         self.params, self.rest = self._replicate((params, rest))
 
     def get_weights(self) -> dict[str, np.ndarray]:
         self._sync_model()
-        return export_weights(self.model)
+        return export_model_weights(self.model)
 
     def set_opt_state(self, slots: Mapping[str, Mapping[str, np.ndarray]], step: int) -> None:
         state = self.tx.init(self.params)
@@ -349,45 +348,9 @@ class JaxTrainer:
         return desc
 
 
-def train_and_evaluate(
-    config: TrainConfig, *, data: Dataset | None = None, stop_after_epoch: int | None = None, devices=None
-) -> dict:
-    """Train and evaluate ``config`` with JAX/Flax/optax; see `cbam_multi.training.fit` (identical in torch).
-
-    Writes ``<out>/metrics.json``, ``<out>/checkpoint.safetensors`` and ``<out>/train_state.safetensors``
-    after every epoch; ``data`` overrides loading (a preloaded `cbam_multi.data.Dataset`). Data parallel
-    over ``devices`` (default: ``jax.devices()``, all devices of all processes; see `cbam_multi.jax.sharding`).
-    """
-    if config.backend != "jax":
-        raise ConfigError(f"cbam_multi.jax.train got a config for backend {config.backend!r}; use config.replace(backend='jax')")
-    _check_dtype(config.dtype)
-    make = JaxTrainer if devices is None else (lambda c: JaxTrainer(c, devices=devices))
-    return training.fit(config, make, data=data, stop_after_epoch=stop_after_epoch)
-
-
-def evaluate(
-    checkpoint,
-    *,
-    dataset: str = "auto",
-    data_dir=None,
-    n_test: int | None = None,
-    batch_size: int = 1000,
-    dtype: str = "float32",
-    data: Dataset | None = None,
-    progress: bool = False,
-) -> dict:
-    """Evaluate a model checkpoint written by either backend (file or run directory) on the test split.
-
-    Returns ``{"accuracy", "loss", "predictions", "logits", "correct", "n", ...}``; the tail batch is kept
-    (padded to the compiled batch size, then cut).
-    """
-
-    def build(weights, spec: MNISTNetSpec, dtype_name: str):
-        model = MNISTNet(spec, dtype=_check_dtype(dtype_name), param_dtype=_param_dtype(dtype_name))
-        import_weights(model, weights)
-        return _Predictor(model, batch_size), "jax"
-
-    return training.evaluate_checkpoint(
-        checkpoint, build, dataset=dataset, data_dir=data_dir, n_test=n_test, batch_size=batch_size,
-        dtype=dtype, data=data, progress=progress,
-    )
+def build_predict(weights, spec: MNISTNetSpec, dtype: str, batch_size: int):
+    """The predict function (NHWC NumPy batch -> logits) of a model with canonical ``weights``, compiled for
+    ``batch_size`` (a smaller tail is padded, then cut). For `cbam_multi.training.evaluate`."""
+    model = MNISTNet(spec, dtype=_check_dtype(dtype), param_dtype=_param_dtype(dtype))
+    import_model_weights(model, weights)
+    return _Predictor(model, batch_size)

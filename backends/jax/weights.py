@@ -8,15 +8,17 @@ only (un)nesting by the "." in the names; no transposes. BatchNorm running stati
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cbam_multi.jax import functional as F
 from cbam_multi.spec import CBAMSpec
 from cbam_multi.weights import validate_weights
+
+from . import functional as F
 
 Weights = dict[str, np.ndarray]
 
@@ -35,7 +37,7 @@ _PART_OF_LAYER = {"fc1": "channel", "fc2": "channel", "conv": "spatial", "bn": "
 # ------------------------------------------------------------------ NNX
 def export_weights(module: nnx.Module) -> Weights:
     """Canonical weights of an NNX ``CBAM`` (all names) or ``Channel/SpatialAttention`` (its part)."""
-    from cbam_multi.jax.modules import variables_of
+    from .modules import variables_of
 
     return {name: np.asarray(var[...]) for name, var in variables_of(module).items()}
 
@@ -47,7 +49,7 @@ def import_weights(module: nnx.Module, weights: Mapping[str, Any]) -> nnx.Module
     array is converted before the first leaf is written, so a failed import changes nothing. Values
     are cast to each leaf's current dtype (the module's ``dtype``; >= float32 for running stats).
     """
-    from cbam_multi.jax.modules import variables_of
+    from .modules import variables_of
 
     variables = variables_of(module)  # raises TypeError for a foreign object
     validate_weights(weights, module.spec, part=module.part)

@@ -18,19 +18,13 @@ from .adapters import from_official_state_dict, from_timm_state_dict, to_officia
 from .modules import CBAM, ChannelAttention, SpatialAttention
 from .weights import export_grads, export_weights, import_weights
 
+# The CBAM layer only: networks are in `cbam_multi.torch.models`, the trainer in `cbam_multi.torch.train`
+# (loaded by `cbam_multi.training` when used).
 __all__ = [
-    "CBAM",
-    "ChannelAttention",
-    "SpatialAttention",
-    "export_weights",
-    "import_weights",
-    "export_grads",
-    "from_official_state_dict",
-    "to_official_state_dict",
-    "from_timm_state_dict",
-    "to_timm_state_dict",
+    # modules
+    "CBAM", "ChannelAttention", "SpatialAttention",
+    # canonical weights of one block
+    "export_weights", "import_weights", "export_grads",
+    # anchor checkpoints
+    "from_official_state_dict", "to_official_state_dict", "from_timm_state_dict", "to_timm_state_dict",
 ]
-
-# MNIST classifier and training, importable here but not (yet) in __all__ (whole-model canonical weights: cbam_multi.torch.model.export_weights / import_weights)
-from .model import MNISTNet  # noqa: E402
-from .train import evaluate, train_and_evaluate  # noqa: E402

@@ -24,7 +24,7 @@ right for any spec. State dicts hold only tensors: the spec must describe the re
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import torch

@@ -28,7 +28,9 @@ from pathlib import Path
 
 import torch
 
-from .functional import _functorch_wrapped
+from cbam_multi.machine import cpu_flags
+
+from .guards import functorch_wrapped, has_hooks
 
 __all__ = ["available", "applies", "cbam_infer", "disabled", "ENV_VAR", "ARCH_ENV_VAR"]
 
@@ -50,10 +52,7 @@ def _arch() -> str:
 
 def _build_key(arch: str) -> str:
     """-march=native compiles for this CPU: key the cached library to its instruction-set flags (and arch)."""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        flags = platform.processor()
+    flags = " ".join(sorted(cpu_flags())) or platform.processor()
     return hashlib.sha256(f"{platform.machine()} {flags} {arch}".encode()).hexdigest()[:10]
 
 
@@ -123,7 +122,7 @@ def applies(cbam, x: torch.Tensor) -> bool:
         not torch.compiler.is_compiling()  # first: compiled code traces the composed ops (inductor fuses them)
         and not torch.jit.is_tracing()  # a trace (and ONNX export) should record standard ops
         and type(x) is torch.Tensor
-        and not _functorch_wrapped(x)  # vmap / torch.func transforms run the composed ops
+        and not functorch_wrapped(x)  # vmap / torch.func transforms run the composed ops
         and x.layout == torch.strided  # not sparse
         and x.device.type == "cpu"
         and x.dtype in _FLOATS
@@ -174,7 +173,6 @@ def _autograd_records(cbam, x: torch.Tensor) -> bool:
 
 
 def _any_hooks(cbam) -> bool:
-    from .modules import _has_hooks  # the composed path would run these hooks; the kernel cannot
-
-    return any(_has_hooks(m) for m in cbam.modules())
+    # the composed path would run these hooks; the kernel cannot
+    return any(has_hooks(m) for m in cbam.modules())
 

@@ -1,7 +1,7 @@
 """Data-parallel training for the torch backend with ``torch.distributed`` and DDP (no home-made engine).
 
 Launch one process per device with ``torchrun``; every process runs the same `cbam_multi.training.fit`
-loop on the same global batches (`cbam_multi.data.iterate_batches` is a pure function of
+loop on the same global batches (`cbam_multi.training.data.iterate_batches` is a pure function of
 ``(data_seed, epoch)``), and `cbam_multi.torch.train.TorchTrainer` then:
 
 * feeds its model the rank's **contiguous slice** of each global batch (rank r of W gets rows
@@ -18,7 +18,7 @@ Process group: ``gloo`` on CPU, ``nccl`` on CUDA (``cuda:LOCAL_RANK``). BatchNor
 process); torch has no CPU SyncBatchNorm, so on CPU each rank normalises with its own slice's statistics
 (a warning says so; the default ``seed`` preset has no BN).
 
-    torchrun --nproc_per_node 2 -m cbam_multi.cli train --backend torch --distributed
+    torchrun --nproc_per_node 2 -m cbam_multi.training.cli train --backend torch --distributed
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from cbam_multi.config import ConfigError
+from cbam_multi.training.config import ConfigError
 
 __all__ = [
     "launched_by_torchrun",
@@ -65,7 +65,7 @@ def init_distributed(backend: str | None = None) -> bool:
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         raise ConfigError(
             "--distributed needs torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT): launch with "
-            "`torchrun --nproc_per_node N -m cbam_multi.cli train --backend torch --distributed ...`"
+            "`torchrun --nproc_per_node N -m cbam_multi.training.cli train --backend torch --distributed ...`"
         )
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"

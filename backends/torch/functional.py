@@ -6,10 +6,12 @@ data-dependent Python control flow, so it traces cleanly under ``torch.compile``
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from .guards import functorch_wrapped
 
 __all__ = [
     "apply_gate", "amax", "pool_hw", "stacked_pools", "shared_mlp", "channel_attention", "spatial_maps", "spatial_conv",
@@ -44,11 +46,6 @@ class _AMax(torch.autograd.Function):
         return mask.mul_(grad / count), None, None
 
 
-def _functorch_wrapped(t: torch.Tensor) -> bool:
-    fn = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
-    return bool(fn(t)) if fn is not None else False
-
-
 def amax(x: torch.Tensor, dims: tuple[int, ...], keepdim: bool = False) -> torch.Tensor:
     """``x.amax(dims, keepdim)``; in eager autograd through `_AMax`, whose backward is ~8x faster on CPU.
     Compiled code (inductor writes its own fused backward), no-grad calls and functorch transforms use
@@ -58,7 +55,7 @@ def amax(x: torch.Tensor, dims: tuple[int, ...], keepdim: bool = False) -> torch
         and torch.is_grad_enabled()
         and type(x) is torch.Tensor
         and not torch.compiler.is_compiling()
-        and not _functorch_wrapped(x)
+        and not functorch_wrapped(x)
     ):
         return _AMax.apply(x, tuple(dims), keepdim)
     return x.amax(dims, keepdim=keepdim)

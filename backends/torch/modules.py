@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn.modules import module as _nn_module_mod
 from torch.nn.utils import skip_init
 
 from cbam_multi.errors import InputError
@@ -19,6 +18,7 @@ from cbam_multi.weights import init_weights
 
 from . import cpu_kernel
 from . import functional as CF
+from .guards import functorch_wrapped, has_hooks
 from .weights import import_weights
 
 __all__ = ["ChannelAttention", "SpatialAttention", "CBAM"]
@@ -73,15 +73,6 @@ class _Gate(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
 
-def _has_hooks(module: nn.Module) -> bool:
-    _m = _nn_module_mod
-    return bool(
-        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-        or module._backward_pre_hooks or _m._global_forward_hooks or _m._global_forward_pre_hooks
-        or _m._global_backward_hooks or _m._global_backward_pre_hooks
-    )
-
-
 def _may_overwrite(y, spatial: nn.Module) -> bool:
     """True when CBAM.forward may apply the spatial gate to its intermediate ``y`` in place: eager mode,
     a plain tensor that autograd does not track (no_grad / inference_mode / frozen weights), no functorch
@@ -90,8 +81,8 @@ def _may_overwrite(y, spatial: nn.Module) -> bool:
         type(y) is torch.Tensor
         and not torch.compiler.is_compiling()
         and not y.requires_grad
-        and not CF._functorch_wrapped(y)
-        and not _has_hooks(spatial)
+        and not functorch_wrapped(y)
+        and not has_hooks(spatial)
     )
 
 
@@ -102,7 +93,7 @@ def _unroll_conv(conv: nn.Module, maps: torch.Tensor) -> bool:
     return (
         torch.compiler.is_compiling()
         and not torch.is_autocast_enabled(maps.device.type)
-        and not _has_hooks(conv)
+        and not has_hooks(conv)
     )
 
 

@@ -1,8 +1,8 @@
-"""MNIST training and evaluation with PyTorch (eager, CPU or CUDA): ``train_and_evaluate`` and ``evaluate``.
+"""MNIST training with PyTorch (eager, CPU or CUDA): the torch `Trainer` and ``build_predict``.
 
-The epoch loop, schedule, batches, metrics and checkpoint formats are shared with the JAX backend
-(`cbam_multi.training`); this module only provides the torch `Trainer`. Optimizers are torch.optim's
-own Adam / AdamW / SGD with every hyper-parameter taken from the `TrainConfig` (see `cbam_multi.config`
+The epoch loop, schedule, batches, evaluation, metrics and checkpoint formats are shared with the JAX
+backend (`cbam_multi.training`, which finds this module through its backend registry). Optimizers are torch.optim's
+own Adam / AdamW / SGD with every hyper-parameter taken from the `TrainConfig` (see `cbam_multi.training.config`
 for the update formulas, identical to the optax chains of `cbam_multi.jax.train`).
 
 Scale-out and precision (see docs/SCALE_OUT.md):
@@ -18,22 +18,21 @@ Scale-out and precision (see docs/SCALE_OUT.md):
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cbam_multi import training
-from cbam_multi.config import ConfigError, TrainConfig
-from cbam_multi.data import Dataset
-from cbam_multi.model import MNISTNetSpec
+from cbam_multi.models import MNISTNetSpec
+from cbam_multi.training.config import TrainConfig
+from cbam_multi.training.state import optimizer_slots
 
 from . import distributed
-from .model import MNISTNet, export_weights, import_weights, model_layouts
+from .models.mnist import MNISTNet, export_model_weights, import_model_weights, model_layouts
 from .weights import to_numpy
 
-__all__ = ["train_and_evaluate", "evaluate", "TorchTrainer", "make_optimizer"]
+__all__ = ["TorchTrainer", "build_predict", "make_optimizer"]
 
 # canonical slot name -> torch optimizer state key
 _SLOT_KEYS = {"mu": "exp_avg", "nu": "exp_avg_sq", "momentum": "momentum_buffer"}
@@ -54,7 +53,7 @@ def _device() -> torch.device:
 
 
 class TorchTrainer:
-    """`cbam_multi.training.Trainer` for torch: NCHW model, torch.optim, canonical state in and out.
+    """`cbam_multi.training.fit.Trainer` for torch: NCHW model, torch.optim, canonical state in and out.
 
     ``self.net`` is the plain `MNISTNet` (weights in/out, prediction); ``self.model`` is what a train step
     calls: ``self.net`` itself, or its ``DistributedDataParallel`` wrapper when a multi-process group is
@@ -88,15 +87,15 @@ class TorchTrainer:
         # canonical trainable name -> its torch parameter, in spec order (the optimizer's param order)
         self.params = {n: named[lay.torch_name] for n, lay in self.layouts.items() if lay.trainable}
         self.optimizer = make_optimizer(config, list(self.params.values()))
-        self.slots = training.optimizer_slots(config)
+        self.slots = optimizer_slots(config)
         self.step = 0
 
     # ---------------------------------------------------------------- weights / optimizer state
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
-        import_weights(self.net, weights)
+        import_model_weights(self.net, weights)
 
     def get_weights(self) -> dict[str, np.ndarray]:
-        return export_weights(self.net)
+        return export_model_weights(self.net)
 
     def set_opt_state(self, slots: Mapping[str, Mapping[str, np.ndarray]], step: int) -> None:
         """Install canonical optimizer slots (converted to torch layouts) as if ``step`` steps were taken."""
@@ -189,54 +188,22 @@ def _scalar_dtype() -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
-def train_and_evaluate(config: TrainConfig, *, data: Dataset | None = None, stop_after_epoch: int | None = None) -> dict:
-    """Train and evaluate ``config`` with PyTorch; see `cbam_multi.training.fit` (identical in JAX).
+def build_predict(weights, spec: MNISTNetSpec, dtype: str, batch_size: int):
+    """The eval-mode predict function (NHWC NumPy batch -> logits) of a model with canonical ``weights``;
+    ``dtype="bfloat16"``: float32 weights, bf16 autocast compute. For `cbam_multi.training.evaluate`."""
+    mixed = dtype == "bfloat16"
+    dev = _device()
+    model = MNISTNet(spec, dtype=torch.float32 if mixed else getattr(torch, dtype)).to(dev)
+    import_model_weights(model, weights)
+    model.eval()
 
-    Writes ``<out>/metrics.json``, ``<out>/checkpoint.safetensors`` and ``<out>/train_state.safetensors``
-    after every epoch; ``data`` overrides loading (a preloaded `cbam_multi.data.Dataset`).
-    """
-    if config.backend != "torch":
-        raise ConfigError(f"cbam_multi.torch.train got a config for backend {config.backend!r}; use config.replace(backend='torch')")
-    return training.fit(config, TorchTrainer, data=data, stop_after_epoch=stop_after_epoch)
+    @torch.inference_mode()
+    def predict(x: np.ndarray) -> np.ndarray:
+        xt = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).to(dev)
+        if not mixed:
+            return model(xt).cpu().numpy()
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
+            logits = model(xt)
+        return logits.float().cpu().numpy()
 
-
-def evaluate(
-    checkpoint,
-    *,
-    dataset: str = "auto",
-    data_dir=None,
-    n_test: int | None = None,
-    batch_size: int = 1000,
-    dtype: str = "float32",
-    data: Dataset | None = None,
-    progress: bool = False,
-) -> dict:
-    """Evaluate a model checkpoint written by either backend (file or run directory) on the test split.
-
-    Returns ``{"accuracy", "loss", "predictions", "logits", "correct", "n", ...}``; the tail batch is kept.
-    """
-
-    def build(weights, spec: MNISTNetSpec, dtype_name: str):
-        mixed = dtype_name == "bfloat16"  # float32 weights, bf16 autocast compute
-        dev = _device()
-        model = MNISTNet(spec, dtype=torch.float32 if mixed else getattr(torch, dtype_name)).to(dev)
-        import_weights(model, weights)
-        model.eval()
-
-        @torch.inference_mode()
-        def predict(x: np.ndarray) -> np.ndarray:
-            xt = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).to(dev)
-            if not mixed:
-                return model(xt).cpu().numpy()
-            with torch.autocast(dev.type, dtype=torch.bfloat16):
-                logits = model(xt)
-            return logits.float().cpu().numpy()
-
-        return predict, "torch"
-
-    if dtype not in ("float32", "float64", "bfloat16"):
-        raise ConfigError(f"dtype must be float32, float64 or bfloat16, got {dtype!r}")
-    return training.evaluate_checkpoint(
-        checkpoint, build, dataset=dataset, data_dir=data_dir, n_test=n_test, batch_size=batch_size,
-        dtype=dtype, data=data, progress=progress,
-    )
+    return predict

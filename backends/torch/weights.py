@@ -7,8 +7,8 @@ the checkpoint adapters all use it.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -17,7 +17,7 @@ from cbam_multi.errors import WeightsError
 from cbam_multi.spec import TRAINABLE, CBAMSpec
 from cbam_multi.weights import validate_weights
 
-__all__ = ["Layout", "torch_layouts", "export_weights", "import_weights", "export_grads"]
+__all__ = ["Layout", "TRANSFORMS", "torch_layouts", "export_weights", "import_weights", "export_grads"]
 
 Array = np.ndarray
 
@@ -51,7 +51,8 @@ _TABLE = {
     "spatial.bn.var": ("spatial.bn.running_var", "vector"),
 }
 
-_TRANSFORMS: dict[str, tuple[Callable[[Array], Array], Callable[[Array], Array]]] = {
+# THE layout-transform table of this backend (the models use it too): kind -> (to torch, to canonical)
+TRANSFORMS: dict[str, tuple[Callable[[Array], Array], Callable[[Array], Array]]] = {
     # dense kernel (in, out) <-> nn.Linear weight (out, in)
     "dense:linear": (lambda k: k.T, lambda w: w.T),
     # dense kernel (in, out) <-> nn.Conv2d(in, out, 1) weight (out, in, 1, 1)
@@ -73,7 +74,7 @@ def torch_layouts(spec: CBAMSpec, part: str | None = None, mlp_kind: str | None 
     layouts = {}
     for name in spec.param_shapes(part):
         torch_name, kind = _TABLE[name]
-        to_torch, to_canonical = _TRANSFORMS[f"dense:{mlp_kind}" if kind == "dense" else kind]
+        to_torch, to_canonical = TRANSFORMS[f"dense:{mlp_kind}" if kind == "dense" else kind]
         layouts[name] = Layout(name, torch_name, to_torch, to_canonical, kinds[name] == TRAINABLE)
     return layouts
 
@@ -111,7 +112,7 @@ def module_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {**dict(module.named_parameters()), **dict(module.named_buffers())}
 
 
-def copy_canonical(arrays: Mapping[str, np.ndarray], targets: Mapping[str, tuple["Layout", torch.Tensor]]) -> None:
+def copy_canonical(arrays: Mapping[str, np.ndarray], targets: Mapping[str, tuple[Layout, torch.Tensor]]) -> None:
     """Copy canonical ``arrays`` into torch tensors, all or nothing: every array is first converted to its
     target's layout, dtype and device and its shape checked (``targets``: canonical name -> (Layout, tensor)),
     and only then are they all copied in, so a failure leaves every tensor unchanged."""

@@ -97,7 +97,7 @@ def cmd_parity_train(args: argparse.Namespace) -> int:
 
 
 def add_train_parser(sub) -> None:
-    from cbam_multi.config import DATASETS, OPTIMIZERS, SCHEDULES
+    from cbam_multi.training.config import DATASETS, OPTIMIZERS, SCHEDULES
 
     p = sub.add_parser("train", help="train MNISTNet (CBAM) on MNIST with torch or JAX; metrics + checkpoints in --out")
     p.add_argument("--backend", choices=("torch", "jax"), help="default: the --config file's, else torch")
@@ -133,7 +133,7 @@ def add_train_parser(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     p.add_argument(
         "--malloc-defaults", action="store_true",
-        help="leave glibc's allocator as it is (default: keep freed memory in the heap, see cbam_multi.heap)",
+        help="leave glibc's allocator as it is (default: keep freed memory in the heap, see cbam_multi.training.heap)",
     )
     p.add_argument("--print-config", action="store_true", help="print the effective TrainConfig JSON and exit")
     p.set_defaults(func=cmd_train)
@@ -143,7 +143,7 @@ def train_config_from_args(args: argparse.Namespace):
     import dataclasses
     from pathlib import Path
 
-    from cbam_multi.config import TrainConfig
+    from cbam_multi.training.config import TrainConfig
 
     config = TrainConfig.from_json(Path(args.config).read_text()) if args.config else TrainConfig()
     flags = {
@@ -198,7 +198,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(config.to_json(indent=2))
         return 0
     if not args.malloc_defaults:
-        from cbam_multi.heap import keep_heap
+        from cbam_multi.training.heap import keep_heap
 
         keep_heap()  # before the first large allocation: steps reuse their buffers instead of re-faulting them
     if config.backend == "jax":
@@ -228,7 +228,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def add_evaluate_parser(sub) -> None:
-    from cbam_multi.config import DATASETS
+    from cbam_multi.training.config import DATASETS
 
     p = sub.add_parser("evaluate", help="evaluate a model checkpoint (written by either framework) on the test split")
     p.add_argument("--backend", choices=("torch", "jax"), default="torch")
@@ -282,8 +282,8 @@ def add_plot_parser(sub) -> None:
 def cmd_plot(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from cbam_multi import plots
-    from cbam_multi.data import load_mnist
+    from cbam_multi.training import plots
+    from cbam_multi.training.data import load_mnist
 
     out = Path(args.out)
     print(f"curves: {plots.plot_curves(args.runs, out / 'curves.png')}")

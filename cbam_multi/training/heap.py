@@ -2,23 +2,20 @@
 
 glibc serves allocations above its mmap threshold (128 KiB, adapting up to at most 32 MiB) with fresh
 ``mmap`` pages, and hands freed memory at the top of the heap back to the OS. A loop that allocates
-and frees the same large buffers every step then pays a page fault per 4 KiB page on every step. In
-the KVM guest these figures were measured on, a fault costs ~1.3 us: ~4 ms for a 12.8 MB activation,
-and XLA:CPU allocates each execution's temporaries as one block larger than 32 MiB, so every JAX train
-step of batch 128 re-faulted all of them (MNIST step, JAX: 28.7 -> 20.5 ms without CBAM; see
-benchmarks/RESULTS.md).
+and frees the same large buffers every step then pays a page fault per 4 KiB page on every step; XLA:CPU
+allocates each execution's temporaries as one block larger than 32 MiB, so every JAX train step re-faulted
+all of them.
 
 `keep_heap` sets ``M_MMAP_MAX = 0`` (every allocation from the heap), a 1 GiB trim threshold (freed
 memory stays with the process until more than that is free at the heap top) and a 64 MiB top pad. The
 pad is for threads: XLA's worker threads allocate from per-thread arenas, which grow by extra 64 MiB
 heaps that glibc unmaps as soon as one is entirely free, whatever the trim threshold - unless the pad
-asks it to keep that much in reserve. Without it a large per-step buffer allocated on a worker thread
-was faulted in again on every step (JAX MNIST step, batch 128: 0-5,500 faults per step depending on
-the process, ~1.2 us each; see benchmarks/RESULTS.md). (``M_ARENA_MAX = 1`` also stops the faults,
-but one arena lock for every thread measured ~5 % slower.) It changes the whole
-process's allocator, so only entry points that own their process call it: ``cbam-multi train`` and the
-benchmarks (each with a switch to leave glibc's defaults). The price: resident memory stays at its
-peak instead of shrinking after a large temporary is freed.
+asks it to keep that much in reserve. (``M_ARENA_MAX = 1`` would also stop the faults, but serializes
+every thread on one arena lock.) It changes the whole process's allocator, so only entry points that
+own their process call it: ``cbam-multi train`` and the benchmarks (each with a switch to leave glibc's
+defaults). The price: resident memory stays at its peak instead of shrinking after a large temporary is
+freed. Measurements (fault counts and costs, step times with and without): benchmarks/RESULTS.md,
+"Heap settings (keep_heap)".
 """
 
 from __future__ import annotations

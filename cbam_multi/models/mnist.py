@@ -16,16 +16,15 @@ Canonical names: ``block{i}.conv{j}.kernel`` (k, k, in, out) HWIO and ``.bias`` 
 
 from __future__ import annotations
 
-import dataclasses
-import json
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import numpy as np
 
 from cbam_multi import reference
 from cbam_multi.errors import InputError, SpecError
-from cbam_multi.spec import TRAINABLE, CBAMSpec, json_object, plain_data_fields
+from cbam_multi.jsondata import JsonData
+from cbam_multi.spec import TRAINABLE, CBAMSpec
 from cbam_multi.weights import register_spec_type
 
 MODEL_FORMAT_VERSION = 1
@@ -33,7 +32,11 @@ MODEL_FORMAT_VERSION = 1
 
 @register_spec_type
 @dataclass(frozen=True)
-class MNISTNetSpec:
+class MNISTNetSpec(JsonData):
+    JSON_FORMAT = "cbam_multi.MNISTNetSpec"
+    JSON_VERSION = MODEL_FORMAT_VERSION
+    JSON_ERROR = SpecError
+
     conv_channels: tuple[int, ...] = (32, 64)
     convs_per_block: int = 1
     kernel: int = 3
@@ -141,35 +144,12 @@ class MNISTNetSpec:
             )
         CBAMSpec(self.in_channels, reduction=1).check_input(shape, dtype_name, layout)  # dtype message
 
-    # --------------------------------------------------------------- JSON
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["conv_channels"] = list(self.conv_channels)
-        return {"format": "cbam_multi.MNISTNetSpec", "version": MODEL_FORMAT_VERSION, **d}
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "MNISTNetSpec":
-        return cls(**plain_data_fields(cls, d, "cbam_multi.MNISTNetSpec", MODEL_FORMAT_VERSION, SpecError))
-
-    @classmethod
-    def from_json(cls, text: str) -> "MNISTNetSpec":
-        return cls.from_dict(json_object(text, "MNISTNetSpec", SpecError))
-
 
 # ------------------------------------------------------------ NumPy oracle
 def _conv_same(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray) -> np.ndarray:
-    """NCHW x, HWIO kernel, zero 'same' padding, cross-correlation."""
-    k = kernel.shape[0]
-    p = k // 2
-    xp = np.pad(x, ((0, 0), (0, 0), (p, p), (p, p)))
-    h, w = x.shape[2:]
-    out = np.zeros((x.shape[0], kernel.shape[3], h, w))
-    for i in range(k):
-        for j in range(k):
-            out += np.einsum("bchw,co->bohw", xp[:, :, i : i + h, j : j + w], kernel[i, j])
+    """NCHW x, HWIO kernel, zero 'same' padding, cross-correlation: the block oracle's convolution
+    (`cbam_multi.reference.conv2d_same`) once per output channel."""
+    out = np.stack([reference.conv2d_same(x, kernel[..., o : o + 1]) for o in range(kernel.shape[3])], axis=1)
     return out + bias[None, :, None, None]
 
 

@@ -4,8 +4,8 @@ spatial-attention maps each backend computes from one checkpoint. matplotlib (Ag
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -76,22 +76,22 @@ def attention_maps(backend: str, checkpoint, images_nhwc: np.ndarray) -> list[np
     if backend == "torch":
         import torch
 
-        from cbam_multi.torch import model as tm
+        from cbam_multi.torch.models import mnist as tm
 
-        model = tm.import_weights(tm.MNISTNet(spec, dtype=torch.float32), weights)
+        model = tm.import_model_weights(tm.MNISTNet(spec, dtype=torch.float32), weights)
         x = torch.tensor(images_nhwc.transpose(0, 3, 1, 2), dtype=torch.float32)
         return [a.numpy() for a in tm.attention_maps(model, x)]
     import jax.numpy as jnp
 
-    from cbam_multi.jax import model as jm
+    from cbam_multi.jax.models import mnist as jm
 
-    model = jm.import_weights(jm.MNISTNet(spec, dtype=jnp.float32, use_running_average=True), weights)
+    model = jm.import_model_weights(jm.MNISTNet(spec, dtype=jnp.float32, use_running_average=True), weights)
     return [np.asarray(a) for a in jm.attention_maps(model, jnp.asarray(images_nhwc, jnp.float32))]
 
 
 def plot_attention(checkpoint, images_uint8: np.ndarray, labels: np.ndarray, out, backends=("torch", "jax")) -> Path:
     """A grid: each digit, then for each backend and each CBAM block its spatial-attention map."""
-    from cbam_multi.data import normalize
+    from cbam_multi.training.data import normalize
 
     x = normalize(images_uint8)
     maps = {b: attention_maps(b, checkpoint, x) for b in backends}

@@ -1,10 +1,10 @@
-"""The MNIST classifier (`cbam_multi.model.MNISTNetSpec`) as a Flax NNX module, NHWC, with this backend's CBAM.
+"""The MNIST classifier (`cbam_multi.models.MNISTNetSpec`) as a Flax NNX module, NHWC, with this backend's CBAM.
 
 Every variable sits at the path of its canonical name (``model.block0.conv0.kernel`` is
 ``"block0.conv0.kernel"``, ``model.block1.cbam.channel.fc1.kernel`` is ``"block1.cbam.channel.fc1.kernel"``),
 so canonical weights need no transposes: conv kernels are HWIO and the NHWC flatten before
 ``head.fc1`` is the canonical row order. Values start from `cbam_multi.weights.init_weights(spec, seed)`,
-identical to `cbam_multi.torch.model.MNISTNet(spec, seed=seed)`.
+identical to `cbam_multi.torch.models.mnist.MNISTNet(spec, seed=seed)`.
 
 Train/eval: ``model.train()`` / ``model.eval()`` (only matters for CBAM specs with BatchNorm, whose
 running statistics are ``nnx.BatchStat`` and update in train mode).
@@ -12,20 +12,28 @@ running statistics are ``nnx.BatchStat`` and update in train mode).
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cbam_multi.errors import InputError, WeightsError
-from cbam_multi.model import MNISTNetSpec
+from cbam_multi.errors import InputError, WeightsError, expect_instance
+from cbam_multi.models import MNISTNetSpec
 from cbam_multi.weights import init_weights, validate_weights
 
-from .modules import CBAM
+from ..modules import CBAM
 
-__all__ = ["MNISTNet", "max_pool_2x2", "export_weights", "import_weights", "export_grads", "model_variables"]
+__all__ = [
+    "MNISTNet",
+    "max_pool_2x2",
+    "model_variables",
+    "export_model_weights",
+    "import_model_weights",
+    "export_model_grads",
+    "attention_maps",
+]
 
 
 @jax.custom_vjp
@@ -90,7 +98,7 @@ class MNISTNet(nnx.Module):
         self.spec = spec
         self.dtype = jnp.dtype(dtype)
         param_dtype = self.dtype if param_dtype is None else jnp.dtype(param_dtype)
-        # The flax initializers draw throw-away values; import_weights below sets the canonical ones.
+        # The flax initializers draw throw-away values; import_model_weights below sets the canonical ones.
         # (Default initializers keep the graphdef identical between instances, so jitted steps are reused.)
         rngs = nnx.Rngs(0)
         k, p = spec.kernel, spec.kernel // 2
@@ -107,7 +115,7 @@ class MNISTNet(nnx.Module):
         self.head = _Head()
         self.head.fc1 = nnx.Linear(spec.flat_features, spec.dense, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.head.fc2 = nnx.Linear(spec.dense, spec.num_classes, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        import_weights(self, init_weights(spec, seed, np.float64))
+        import_model_weights(self, init_weights(spec, seed, np.float64))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         spec = self.spec
@@ -126,15 +134,10 @@ class MNISTNet(nnx.Module):
         return self.head.fc2(h)
 
 
-def _check_model(model) -> MNISTNetSpec:
-    if not isinstance(model, MNISTNet):
-        raise TypeError(f"expected a cbam_multi.jax MNISTNet, got {type(model).__name__}")
-    return model.spec
-
 
 def model_variables(model: MNISTNet) -> dict[str, nnx.Variable]:
     """Canonical name -> the model's Variable, in spec order (names = '.'-joined state paths)."""
-    spec = _check_model(model)
+    spec = expect_instance(model, MNISTNet, "a cbam_multi.jax MNISTNet").spec
     flat = {".".join(map(str, path)): var for path, var in nnx.to_flat_state(nnx.state(model))}
     names = list(spec.param_shapes())
     if sorted(flat) != sorted(names):
@@ -152,12 +155,12 @@ def model_variables(model: MNISTNet) -> dict[str, nnx.Variable]:
     return out
 
 
-def export_weights(model: MNISTNet) -> dict[str, np.ndarray]:
+def export_model_weights(model: MNISTNet) -> dict[str, np.ndarray]:
     """Canonical weights of the whole model (NumPy copies, spec order)."""
     return {name: np.array(var[...]) for name, var in model_variables(model).items()}
 
 
-def import_weights(model: MNISTNet, weights: Mapping[str, np.ndarray]) -> MNISTNet:
+def import_model_weights(model: MNISTNet, weights: Mapping[str, np.ndarray]) -> MNISTNet:
     """Set the model's variables from canonical ``weights`` in place (validated and converted first)."""
     variables = model_variables(model)
     arrays = {n: np.asarray(a) for n, a in weights.items()}
@@ -168,7 +171,7 @@ def import_weights(model: MNISTNet, weights: Mapping[str, np.ndarray]) -> MNISTN
     return model
 
 
-def export_grads(grads) -> dict[str, np.ndarray]:
+def export_model_grads(grads) -> dict[str, np.ndarray]:
     """Canonical names -> gradients, from the ``nnx.State`` that ``nnx.grad`` returns for a MNISTNet."""
     if not isinstance(grads, nnx.State):
         raise TypeError(f"expected the nnx.State from nnx.grad, got {type(grads).__name__}")
@@ -192,10 +195,10 @@ def attention_maps(model: MNISTNet, x: jax.Array) -> list[jax.Array]:
     Runs the model once (eagerly) with each CBAM block wrapped to record its input (mirrors the torch
     `attention_maps`), then evaluates that block's gates on it with the pure functions.
     """
-    from cbam_multi.jax import functional as F
-    from cbam_multi.jax.weights import export_weights as export_block
+    from .. import functional as F
+    from ..weights import export_weights as export_block
 
-    spec = _check_model(model)
+    spec = expect_instance(model, MNISTNet, "a cbam_multi.jax MNISTNet").spec
     if not spec.cbam:
         raise InputError("this MNISTNet has no CBAM blocks (cbam=False): no attention maps")
     model.eval()

@@ -1,7 +1,7 @@
-"""The MNIST classifier (`cbam_multi.model.MNISTNetSpec`) as a torch module, NCHW, with this backend's CBAM.
+"""The MNIST classifier (`cbam_multi.models.MNISTNetSpec`) as a torch module, NCHW, with this backend's CBAM.
 
 Parameters start from the canonical seeded weights (`cbam_multi.weights.init_weights(spec, seed)`),
-so ``MNISTNet(spec, seed=s)`` here and in `cbam_multi.jax.model` are the same function.
+so ``MNISTNet(spec, seed=s)`` here and in `cbam_multi.jax.models.mnist` are the same function.
 
 Canonical <-> torch (`model_layouts`, the one table used by every import/export here):
 
@@ -14,7 +14,7 @@ Canonical <-> torch (`model_layouts`, the one table used by every import/export 
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -22,22 +22,23 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import skip_init
 
-from cbam_multi.errors import InputError, WeightsError
-from cbam_multi.model import MNISTNetSpec
+from cbam_multi.errors import InputError, WeightsError, expect_instance
+from cbam_multi.models import MNISTNetSpec
 from cbam_multi.weights import init_weights, validate_weights
 
-from .modules import CBAM
-from .weights import Layout, copy_canonical, module_tensors, to_numpy, torch_layouts
+from ..modules import CBAM
+from ..weights import TRANSFORMS, Layout, copy_canonical, module_tensors, to_numpy, torch_layouts
 
-__all__ = ["MNISTNet", "model_layouts", "export_weights", "import_weights", "export_grads", "fc1_to_torch", "fc1_to_canonical"]
-
-
-def _conv_to_torch(k: np.ndarray) -> np.ndarray:  # HWIO -> OIHW
-    return k.transpose(3, 2, 0, 1)
-
-
-def _conv_to_canonical(w: np.ndarray) -> np.ndarray:  # OIHW -> HWIO
-    return w.transpose(2, 3, 1, 0)
+__all__ = [
+    "MNISTNet",
+    "model_layouts",
+    "export_model_weights",
+    "import_model_weights",
+    "export_model_grads",
+    "fc1_to_torch",
+    "fc1_to_canonical",
+    "attention_maps",
+]
 
 
 def fc1_to_torch(kernel: np.ndarray, spec: MNISTNetSpec) -> np.ndarray:
@@ -52,18 +53,14 @@ def fc1_to_canonical(weight: np.ndarray, spec: MNISTNetSpec) -> np.ndarray:
     return weight.reshape(-1, c, s, s).transpose(2, 3, 1, 0).reshape(s * s * c, weight.shape[0])
 
 
-def _same(a):
-    return a
-
-
 def model_layouts(spec: MNISTNetSpec) -> dict[str, Layout]:
     """Canonical name -> `Layout` (torch state_dict name, transforms, trainable) for every model tensor."""
     kinds = spec.param_kinds()
     out: dict[str, Layout] = {}
     for i, j, _, _ in spec.conv_layers():
         p = f"block{i}.conv{j}"
-        out[f"{p}.kernel"] = Layout(f"{p}.kernel", f"{p}.weight", _conv_to_torch, _conv_to_canonical, True)
-        out[f"{p}.bias"] = Layout(f"{p}.bias", f"{p}.bias", _same, _same, True)
+        out[f"{p}.kernel"] = Layout(f"{p}.kernel", f"{p}.weight", *TRANSFORMS["conv"], True)
+        out[f"{p}.bias"] = Layout(f"{p}.bias", f"{p}.bias", *TRANSFORMS["vector"], True)
         if spec.cbam and j == spec.convs_per_block - 1:
             for name, lay in torch_layouts(spec.cbam_spec(i)).items():
                 c = f"block{i}.cbam.{name}"
@@ -71,9 +68,9 @@ def model_layouts(spec: MNISTNetSpec) -> dict[str, Layout]:
     out["head.fc1.kernel"] = Layout(
         "head.fc1.kernel", "head.fc1.weight", lambda k: fc1_to_torch(k, spec), lambda w: fc1_to_canonical(w, spec), True
     )
-    out["head.fc1.bias"] = Layout("head.fc1.bias", "head.fc1.bias", _same, _same, True)
-    out["head.fc2.kernel"] = Layout("head.fc2.kernel", "head.fc2.weight", lambda k: k.T, lambda w: w.T, True)
-    out["head.fc2.bias"] = Layout("head.fc2.bias", "head.fc2.bias", _same, _same, True)
+    out["head.fc1.bias"] = Layout("head.fc1.bias", "head.fc1.bias", *TRANSFORMS["vector"], True)
+    out["head.fc2.kernel"] = Layout("head.fc2.kernel", "head.fc2.weight", *TRANSFORMS["dense:linear"], True)
+    out["head.fc2.bias"] = Layout("head.fc2.bias", "head.fc2.bias", *TRANSFORMS["vector"], True)
     assert list(out) == list(spec.param_shapes()) and all(
         (kinds[n] == "param") == lay.trainable for n, lay in out.items()
     ), "model_layouts out of sync with MNISTNetSpec.param_shapes"
@@ -113,7 +110,7 @@ class MNISTNet(nn.Module):
         self.head.fc1 = skip_init(nn.Linear, spec.flat_features, spec.dense, dtype=dtype)
         self.head.fc2 = skip_init(nn.Linear, spec.dense, spec.num_classes, dtype=dtype)
         # one draw for the whole model (the CBAM blocks' own init above is overwritten by their slice)
-        import_weights(self, init_weights(spec, seed, np.float64))
+        import_model_weights(self, init_weights(spec, seed, np.float64))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.spec.check_input(tuple(x.shape), str(x.dtype), "NCHW")
@@ -132,15 +129,10 @@ class MNISTNet(nn.Module):
         return self.head.fc2(h)
 
 
-def _check_model(model) -> MNISTNetSpec:
-    if not isinstance(model, MNISTNet):
-        raise TypeError(f"expected a cbam_multi.torch MNISTNet, got {type(model).__name__}")
-    return model.spec
 
-
-def export_weights(model: MNISTNet) -> dict[str, np.ndarray]:
+def export_model_weights(model: MNISTNet) -> dict[str, np.ndarray]:
     """Canonical weights (fresh C-contiguous NumPy copies, spec order) of the whole model."""
-    spec = _check_model(model)
+    spec = expect_instance(model, MNISTNet, "a cbam_multi.torch MNISTNet").spec
     tensors = module_tensors(model)
     return {
         name: np.array(lay.to_canonical(to_numpy(tensors[lay.torch_name])), order="C", copy=True)
@@ -148,9 +140,9 @@ def export_weights(model: MNISTNet) -> dict[str, np.ndarray]:
     }
 
 
-def import_weights(model: MNISTNet, weights: Mapping[str, np.ndarray]) -> MNISTNet:
+def import_model_weights(model: MNISTNet, weights: Mapping[str, np.ndarray]) -> MNISTNet:
     """Copy canonical ``weights`` into ``model`` in place (validated and converted first: all or nothing)."""
-    spec = _check_model(model)
+    spec = expect_instance(model, MNISTNet, "a cbam_multi.torch MNISTNet").spec
     arrays = {n: to_numpy(a) for n, a in weights.items()}
     validate_weights(arrays, spec)
     tensors = module_tensors(model)
@@ -158,9 +150,9 @@ def import_weights(model: MNISTNet, weights: Mapping[str, np.ndarray]) -> MNISTN
     return model
 
 
-def export_grads(model: MNISTNet) -> dict[str, np.ndarray]:
+def export_model_grads(model: MNISTNet) -> dict[str, np.ndarray]:
     """``.grad`` of every trainable parameter in canonical names/layouts (after ``loss.backward()``)."""
-    spec = _check_model(model)
+    spec = expect_instance(model, MNISTNet, "a cbam_multi.torch MNISTNet").spec
     tensors = module_tensors(model)
     out, missing = {}, []
     for name, lay in model_layouts(spec).items():
@@ -183,7 +175,7 @@ def attention_maps(model: MNISTNet, x: torch.Tensor) -> list[torch.Tensor]:
     Runs the model once with a forward hook recording each CBAM block's input (mirrors the JAX
     `attention_maps`), then evaluates that block's gates on it.
     """
-    spec = _check_model(model)
+    spec = expect_instance(model, MNISTNet, "a cbam_multi.torch MNISTNet").spec
     if not spec.cbam:
         raise InputError("this MNISTNet has no CBAM blocks (cbam=False): no attention maps")
     model.eval()

@@ -26,14 +26,13 @@ sgd        g += wd * p ; buf = momentum * buf + g (buf_0 = 0,     torch.optim.SG
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cbam_multi.errors import CBAMError, SpecError
-from cbam_multi.model import MNISTNetSpec
-from cbam_multi.spec import json_object, plain_data_fields
+from cbam_multi.jsondata import JsonData
+from cbam_multi.models import MNISTNetSpec
 
 BACKENDS = ("torch", "jax")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -71,8 +70,12 @@ class ConfigError(CBAMError):
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(JsonData):
     """Everything `train_and_evaluate` needs, in one place. ``out`` may contain ``{backend}``."""
+
+    JSON_FORMAT = "cbam_multi.TrainConfig"
+    JSON_VERSION = CONFIG_FORMAT_VERSION
+    JSON_ERROR = ConfigError
 
     backend: str = "torch"
     model: MNISTNetSpec = field(default_factory=MNISTNetSpec)
@@ -93,7 +96,7 @@ class TrainConfig:
     final_lr_frac: float = 0.0  # lr at the end of the decay, as a fraction of ``lr``
     # ------------------------------------------------------------------ reproducibility / numerics
     seed: int = 0  # model init: cbam_multi.weights.init_weights(spec, seed)
-    data_seed: int = 0  # batch order: cbam_multi.data.iterate_batches(seed=data_seed, epoch=e)
+    data_seed: int = 0  # batch order: cbam_multi.training.data.iterate_batches(seed=data_seed, epoch=e)
     dtype: str = "float32"  # "bfloat16": bf16 compute, float32 parameters/optimizer state/checkpoints (`param_dtype`)
     # ------------------------------------------------------------------ augmentation (framework-free, seeded NumPy)
     augment_shift: int = 1  # random translation of every training image by up to this many pixels (0 = off)
@@ -181,10 +184,10 @@ class TrainConfig:
     def out_dir(self) -> Path:
         return Path(self.out.format(backend=self.backend))
 
-    def replace(self, **changes) -> "TrainConfig":
+    def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
-    def resume_mismatches(self, other: "TrainConfig") -> list[str]:
+    def resume_mismatches(self, other: TrainConfig) -> list[str]:
         """Fields in `RESUME_MUST_MATCH` on which ``self`` and ``other`` differ, as readable strings."""
         return [
             f"{name}: checkpoint {getattr(other, name)!r}, requested {getattr(self, name)!r}"
@@ -192,26 +195,12 @@ class TrainConfig:
             if getattr(self, name) != getattr(other, name)
         ]
 
-    # ------------------------------------------------------------------ JSON
-    def to_dict(self) -> dict:
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        d["model"] = self.model.to_dict()
-        d["betas"] = list(self.betas)
-        return {"format": "cbam_multi.TrainConfig", "version": CONFIG_FORMAT_VERSION, **d}
-
-    def to_json(self, indent: int | None = None) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True, indent=indent)
-
+    # ------------------------------------------------------------------ JSON (`cbam_multi.jsondata.JsonData`)
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        fields = plain_data_fields(cls, d, "cbam_multi.TrainConfig", CONFIG_FORMAT_VERSION, ConfigError)
+    def _from_fields(cls, fields: dict) -> TrainConfig:
         if "model" in fields:
             fields["model"] = _spec_from_dict(fields["model"])
         return cls(**fields)
-
-    @classmethod
-    def from_json(cls, text: str) -> "TrainConfig":
-        return cls.from_dict(json_object(text, "TrainConfig", ConfigError))
 
 
 def _spec_from_dict(d) -> MNISTNetSpec:

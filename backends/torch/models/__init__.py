@@ -1,0 +1,6 @@
+"""Networks built from this backend's CBAM layer, one file per model family, with their whole-model
+canonical weight import / export (``*_model_weights``; the layer's ``export_weights`` moves one block)."""
+
+from .mnist import MNISTNet, export_model_grads, export_model_weights, import_model_weights
+
+__all__ = ["MNISTNet", "export_model_weights", "import_model_weights", "export_model_grads"]

@@ -1,0 +1,118 @@
+"""Evaluation, written once: cross-entropy and accuracy of any ``predict`` (NHWC batch -> logits) over a
+split, and the evaluation of a checkpoint with the predict function a backend builds for it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from cbam_multi.errors import CheckpointError
+from cbam_multi.models import MNISTNetSpec
+from cbam_multi.training.config import DTYPES, ConfigError
+from cbam_multi.training.data import Dataset, normalize, subset
+from cbam_multi.training.inputs import load_dataset
+from cbam_multi.training.progress import bar
+from cbam_multi.training.state import CHECKPOINT_FILE
+from cbam_multi.weights import load_weights, read_checkpoint
+
+__all__ = ["cross_entropy", "evaluate_arrays", "resolve_checkpoint", "evaluate_checkpoint"]
+
+# (canonical weights, model spec, dtype name, batch size) -> predict (NHWC batch -> logits, NumPy)
+BuildPredict = Callable[[dict, MNISTNetSpec, str, int], Callable[[np.ndarray], np.ndarray]]
+
+
+def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per-example cross-entropy of ``logits`` (N, classes), computed in float64 with NumPy."""
+    z = np.asarray(logits, np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    logz = np.log(np.exp(z).sum(axis=1))
+    return logz - z[np.arange(len(labels)), np.asarray(labels)]
+
+
+def evaluate_arrays(
+    predict: Callable[[np.ndarray], np.ndarray],
+    x: np.ndarray,
+    y: np.ndarray,
+    batch_size: int,
+    progress: bool = False,
+    desc: str = "eval",
+) -> dict:
+    """Run ``predict`` (NHWC batch -> logits) over ``x`` in batches, the ragged tail included.
+
+    Returns accuracy, mean cross-entropy (float64, NumPy: the same formula for both backends),
+    predictions (argmax) and the logits.
+    """
+    n = len(y)
+    if n == 0:
+        raise ValueError("evaluate: no examples")
+    logits = []
+    starts = range(0, n, batch_size)
+    for start in bar(starts, progress, desc=desc, total=len(starts)):
+        logits.append(np.asarray(predict(x[start : start + batch_size])))
+    logits = np.concatenate(logits, axis=0)
+    if logits.shape[0] != n:
+        raise RuntimeError(f"predict returned {logits.shape[0]} rows for {n} examples")
+    predictions = logits.argmax(axis=1).astype(np.int64)
+    correct = int((predictions == y).sum())
+    return {
+        "accuracy": correct / n,
+        "loss": float(cross_entropy(logits, y).mean()),
+        "correct": correct,
+        "n": n,
+        "predictions": predictions,
+        "logits": logits,
+    }
+
+
+def resolve_checkpoint(path) -> Path:
+    """A run directory means its ``checkpoint.safetensors``; a file is taken as is."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / CHECKPOINT_FILE
+    if not p.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint (give a .safetensors file or a run directory)")
+    return p
+
+
+def evaluate_checkpoint(
+    checkpoint,
+    build_predict: BuildPredict,
+    backend: str,
+    *,
+    dataset: str = "auto",
+    data_dir=None,
+    n_test: int | None = None,
+    batch_size: int = 1000,
+    dtype: str = "float32",
+    data: Dataset | None = None,
+    progress: bool = False,
+) -> dict:
+    """Evaluate a model checkpoint (file or run directory) on the test split with the predict function that
+    ``build_predict(weights, spec, dtype, batch_size)`` of ``backend`` builds; ``dtype`` is float32, float64 or
+    bfloat16 (float32 weights, bf16 compute).
+
+    Returns ``{"accuracy", "loss", "predictions", "logits", "correct", "n", ...}``; the tail batch is kept.
+    """
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    path = resolve_checkpoint(checkpoint)
+    weights, spec = load_weights(path)
+    if not isinstance(spec, MNISTNetSpec):
+        raise CheckpointError(f"{path}: holds a {type(spec).__name__}, not an MNISTNetSpec model")
+    ds = subset(load_dataset(dataset, data_dir, data), None, n_test)
+    x = normalize(ds.test_images, np.dtype("float32" if dtype == "bfloat16" else dtype))  # bf16: cast on the device
+    predict = build_predict(weights, spec, dtype, batch_size)
+    result = evaluate_arrays(predict, x, ds.test_labels, batch_size, progress, desc=f"{backend} eval")
+    result.update(
+        {
+            "backend": backend,
+            "checkpoint": str(path),
+            "written_by": read_checkpoint(path)[1].get("cbam_multi.written_by", "unknown"),
+            "dataset": {"name": ds.name, "source": ds.source, "n_test": ds.n_test},
+            "dtype": dtype,
+        }
+    )
+    return result
+
