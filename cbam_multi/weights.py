@@ -102,6 +102,11 @@ def _umask() -> int:
     return mask
 
 
+def new_file_mode() -> int:
+    """The mode ``open()`` gives a new file (0666 less the umask), for files made with mkstemp (0600)."""
+    return 0o666 & ~_umask()
+
+
 class _Terminated(BaseException):
     """Raised by the temporary SIGTERM handler so that the temp file is removed before the process dies."""
 
@@ -124,7 +129,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o666 & ~_umask())
+            os.fchmod(f.fileno(), new_file_mode())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
