@@ -11,9 +11,39 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from cbam_multi.spec import CBAMSpec
+
+DEBUG_ENV = "CBAM_MULTI_DEBUG"  # set (to anything but "" or "0") for the traceback of a user error, like --debug
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad flags: one line (what is wrong, where to look) and exit 2, instead of the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
 
 
 def cmd_parity(args: argparse.Namespace) -> int:
@@ -39,7 +69,8 @@ def cmd_parity(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cbam-multi", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="cbam-multi", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help=f"show the traceback of errors (or set {DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("parity", help="cross-framework numerical parity report (CBAM block)")
@@ -48,8 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backends", nargs="+", choices=("torch", "jax"), default=["torch", "jax"])
     p.add_argument("--compile", action="store_true", help="compare torch.compile with eager on every case (slow)")
     p.add_argument("--train", action="store_true", help="instead: torch vs JAX MNIST training trajectories (loss per step)")
-    p.add_argument("--steps", type=int, default=200, help="with --train: optimizer steps (default 200)")
-    p.add_argument("--batch-size", type=int, default=64, help="with --train: batch size (default 64)")
+    p.add_argument("--steps", type=_positive_int, default=200, help="with --train: optimizer steps (default 200)")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="with --train: batch size (default 64)")
     p.add_argument("--data-dir", default=None, help="with --train: MNIST IDX folder (default $CBAM_MNIST_DIR or ../shared/mnist)")
     p.set_defaults(func=cmd_parity)
 
@@ -82,8 +113,10 @@ def cmd_parity_train(args: argparse.Namespace) -> int:
     """Train the same model from the same init on the same batches in torch and JAX; print the loss curves."""
     import tempfile
 
-    from cbam_multi.training import format_trajectory, trajectory_parity
+    from cbam_multi.training import format_trajectory, trajectory_parity, trajectory_tolerance
 
+    for dtype in args.dtype:
+        trajectory_tolerance(dtype, args.steps)  # ConfigError now, not after training both backends
     if "float64" in args.dtype:
         _setup_jax("float64")
     data_dir = args.data_dir or _default_data_dir("mnist")
@@ -102,22 +135,22 @@ def add_train_parser(sub) -> None:
     p = sub.add_parser("train", help="train MNISTNet (CBAM) on MNIST with torch or JAX; metrics + checkpoints in --out")
     p.add_argument("--backend", choices=("torch", "jax"), help="default: the --config file's, else torch")
     p.add_argument("--config", help="a TrainConfig JSON file; the flags below override its fields")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--epochs", type=_positive_int)
+    p.add_argument("--batch-size", type=_positive_int)
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--optimizer", choices=OPTIMIZERS)
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--schedule", choices=SCHEDULES)
     p.add_argument("--warmup-frac", type=float)
-    p.add_argument("--augment-shift", type=int, help="random translation by up to this many pixels (0 = off)")
+    p.add_argument("--augment-shift", type=_nonneg_int, help="random translation by up to this many pixels (0 = off)")
     p.add_argument("--seed", type=int, help="model init seed")
     p.add_argument("--data-seed", type=int, help="batch order / augmentation seed")
     p.add_argument("--no-cbam", action="store_true", help="baseline without CBAM blocks")
     p.add_argument("--dataset", choices=DATASETS, help="auto (default): full MNIST if found, else the bundled sample")
     p.add_argument("--data-dir", help="folder with the MNIST IDX files (default $CBAM_MNIST_DIR or ../shared/mnist)")
-    p.add_argument("--n-train", type=int, help="use the first N training images")
-    p.add_argument("--n-test", type=int, help="use the first N test images")
-    p.add_argument("--eval-batch-size", type=int)
+    p.add_argument("--n-train", type=_positive_int, help="use the first N training images")
+    p.add_argument("--n-test", type=_positive_int, help="use the first N test images")
+    p.add_argument("--eval-batch-size", type=_positive_int)
     p.add_argument("--out", help="run directory (default runs/mnist-<backend>[-nocbam])")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its train_state.safetensors")
     p.add_argument("--init-from", help="start from this model checkpoint (file or run dir, either framework)")
@@ -129,7 +162,7 @@ def add_train_parser(sub) -> None:
         "jax = jax.distributed.initialize() (automatic when JAX_COORDINATOR_ADDRESS is set). "
         "A single JAX process always uses all its local devices.",
     )
-    p.add_argument("--stop-after-epoch", type=int, help="stop after this epoch (as if interrupted; continue with --resume)")
+    p.add_argument("--stop-after-epoch", type=_positive_int, help="stop after this epoch (as if interrupted; continue with --resume)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     p.add_argument(
         "--malloc-defaults", action="store_true",
@@ -213,7 +246,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             from cbam_multi.torch import distributed
 
             distributed.shutdown()
-    if not main_process:
+    if not main_process or metrics.get("already_finished"):
         return 0
     ds = metrics["dataset"]
     print(f"{metrics['backend']} on {metrics['device']}; data {ds['name']} ({ds['n_train']} train / {ds['n_test']} test)")
@@ -232,11 +265,11 @@ def add_evaluate_parser(sub) -> None:
 
     p = sub.add_parser("evaluate", help="evaluate a model checkpoint (written by either framework) on the test split")
     p.add_argument("--backend", choices=("torch", "jax"), default="torch")
-    p.add_argument("--checkpoint", required=True, help="checkpoint.safetensors or a run directory")
+    p.add_argument("--checkpoint", required=True, help="checkpoint.safetensors, train_state.safetensors or a run directory")
     p.add_argument("--dataset", choices=DATASETS, default="auto")
     p.add_argument("--data-dir")
-    p.add_argument("--n-test", type=int)
-    p.add_argument("--batch-size", type=int, default=1000)
+    p.add_argument("--n-test", type=_positive_int)
+    p.add_argument("--batch-size", type=_positive_int, default=1000)
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--json", action="store_true", help="print the result as JSON (predictions included)")
     p.set_defaults(func=cmd_evaluate)
@@ -272,7 +305,7 @@ def add_plot_parser(sub) -> None:
     p = sub.add_parser("plot", help="PNGs: both backends' training curves overlaid; digits with attention maps")
     p.add_argument("runs", nargs="+", help="run directories (or metrics.json files) to overlay, e.g. runs/mnist-*")
     p.add_argument("--checkpoint", help="model checkpoint for the attention grid (default: the first run's)")
-    p.add_argument("--n-images", type=int, default=8)
+    p.add_argument("--n-images", type=_positive_int, default=8)
     p.add_argument("--dataset", choices=("auto", "mnist", "sample"), default="auto")
     p.add_argument("--data-dir")
     p.add_argument("--out", default="runs/plots", help="folder for curves.png and attention.png")
@@ -299,8 +332,30 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. A user error (a `CBAMError`: bad config, spec, checkpoint or data; a missing or
+    unreadable file) prints ONE line and exits 2; ``--debug`` or ``$CBAM_MULTI_DEBUG`` adds the traceback."""
+    from cbam_multi.errors import CBAMError
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    try:
+        return args.func(args)
+    except (CBAMError, OSError) as e:
+        if isinstance(e, OSError) and not isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+            raise  # not a user error: a real I/O failure keeps its traceback
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        print(f"cbam-multi {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.filename is not None:
+        what = "permission denied" if isinstance(e, PermissionError) else (e.strerror or str(e)).lower()
+        return f"{e.filename}: {what}"
+    return " ".join(str(e).split())
 
 
 if __name__ == "__main__":
