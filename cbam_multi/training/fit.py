@@ -18,6 +18,7 @@ batches with the same learning rates, and their files are interchangeable:
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -133,8 +134,7 @@ def _fit(config: TrainConfig, trainer: Trainer, prepared, steps_per_epoch: int, 
                     f"trained, nothing written (raise --epochs to train further)",
                     file=sys.stderr,
                 )
-            return {"already_finished": True, "backend": trainer.backend, "dataset": prepared.info(),
-                    "epochs": list(state.history), "checkpoint": str(out / CHECKPOINT_FILE)}
+            return _finished_metrics(out, trainer, prepared, state)
         if config.epochs != state.config.epochs and config.schedule != "constant" and is_main:
             print(
                 f"note: resuming with epochs={config.epochs} (checkpoint planned {state.config.epochs}): the lr "
@@ -231,6 +231,16 @@ def _fit(config: TrainConfig, trainer: Trainer, prepared, steps_per_epoch: int, 
     if not history:
         raise ConfigError(f"nothing to do: the checkpoint in {out} already finished {start_epoch} epochs")
     return metrics
+
+
+def _finished_metrics(out, trainer, prepared, state: ResumeState) -> dict:
+    """The finished run's metrics (its metrics.json when present), flagged ``already_finished``."""
+    try:
+        metrics = json.loads((out / METRICS_FILE).read_text())
+    except (OSError, ValueError):
+        metrics = {"backend": trainer.backend, "dataset": prepared.info(), "epochs": list(state.history),
+                   "checkpoint": str(out / CHECKPOINT_FILE)}
+    return {**metrics, "already_finished": True}
 
 
 def _check_same_dataset(state: ResumeState, prepared, state_path) -> None:

@@ -3,9 +3,9 @@
 One run per directory: two trainings into the same ``--out`` would otherwise both succeed, the last
 writer's files silently replacing the other's. The lock is an advisory ``flock`` on ``<out>/.cbam-multi.lock``
 holding the owner's pid and host; the kernel drops it when the owner exits however it exits, so a lock
-file left behind by a killed run is stale by construction and is taken over (with a note). The file itself
-stays (emptied): removing it would let a third process lock a fresh inode while a second still waits on
-the old one.
+file left behind by a killed run is stale by construction and is taken over (with a note). The owner
+removes the file when it is done; a process that locked the file just as it was removed notices (the path
+no longer names its inode) and tries again, so two runs never both hold the directory.
 """
 
 from __future__ import annotations
@@ -30,21 +30,20 @@ class RunLockedError(ConfigError):
 
 
 def check_out_dir(out: Path) -> None:
-    """Create ``out`` if needed and make sure this process can write into it; a `ConfigError` naming the
-    problem (a file in the way, permission denied, read-only file system) otherwise, before any training."""
+    """A `ConfigError` naming the problem if ``out`` cannot become this run's directory (a file in the way,
+    permission denied, read-only file system), before any training. Creates nothing: in a data-parallel
+    run only the main process creates and writes it."""
     out = Path(out)
-    for p in (out, *out.parents):
-        if p.exists() and not p.is_dir():
-            raise ConfigError(f"--out {out}: {p} is a file, not a directory; choose another --out")
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".cbam-multi-write-test.{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        for p in (out, *out.parents):
+            if p.exists():
+                if not p.is_dir():
+                    raise ConfigError(f"--out {out}: {p} is a file, not a directory; choose another --out")
+                if not os.access(p, os.W_OK | os.X_OK):
+                    raise ConfigError(f"--out {out}: permission denied: this user cannot create or write files in {p}")
+                return
     except PermissionError:
-        raise ConfigError(f"--out {out}: permission denied: this user cannot create or write files there") from None
-    except OSError as e:
-        raise ConfigError(f"--out {out}: cannot write there: {e.strerror or e}") from None
+        raise ConfigError(f"--out {out}: permission denied: this user cannot search a directory on that path") from None
 
 
 @contextlib.contextmanager
@@ -52,19 +51,11 @@ def run_lock(out: Path) -> Iterator[None]:
     """Hold ``out``'s lock for the body; `RunLockedError` at once if a live process holds it."""
     import fcntl
 
-    path = Path(out) / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK_FILE
+    fd = _locked_fd(path, out)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
-            owner = _read(fd) or "another process"
-            raise RunLockedError(
-                f"--out {out} is in use by pid {owner} (another cbam-multi run); wait for it to finish "
-                f"or choose another --out"
-            ) from None
         stale = _read(fd)
         if stale:
             print(f"note: {path}: took over a stale lock left by pid {stale} (that run ended without releasing it)", file=sys.stderr)
@@ -72,10 +63,36 @@ def run_lock(out: Path) -> Iterator[None]:
         try:
             yield
         finally:
-            _write(fd, "")
+            path.unlink(missing_ok=True)  # while still locked: see the module docstring
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+def _locked_fd(path: Path, out: Path) -> int:
+    """An fd of ``path``, exclusively locked, whose inode ``path`` still names."""
+    import fcntl
+
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            owner = _read(fd) or "another process"
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            raise RunLockedError(
+                f"--out {out} is in use by pid {owner} (another cbam-multi run); wait for it to finish "
+                f"or choose another --out"
+            ) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)  # the owner removed the file as we locked it: lock the current one
 
 
 def _read(fd: int) -> str:
