@@ -6,6 +6,9 @@
   ``torch.mean`` / ``torch.max(dim=1)`` (values of the (values, indices) tuple), ``torch.cat`` and
   ``nn.Conv2d(2, 1, 3, padding=1)``; CBAM multiplies x by each gate in turn. Same maths as
   ``CBAMSpec.seed(C)``; `load_seed_weights` copies canonical weights in.
+* `OfficialCBAM`: a faithful minimal copy of the official CBAM (Jongchan/attention-module ``MODELS/cbam.py``,
+  ``no_spatial`` included); the torch backend's tests use it for parity.
+* `TimmLightCbamModule`: timm's ``LightCbamModule`` (``LightChannelAttn``, ``LightSpatialAttn``), likewise.
 * `TimmCbamModule`: a faithful minimal copy of timm's ``CbamModule`` (timm is not importable on every
   machine); the torch backend's tests use this copy for parity, the benchmarks for timing.
 * `real_timm_cbam`: timm's own ``CbamModule`` when ``import timm`` works, else the reason it does not.
@@ -18,6 +21,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 __all__ = [
     "BlogCBAM",
@@ -27,6 +31,10 @@ __all__ = [
     "TimmChannelAttn",
     "TimmSpatialAttn",
     "TimmCbamModule",
+    "TimmLightChannelAttn",
+    "TimmLightSpatialAttn",
+    "TimmLightCbamModule",
+    "OfficialCBAM",
     "real_timm_cbam",
 ]
 
@@ -94,6 +102,109 @@ def load_seed_weights(blog: BlogCBAM, weights: Mapping[str, np.ndarray]) -> Blog
 
 
 # --------------------------------------------------------------------------------------------------
+# Faithful minimal copy of the official CBAM: Jongchan/attention-module, MODELS/cbam.py
+# (https://github.com/Jongchan/attention-module/blob/master/MODELS/cbam.py). Only formatting changed.
+class OfficialBasicConv(nn.Module):
+    def __init__(self, in_planes, out_planes, kernel_size, stride=1, padding=0, dilation=1, groups=1,
+                 relu=True, bn=True, bias=False):
+        super().__init__()
+        self.out_channels = out_planes
+        self.conv = nn.Conv2d(in_planes, out_planes, kernel_size=kernel_size, stride=stride, padding=padding,
+                              dilation=dilation, groups=groups, bias=bias)
+        self.bn = nn.BatchNorm2d(out_planes, eps=1e-5, momentum=0.01, affine=True) if bn else None
+        self.relu = nn.ReLU() if relu else None
+
+    def forward(self, x):
+        x = self.conv(x)
+        if self.bn is not None:
+            x = self.bn(x)
+        if self.relu is not None:
+            x = self.relu(x)
+        return x
+
+
+class OfficialFlatten(nn.Module):
+    def forward(self, x):
+        return x.view(x.size(0), -1)
+
+
+class OfficialChannelGate(nn.Module):
+    def __init__(self, gate_channels, reduction_ratio=16, pool_types=["avg", "max"]):  # noqa: B006 (as the original)
+        super().__init__()
+        self.gate_channels = gate_channels
+        self.mlp = nn.Sequential(
+            OfficialFlatten(),
+            nn.Linear(gate_channels, gate_channels // reduction_ratio),
+            nn.ReLU(),
+            nn.Linear(gate_channels // reduction_ratio, gate_channels),
+        )
+        self.pool_types = pool_types
+
+    def forward(self, x):
+        channel_att_sum = None
+        for pool_type in self.pool_types:
+            if pool_type == "avg":
+                avg_pool = F.avg_pool2d(x, (x.size(2), x.size(3)), stride=(x.size(2), x.size(3)))
+                channel_att_raw = self.mlp(avg_pool)
+            elif pool_type == "max":
+                max_pool = F.max_pool2d(x, (x.size(2), x.size(3)), stride=(x.size(2), x.size(3)))
+                channel_att_raw = self.mlp(max_pool)
+            elif pool_type == "lp":
+                lp_pool = F.lp_pool2d(x, 2, (x.size(2), x.size(3)), stride=(x.size(2), x.size(3)))
+                channel_att_raw = self.mlp(lp_pool)
+            elif pool_type == "lse":
+                lse_pool = official_logsumexp_2d(x)
+                channel_att_raw = self.mlp(lse_pool)
+            if channel_att_sum is None:
+                channel_att_sum = channel_att_raw
+            else:
+                channel_att_sum = channel_att_sum + channel_att_raw
+        scale = F.sigmoid(channel_att_sum).unsqueeze(2).unsqueeze(3).expand_as(x)
+        return x * scale
+
+
+def official_logsumexp_2d(tensor):
+    tensor_flatten = tensor.view(tensor.size(0), tensor.size(1), -1)
+    s, _ = torch.max(tensor_flatten, dim=2, keepdim=True)
+    outputs = s + (tensor_flatten - s).exp().sum(dim=2, keepdim=True).log()
+    return outputs
+
+
+class OfficialChannelPool(nn.Module):
+    def forward(self, x):
+        return torch.cat((torch.max(x, 1)[0].unsqueeze(1), torch.mean(x, 1).unsqueeze(1)), dim=1)
+
+
+class OfficialSpatialGate(nn.Module):
+    def __init__(self):
+        super().__init__()
+        kernel_size = 7
+        self.compress = OfficialChannelPool()
+        self.spatial = OfficialBasicConv(2, 1, kernel_size, stride=1, padding=(kernel_size - 1) // 2, relu=False)
+
+    def forward(self, x):
+        x_compress = self.compress(x)
+        x_out = self.spatial(x_compress)
+        scale = F.sigmoid(x_out)  # broadcasting
+        return x * scale
+
+
+class OfficialCBAM(nn.Module):
+    def __init__(self, gate_channels, reduction_ratio=16, pool_types=["avg", "max"], no_spatial=False):  # noqa: B006
+        super().__init__()
+        self.ChannelGate = OfficialChannelGate(gate_channels, reduction_ratio, pool_types)
+        self.no_spatial = no_spatial
+        if not no_spatial:
+            self.SpatialGate = OfficialSpatialGate()
+
+    def forward(self, x):
+        x_out = self.ChannelGate(x)
+        if not self.no_spatial:
+            x_out = self.SpatialGate(x_out)
+        return x_out
+
+
+# --------------------------------------------------------------------------------------------------
 # Faithful minimal copy of timm's CbamModule: huggingface/pytorch-image-models, timm/layers/cbam.py
 # (ChannelAttn, SpatialAttn, CbamModule), with timm/layers/helpers.py make_divisible and a minimal
 # timm/layers/conv_bn_act.py ConvNormAct (conv -> bn, apply_act=False; 'same' padding k//2 for stride 1;
@@ -153,6 +264,42 @@ class TimmCbamModule(nn.Module):
         self.channel = TimmChannelAttn(channels, rd_ratio=rd_ratio, rd_channels=rd_channels, rd_divisor=rd_divisor,
                                        act_layer=act_layer, gate_layer=gate_layer, mlp_bias=mlp_bias)
         self.spatial = TimmSpatialAttn(spatial_kernel_size, gate_layer=gate_layer)
+
+    def forward(self, x):
+        x = self.channel(x)
+        x = self.spatial(x)
+        return x
+
+
+# timm's LightCbamModule (same file): the channel MLP on 0.5 * avg + 0.5 * amax with F.sigmoid, the spatial
+# conv (ConvNormAct(1, 1, k)) on the one map 0.5 * mean + 0.5 * amax; gate_layer is not passed to the spatial part.
+class TimmLightChannelAttn(TimmChannelAttn):
+    def forward(self, x):
+        x_pool = 0.5 * x.mean((2, 3), keepdim=True) + 0.5 * x.amax((2, 3), keepdim=True)
+        x_attn = self.fc2(self.act(self.fc1(x_pool)))
+        return x * F.sigmoid(x_attn)
+
+
+class TimmLightSpatialAttn(nn.Module):
+    def __init__(self, kernel_size=7, gate_layer="sigmoid"):
+        super().__init__()
+        self.conv = TimmConvNormAct(1, 1, kernel_size, apply_act=False)
+        self.gate = nn.Sigmoid()
+
+    def forward(self, x):
+        x_attn = 0.5 * x.mean(dim=1, keepdim=True) + 0.5 * x.amax(dim=1, keepdim=True)
+        x_attn = self.conv(x_attn)
+        return x * self.gate(x_attn)
+
+
+class TimmLightCbamModule(nn.Module):
+    def __init__(self, channels, rd_ratio=1.0 / 16, rd_channels=None, rd_divisor=1, spatial_kernel_size=7,
+                 act_layer=nn.ReLU, gate_layer="sigmoid", mlp_bias=False):
+        super().__init__()
+        self.channel = TimmLightChannelAttn(channels, rd_ratio=rd_ratio, rd_channels=rd_channels,
+                                            rd_divisor=rd_divisor, act_layer=act_layer, gate_layer=gate_layer,
+                                            mlp_bias=mlp_bias)
+        self.spatial = TimmLightSpatialAttn(spatial_kernel_size)
 
     def forward(self, x):
         x = self.channel(x)

@@ -236,7 +236,7 @@ def jax_cases(pids, shape, dtype_name, mode, args, log) -> list[Case]:
     for pid, jit_kw in (("nnx_jit", {}), ("nnx_jit_tree", {"graph": False})):
         if pid not in pids:
             continue
-        model = NNXCBAM(spec, dtype=dt, seed=0)
+        model = NNXCBAM(spec, param_dtype=dt, seed=0)
         if mode == "fwd":
             model.eval()
             nnx_fwd = nnx.jit(lambda m, x: m(x), **jit_kw)
@@ -253,7 +253,7 @@ def jax_cases(pids, shape, dtype_name, mode, args, log) -> list[Case]:
     if "nnx_split_jit" in pids:
         # the same NNX module, split once into (graphdef, state) outside the jitted function: no per-call
         # NNX graph traversal (nnx.jit's Python overhead, cf. flax#3551)
-        model = NNXCBAM(spec, dtype=dt, seed=0)
+        model = NNXCBAM(spec, param_dtype=dt, seed=0)
         if mode == "fwd":
             model.eval()
             gdef, state = nnx.split(model)
@@ -270,7 +270,7 @@ def jax_cases(pids, shape, dtype_name, mode, args, log) -> list[Case]:
             fn = lambda: jax.block_until_ready(split_fb(params, x, rest, dy))
         cases.append(Case("nnx_split_jit", fn, {"label": PATHS["nnx_split_jit"][0]}))
     if "linen_jit" in pids:
-        mod = linen.CBAM(spec, seed=0, dtype=dt)
+        mod = linen.CBAM(spec, seed=0, param_dtype=dt)
         variables = init_variables(spec, 0, dt)
         if mode == "fwd":
             linen_fwd = jax.jit(lambda v, x: mod.apply(v, x))

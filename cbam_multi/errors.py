@@ -38,6 +38,11 @@ class DataError(CBAMError):
     """A dataset file is missing, truncated, corrupt, has the wrong magic or a bad checksum."""
 
 
+class SpecMismatchError(WeightsError, CheckpointError):
+    """A checkpoint was written for a spec whose maths differs from the one it is loaded into (same tensor
+    shapes or not); the message lists the differing fields."""
+
+
 def expect_instance(value, cls: type, what: str):
     """``value`` itself if it is a ``cls``; else a TypeError naming ``what`` was expected and what came."""
     if not isinstance(value, cls):

@@ -13,12 +13,24 @@ channel.fc1.kernel         (C, hidden)       dense, (in, out): h = pooled @ kern
 channel.fc1.bias           (hidden,)         only if ``mlp_bias``
 channel.fc2.kernel         (hidden, C)       dense, (in, out)
 channel.fc2.bias           (C,)              only if ``mlp_bias``
-spatial.conv.kernel        (k, k, 2, 1)      HWIO cross-correlation kernel; input channel i
-                                             is ``concat_order[i]`` ("mean" or "max")
+spatial.conv.kernel        (k, k, I, 1)      HWIO cross-correlation kernel. Standard variant:
+                                             I = 2, input channel i is ``concat_order[i]``
+                                             ("mean" or "max"); light variant: I = 1, the one
+                                             map 0.5 * (mean + max)
 spatial.conv.bias          (1,)              only if ``spatial_bias``
 spatial.bn.scale/bias      (1,)              only if ``spatial_norm == "batchnorm"``
 spatial.bn.mean/var        (1,)              running statistics (not trained by gradient)
 =========================  ================  ==========================================
+
+With ``no_spatial`` there is no spatial gate and no ``spatial.*`` parameter (the official
+``CBAM(..., no_spatial=True)``).
+
+Tie rule (``tie_rule``): where a max pool's maximum is attained more than once, "split" shares the
+cotangent equally among the tied elements (``torch.amax``, ``jnp.max``: timm, the paper preset);
+"first" sends all of it to the tied element of lowest flat index in the reduced axes (row-major
+h * W + w for the pool over H, W; lowest channel for the max map), as ``torch.max(x, dim)``,
+``F.max_pool2d`` and ``nn.AdaptiveMaxPool2d`` route it on CPU (the official code and the seed blog).
+Outputs are identical; only gradients differ.
 
 BatchNorm convention (PyTorch's, used by the reference and converted for Flax):
 ``running = (1 - momentum) * running + momentum * batch_stat``, the running variance is
@@ -46,6 +58,12 @@ HIDDEN_RULES = ("floor", "round")
 NORMS = ("none", "batchnorm")
 MLP_KINDS = ("linear", "conv1x1")
 SPATIAL_MAPS = ("mean", "max")
+TIE_RULES = ("split", "first")
+VARIANTS = ("standard", "light")
+# The shared MLP's activation (timm's ``act_layer``, constructed with inplace=True; ReLU by default).
+# leaky_relu has torch's default slope 0.01.
+ACTIVATIONS = ("relu", "relu6", "leaky_relu", "silu")
+LEAKY_SLOPE = 0.01
 
 # Parameters moved by the optimizer vs. running statistics (state updated in train mode).
 TRAINABLE, STATISTIC = "param", "stat"
@@ -75,6 +93,14 @@ class CBAMSpec(JsonData):
     norm_eps: float = 1e-5
     norm_gamma_init: float = 1.0  # the official code zero-initialises the spatial BN scale
     gate: Literal["sigmoid", "hard_sigmoid"] = "sigmoid"
+    # Fields added after format version 1 was fixed: their defaults are the behaviour before they existed,
+    # so spec JSON written without them loads unchanged.
+    tie_rule: Literal["split", "first"] = "split"  # gradient at tied maxima, see the module docstring
+    no_spatial: bool = False  # official CBAM(..., no_spatial=True): the channel gate only
+    variant: Literal["standard", "light"] = "standard"  # "light": timm's LightCbamModule
+    mlp_act: Literal["relu", "relu6", "leaky_relu", "silu"] = "relu"  # timm's act_layer
+    hidden_channels: int | None = None  # explicit hidden width (timm's rd_channels); overrides the rule
+    hidden_divisor: int = 1  # timm's rd_divisor: with hidden_rule "round", a multiple of this (>= it)
 
     def __post_init__(self) -> None:
         check_field_types(self, SpecError)
@@ -86,8 +112,9 @@ class CBAMSpec(JsonData):
     # ----------------------------------------------------------------- presets
     @classmethod
     def seed(cls, channels: int, **overrides) -> CBAMSpec:
-        """The blog this project started from: r=4, 3x3 spatial conv, biases, no BN."""
-        return cls(channels, **overrides)
+        """The blog this project started from: r=4, 3x3 spatial conv, biases, no BN; its max pools
+        (``AdaptiveMaxPool2d``, ``torch.max(x, 1)``) route a tied maximum's gradient to the first."""
+        return cls(channels, **{"tie_rule": "first", **overrides})
 
     @classmethod
     def paper(cls, channels: int, **overrides) -> CBAMSpec:
@@ -97,10 +124,12 @@ class CBAMSpec(JsonData):
     @classmethod
     def official(cls, channels: int, **overrides) -> CBAMSpec:
         """Jongchan/attention-module: r=16, k=7, [max, mean], conv without bias + BN(momentum 0.01),
-        BN scale zero-initialised (as its ResNet init does for SpatialGate)."""
+        BN scale zero-initialised (as its ResNet init does for SpatialGate); max pools ``F.max_pool2d``
+        and ``torch.max(x, 1)`` route a tied maximum's gradient to the first."""
         return cls(
             channels,
             **{
+                "tie_rule": "first",
                 "reduction": 16,
                 "spatial_kernel": 7,
                 "concat_order": ("max", "mean"),
@@ -131,7 +160,13 @@ class CBAMSpec(JsonData):
             },
         )
 
-    PRESETS = ("seed", "paper", "official", "timm")
+    @classmethod
+    def timm_light(cls, channels: int, **overrides) -> CBAMSpec:
+        """timm ``LightCbamModule``: as `timm`, but the channel MLP runs once on 0.5 * (avg + max) and
+        the spatial gate convolves the one map 0.5 * (mean + max) (a (k, k, 1, 1) kernel)."""
+        return cls.timm(channels, **{"variant": "light", **overrides})
+
+    PRESETS = ("seed", "paper", "official", "timm", "timm_light")
 
     @classmethod
     def preset(cls, name: str, channels: int, **overrides) -> CBAMSpec:
@@ -166,7 +201,23 @@ class CBAMSpec(JsonData):
         need(0.0 <= self.norm_momentum <= 1.0, f"norm_momentum must be in [0, 1], got {self.norm_momentum!r}")
         need(self.norm_eps > 0.0, f"norm_eps must be > 0, got {self.norm_eps!r}")
         need(self.gate in GATES, f"gate must be one of {GATES}, got {self.gate!r}")
-        for flag in ("mlp_bias", "spatial_bias"):
+        need(self.tie_rule in TIE_RULES, f"tie_rule must be one of {TIE_RULES}, got {self.tie_rule!r}")
+        need(self.variant in VARIANTS, f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        need(self.mlp_act in ACTIVATIONS, f"mlp_act must be one of {ACTIVATIONS}, got {self.mlp_act!r}")
+        need(
+            self.hidden_channels is None or (_is_int(self.hidden_channels) and self.hidden_channels >= 1),
+            f"hidden_channels must be None or an int >= 1, got {self.hidden_channels!r}",
+        )
+        need(
+            _is_int(self.hidden_divisor) and self.hidden_divisor >= 1,
+            f"hidden_divisor must be an int >= 1, got {self.hidden_divisor!r}",
+        )
+        need(
+            self.hidden_divisor == 1 or self.hidden_rule == "round" or self.hidden_channels is not None,
+            f"hidden_divisor={self.hidden_divisor} only applies to hidden_rule='round' (timm's make_divisible); "
+            f"set hidden_rule='round' or leave hidden_divisor at 1",
+        )
+        for flag in ("mlp_bias", "spatial_bias", "no_spatial"):
             need(isinstance(getattr(self, flag), bool), f"{flag} must be a bool")
         need(
             self.hidden >= 1,
@@ -177,11 +228,50 @@ class CBAMSpec(JsonData):
     # ------------------------------------------------------- derived facts
     @property
     def hidden(self) -> int:
-        """Width of the shared MLP's hidden layer."""
+        """Width of the shared MLP's hidden layer: ``hidden_channels`` if set, else C // r ("floor",
+        the official code and the blog) or timm's ``make_divisible(C * (1 / r), hidden_divisor,
+        round_limit=0)`` ("round": round half up to a multiple of the divisor, at least the divisor)."""
+        if self.hidden_channels is not None:
+            return self.hidden_channels
         if self.hidden_rule == "floor":
             return self.channels // self.reduction
-        # timm make_divisible(C / r, divisor=1, round_limit=0): round half up, at least 1.
-        return max(1, int(self.channels / self.reduction + 0.5))
+        d = self.hidden_divisor
+        v = self.channels * (1.0 / self.reduction)  # timm multiplies by rd_ratio = 1 / r
+        return max(d, int(v + d / 2) // d * d)
+
+    @property
+    def spatial_inputs(self) -> int:
+        """Input channels of the spatial conv: 2 maps (standard) or 1 (light)."""
+        return 1 if self.variant == "light" else 2
+
+    def maths_fields(self) -> dict:
+        """The facts that decide what the block computes, forward and backward, in training and in
+        inference: every field except those that only pick a module form (``mlp_kind``) or an initial
+        value (``norm_gamma_init``), with the hidden width in place of the fields that derive it, and
+        without the fields a setting makes irrelevant (spatial fields with ``no_spatial``, BN fields
+        without BN, ``concat_order`` in the light variant). Two specs with equal `maths_fields` are
+        interchangeable for a checkpoint."""
+        facts = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name in ("mlp_kind", "norm_gamma_init", "reduction", "hidden_rule", "hidden_channels", "hidden_divisor"):
+            facts.pop(name)
+        facts["hidden"] = self.hidden
+        spatial = ("spatial_kernel", "concat_order", "spatial_bias", "spatial_norm", "norm_momentum", "norm_eps")
+        if self.no_spatial:
+            drop = spatial
+        else:
+            drop = () if self.has_norm else ("norm_momentum", "norm_eps")
+            if self.variant == "light":
+                drop += ("concat_order",)
+        if self.no_spatial and "max" not in self.channel_pools:
+            drop += ("tie_rule",)  # no max pool left whose gradient it could route
+        for name in drop:
+            facts.pop(name)
+        return facts
+
+    def maths_diff(self, other: CBAMSpec) -> list[str]:
+        """``"field: mine vs theirs"`` for every maths fact (`maths_fields`) in which ``other`` differs."""
+        a, b = self.maths_fields(), other.maths_fields()
+        return [f"{k}: {a.get(k, '-')!r} vs {b.get(k, '-')!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
     @property
     def padding(self) -> int:
@@ -189,7 +279,8 @@ class CBAMSpec(JsonData):
 
     @property
     def has_norm(self) -> bool:
-        return self.spatial_norm == "batchnorm"
+        """Whether the block has the spatial BatchNorm (and its running statistics)."""
+        return self.spatial_norm == "batchnorm" and not self.no_spatial
 
     @property
     def flax_momentum(self) -> float:
@@ -214,7 +305,9 @@ class CBAMSpec(JsonData):
         shapes["channel.fc2.kernel"] = (h, c)
         if self.mlp_bias:
             shapes["channel.fc2.bias"] = (c,)
-        shapes["spatial.conv.kernel"] = (k, k, 2, 1)
+        if self.no_spatial:
+            return shapes
+        shapes["spatial.conv.kernel"] = (k, k, self.spatial_inputs, 1)
         if self.spatial_bias:
             shapes["spatial.conv.bias"] = (1,)
         if self.has_norm:

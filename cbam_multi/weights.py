@@ -8,6 +8,7 @@ Works for any spec object with ``param_shapes()``, ``param_inits()``, ``to_json(
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -20,12 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cbam_multi.errors import (
-    CheckpointError,
-    CheckpointWarning,
-    SpecError,
-    WeightsError,
-)
+from cbam_multi.errors import CheckpointError, CheckpointWarning, SpecError, SpecMismatchError, WeightsError
 from cbam_multi.spec import CBAMSpec
 
 Weights = dict[str, np.ndarray]
@@ -43,15 +39,22 @@ def register_spec_type(cls: type) -> type:
     return cls
 
 
-def init_weights(spec, seed: int = 0, dtype=np.float32) -> Weights:
-    """Fresh canonical weights from one seeded NumPy generator, drawn in ``param_shapes()`` order."""
+def init_weights(spec, seed: int = 0, dtype=np.float32, scheme: str | None = None) -> Weights:
+    """Fresh canonical weights from one seeded NumPy generator, drawn in ``param_shapes()`` order.
+
+    ``spec.param_inits()`` gives ("uniform", bound), ("normal", std) or ("constant", value) per name;
+    ``scheme`` selects another set of initialisers where the spec offers several (``ResNetSpec``:
+    "canonical" or "official")."""
     rng = np.random.default_rng(seed)
     shapes = spec.param_shapes()
     weights: Weights = {}
-    for name, (kind, value) in spec.param_inits().items():
+    inits = spec.param_inits() if scheme is None else spec.param_inits(scheme)
+    for name, (kind, value) in inits.items():
         shape = shapes[name]
         if kind == "uniform":
             arr = rng.uniform(-value, value, size=shape)
+        elif kind == "normal":
+            arr = rng.normal(0.0, value, size=shape)
         else:
             arr = np.full(shape, value)
         weights[name] = arr.astype(dtype)
@@ -251,15 +254,49 @@ def spec_from_metadata(metadata: Mapping[str, str], where: str = "checkpoint"):
         raise CheckpointError(f"{where}: invalid spec in metadata: {e}") from None
 
 
-def load_weights(path, expected_spec=None) -> tuple[Weights, object]:
+def spec_differences(stored, expected) -> list[str]:
+    """``"field: stored vs expected"`` for every difference between two specs that changes the maths:
+    `CBAMSpec.maths_diff` for CBAM blocks (module form and init-only fields do not count), every field
+    for other spec types (whose fields all shape the model), or the type itself."""
+    if type(stored) is not type(expected):
+        return [f"spec type: {type(stored).__name__} vs {type(expected).__name__}"]
+    if hasattr(stored, "maths_diff"):
+        return stored.maths_diff(expected)
+    return [
+        f"{f.name}: {getattr(stored, f.name)!r} vs {getattr(expected, f.name)!r}"
+        for f in dataclasses.fields(stored)
+        if getattr(stored, f.name) != getattr(expected, f.name)
+    ]
+
+
+def check_spec_match(stored, expected, where: str, allow_spec_mismatch: bool = False) -> None:
+    """Raise SpecMismatchError listing `spec_differences` unless there are none or ``allow_spec_mismatch``."""
+    diff = spec_differences(stored, expected)
+    if diff and not allow_spec_mismatch:
+        raise SpecMismatchError(
+            f"{where}: checkpoint written for another spec; differing fields (checkpoint vs expected): "
+            f"{'; '.join(diff)}. Build the module from the checkpoint's spec (load_weights(path)[1]) or pass "
+            f"allow_spec_mismatch=True to load the tensors anyway"
+        )
+
+
+def load_weights(path, expected_spec=None, *, allow_spec_mismatch: bool = False) -> tuple[Weights, object]:
     """Load (weights, spec) from a checkpoint written by `save_weights`. Fails whole: nothing is
-    returned unless every name, shape and dtype matches the stored spec (and ``expected_spec``)."""
+    returned unless every name, shape and dtype matches the stored spec.
+
+    With ``expected_spec`` (the spec of the module the weights are for), a stored spec that differs in
+    anything that changes the maths (`spec_differences`: e.g. ``concat_order``, the pools, ``tie_rule``,
+    even where the tensor shapes agree) raises SpecMismatchError naming the fields; with
+    ``allow_spec_mismatch=True`` the weights load anyway when their names and shapes fit ``expected_spec``.
+    Checkpoints written before a spec field existed carry its default (the behaviour of that time)."""
     tensors, metadata = read_checkpoint(path)
     spec = spec_from_metadata(metadata, where=str(path))
-    if expected_spec is not None and spec != expected_spec:
-        raise WeightsError(f"{path}: checkpoint spec {spec} differs from the expected {expected_spec}")
+    if expected_spec is not None:
+        check_spec_match(spec, expected_spec, str(path), allow_spec_mismatch)
     try:
         validate_weights(tensors, spec)
+        if expected_spec is not None:
+            validate_weights(tensors, expected_spec)
     except WeightsError as e:
         raise CheckpointError(f"{path}: {e}") from None
     return {n: tensors[n] for n in spec.param_shapes()}, spec

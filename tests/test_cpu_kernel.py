@@ -26,7 +26,14 @@ if not cpu_kernel._env_enabled():
     pytest.skip(f"{cpu_kernel.ENV_VAR}=0 turns the fused kernel off", allow_module_level=True)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-KERNEL_CASES = [c for c in CASES if set(c.spec.channel_pools) <= {"avg", "max"}]
+
+def _kernel_computes(spec) -> bool:
+    """The options the kernel implements (the rest is routed to the composed ops)."""
+    return spec.variant == "standard" and not spec.no_spatial and spec.mlp_act == "relu"
+
+
+KERNEL_CASES = [c for c in CASES if set(c.spec.channel_pools) <= {"avg", "max"} and _kernel_computes(c.spec)]
+ROUTED_CASES = [c for c in CASES if not _kernel_computes(c.spec)]
 
 
 def _model(spec, dtype=torch.float32, seed=0, bn_state=True):
@@ -70,6 +77,23 @@ def test_fused_matches_composed_ops_and_oracle(case, dtype, layout):
     err_ops = (fused - composed).abs().max().item()
     assert err_ref <= tol, f"fused vs float64 oracle: max abs err {err_ref:.3e} > {tol:.0e}"
     assert err_ops <= tol, f"fused vs composed ops: max abs err {err_ops:.3e} > {tol:.0e}"
+
+
+@pytest.mark.parametrize("case", ROUTED_CASES, ids=lambda c: c.id)
+def test_options_the_kernel_lacks_run_the_composed_ops(case):
+    """timm_light, no_spatial and other MLP activations: eager inference takes the composed ops, and
+    they match the oracle (the kernel is never asked for maths it does not have)."""
+    spec = case.spec
+    assert not _kernel_computes(spec)
+    model = _model(spec, torch.float64, seed=1)
+    x64 = np.random.default_rng(0).normal(size=(case.batch, spec.channels, case.height, case.width))
+    x = torch.tensor(x64)
+    with torch.inference_mode():
+        assert not cpu_kernel.applies(model, x)
+        y = model(x)
+    y_ref, _ = cbam_forward(x64, {n: a.astype(np.float64) for n, a in export_weights(model).items()}, spec)
+    err = float(np.max(np.abs(y.numpy() - y_ref)))
+    assert err <= TOLERANCES["float64"]["y"], f"max abs err {err:.3e}"
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])

@@ -73,7 +73,7 @@ def as_jax(w):
 
 
 def nnx_model(spec, w):
-    return import_weights(CBAM(spec, dtype=jnp.float64), w)
+    return import_weights(CBAM(spec, param_dtype=jnp.float64), w)
 
 
 def assert_stats(got, want):
@@ -171,8 +171,8 @@ def test_nnx_batchnorm_train_then_eval(case):
 def test_nnx_standalone_gates():
     spec, shape = CASES["official"]
     w, x = rand_weights(spec), rand_x(shape, 4)
-    ch = import_weights(ChannelAttention(spec, dtype=jnp.float64), spec_part(w, "channel"))
-    sp = import_weights(SpatialAttention(spec, dtype=jnp.float64), spec_part(w, "spatial"))
+    ch = import_weights(ChannelAttention(spec, param_dtype=jnp.float64), spec_part(w, "channel"))
+    sp = import_weights(SpatialAttention(spec, param_dtype=jnp.float64), spec_part(w, "spatial"))
     assert set(export_weights(ch)) == set(spec.param_shapes("channel"))
     assert set(export_weights(sp)) == set(spec.param_shapes("spatial"))
     sp.train()
@@ -217,7 +217,7 @@ def test_nnx_jit_matches_eager():
 def test_linen_matches_nnx_and_reference(case):
     spec, shape = CASES[case]
     w, x = rand_weights(spec), jnp.asarray(rand_x(shape, 6))
-    model = L.CBAM(spec, seed=0, dtype=jnp.float64)
+    model = L.CBAM(spec, seed=0, param_dtype=jnp.float64)
     variables = model.init(jax.random.key(123), x)
     init = L.init_variables(spec, 0, jnp.float64)
     assert jax.tree.structure(variables) == jax.tree.structure(init)
@@ -249,7 +249,7 @@ def test_linen_matches_nnx_and_reference(case):
 def test_linen_standalone_gates_and_roundtrip():
     spec, shape = CASES["official"]
     w, x = rand_weights(spec), jnp.asarray(rand_x(shape, 7))
-    ch, sp = L.ChannelAttention(spec, dtype=jnp.float64), L.SpatialAttention(spec, dtype=jnp.float64)
+    ch, sp = L.ChannelAttention(spec, param_dtype=jnp.float64), L.SpatialAttention(spec, param_dtype=jnp.float64)
     vc = ch.init(jax.random.key(0), x)
     vs = sp.init(jax.random.key(0), x)
     assert set(vc["params"]) == {"fc1", "fc2"} and set(vs["params"]) == {"conv", "bn"}
@@ -266,9 +266,9 @@ def test_linen_standalone_gates_and_roundtrip():
 def test_roundtrip_export_import_export(case):
     spec, _ = CASES[case]
     for dtype in (jnp.float32, jnp.float64):
-        src = CBAM(spec, dtype=dtype, seed=1)
+        src = CBAM(spec, param_dtype=dtype, seed=1)
         first = export_weights(src)
-        dst = import_weights(CBAM(spec, dtype=dtype, seed=2), first)
+        dst = import_weights(CBAM(spec, param_dtype=dtype, seed=2), first)
         second = export_weights(dst)
         assert list(first) == list(second)
         for n in first:
@@ -380,7 +380,7 @@ def test_export_grads_match_functional_grad(case, train):
 
 def test_export_grads_of_standalone_gate_has_canonical_names():
     spec = CBAMSpec.seed(8)
-    ch = ChannelAttention(spec, dtype=jnp.float64)
+    ch = ChannelAttention(spec, param_dtype=jnp.float64)
     x = jnp.asarray(rand_x((2, 3, 3, 8)))
     grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(ch)
     assert sorted(export_grads(grads)) == sorted(spec.param_shapes("channel"))
@@ -392,7 +392,7 @@ def test_low_precision_inputs():
     w, x = rand_weights(spec), rand_x(shape, 10)
     want, want_stats = reference(x, w, spec, train=True)
     for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 6e-2), (jnp.float16, 1e-2)):
-        model = import_weights(CBAM(spec, dtype=dtype), w)
+        model = import_weights(CBAM(spec, param_dtype=dtype), w)
         y = model(jnp.asarray(x, dtype))
         assert y.dtype == dtype
         assert max_err(y, want) <= tol, f"{dtype.__name__}: max abs error {max_err(y, want):.3e}"

@@ -18,13 +18,16 @@ def test_presets_round_trip_json(preset):
 
 
 def test_preset_values_match_the_implementations_they_name():
-    seed, paper, official, timm = (CBAMSpec.preset(p, 64) for p in CBAMSpec.PRESETS)
+    seed, paper, official, timm, timm_light = (CBAMSpec.preset(p, 64) for p in CBAMSpec.PRESETS)
     assert (seed.reduction, seed.spatial_kernel, seed.mlp_bias, seed.spatial_norm) == (4, 3, True, "none")
     assert (paper.reduction, paper.spatial_kernel, paper.concat_order) == (16, 7, ("mean", "max"))
     assert official.concat_order == ("max", "mean") and not official.spatial_bias
     assert (official.spatial_norm, official.norm_momentum, official.norm_gamma_init) == ("batchnorm", 0.01, 0.0)
     assert (timm.hidden_rule, timm.mlp_bias, timm.mlp_kind, timm.norm_momentum) == ("round", False, "conv1x1", 0.1)
     assert official.flax_momentum == pytest.approx(0.99)
+    # max pools: the official code and the blog route a tied maximum's gradient to the first; timm's amax splits
+    assert (seed.tie_rule, official.tie_rule, paper.tie_rule, timm.tie_rule) == ("first", "first", "split", "split")
+    assert timm_light == CBAMSpec.timm(64, variant="light")
 
 
 @pytest.mark.parametrize(
@@ -46,7 +49,10 @@ def test_zero_hidden_width_is_a_clear_error():
     [("spatial_kernel", 4, "odd"), ("spatial_kernel", 0, "odd"), ("concat_order", ("mean", "mean"), "concat_order"),
      ("channel_pools", ("avg", "median"), "unknown channel pool"), ("channel_pools", (), "at least one"),
      ("gate", "tanh", "gate"), ("spatial_norm", "layernorm", "spatial_norm"), ("channels", 0, "channels"),
-     ("reduction", 1.5, "reduction"), ("norm_momentum", 1.5, "norm_momentum"), ("mlp_bias", 1, "bool")],
+     ("reduction", 1.5, "reduction"), ("norm_momentum", 1.5, "norm_momentum"), ("mlp_bias", 1, "bool"),
+     ("tie_rule", "last", "tie_rule"), ("variant", "heavy", "variant"), ("mlp_act", "gelu", "mlp_act"),
+     ("no_spatial", 1, "bool"), ("hidden_channels", 0, "hidden_channels"), ("hidden_divisor", 0, "hidden_divisor"),
+     ("hidden_divisor", 8, "hidden_rule='round'")],
 )
 def test_invalid_fields_name_the_problem(field, value, words):
     with pytest.raises(SpecError, match=words):

@@ -10,7 +10,6 @@ import pytest
 
 torch = pytest.importorskip("torch")
 import torch.nn as nn
-import torch.nn.functional as F
 
 import cbam_multi.torch as ct
 from cbam_multi import CBAMSpec, InputError, WeightsError, init_weights
@@ -32,119 +31,15 @@ torch.backends.cudnn.allow_tf32 = False
 torch.backends.cuda.matmul.allow_tf32 = False
 
 
-# --------------------------------------------------------------------------------------------------
-# Faithful minimal copy of the official CBAM: Jongchan/attention-module, MODELS/cbam.py
-# (https://github.com/Jongchan/attention-module/blob/master/MODELS/cbam.py). Only formatting changed.
-class OfficialBasicConv(nn.Module):
-    def __init__(self, in_planes, out_planes, kernel_size, stride=1, padding=0, dilation=1, groups=1,
-                 relu=True, bn=True, bias=False):
-        super().__init__()
-        self.out_channels = out_planes
-        self.conv = nn.Conv2d(in_planes, out_planes, kernel_size=kernel_size, stride=stride, padding=padding,
-                              dilation=dilation, groups=groups, bias=bias)
-        self.bn = nn.BatchNorm2d(out_planes, eps=1e-5, momentum=0.01, affine=True) if bn else None
-        self.relu = nn.ReLU() if relu else None
-
-    def forward(self, x):
-        x = self.conv(x)
-        if self.bn is not None:
-            x = self.bn(x)
-        if self.relu is not None:
-            x = self.relu(x)
-        return x
-
-
-class OfficialFlatten(nn.Module):
-    def forward(self, x):
-        return x.view(x.size(0), -1)
-
-
-class OfficialChannelGate(nn.Module):
-    def __init__(self, gate_channels, reduction_ratio=16, pool_types=["avg", "max"]):
-        super().__init__()
-        self.gate_channels = gate_channels
-        self.mlp = nn.Sequential(
-            OfficialFlatten(),
-            nn.Linear(gate_channels, gate_channels // reduction_ratio),
-            nn.ReLU(),
-            nn.Linear(gate_channels // reduction_ratio, gate_channels),
-        )
-        self.pool_types = pool_types
-
-    def forward(self, x):
-        channel_att_sum = None
-        for pool_type in self.pool_types:
-            if pool_type == "avg":
-                avg_pool = F.avg_pool2d(x, (x.size(2), x.size(3)), stride=(x.size(2), x.size(3)))
-                channel_att_raw = self.mlp(avg_pool)
-            elif pool_type == "max":
-                max_pool = F.max_pool2d(x, (x.size(2), x.size(3)), stride=(x.size(2), x.size(3)))
-                channel_att_raw = self.mlp(max_pool)
-            elif pool_type == "lp":
-                lp_pool = F.lp_pool2d(x, 2, (x.size(2), x.size(3)), stride=(x.size(2), x.size(3)))
-                channel_att_raw = self.mlp(lp_pool)
-            elif pool_type == "lse":
-                lse_pool = official_logsumexp_2d(x)
-                channel_att_raw = self.mlp(lse_pool)
-            if channel_att_sum is None:
-                channel_att_sum = channel_att_raw
-            else:
-                channel_att_sum = channel_att_sum + channel_att_raw
-        scale = F.sigmoid(channel_att_sum).unsqueeze(2).unsqueeze(3).expand_as(x)
-        return x * scale
-
-
-def official_logsumexp_2d(tensor):
-    tensor_flatten = tensor.view(tensor.size(0), tensor.size(1), -1)
-    s, _ = torch.max(tensor_flatten, dim=2, keepdim=True)
-    outputs = s + (tensor_flatten - s).exp().sum(dim=2, keepdim=True).log()
-    return outputs
-
-
-class OfficialChannelPool(nn.Module):
-    def forward(self, x):
-        return torch.cat((torch.max(x, 1)[0].unsqueeze(1), torch.mean(x, 1).unsqueeze(1)), dim=1)
-
-
-class OfficialSpatialGate(nn.Module):
-    def __init__(self):
-        super().__init__()
-        kernel_size = 7
-        self.compress = OfficialChannelPool()
-        self.spatial = OfficialBasicConv(2, 1, kernel_size, stride=1, padding=(kernel_size - 1) // 2, relu=False)
-
-    def forward(self, x):
-        x_compress = self.compress(x)
-        x_out = self.spatial(x_compress)
-        scale = F.sigmoid(x_out)  # broadcasting
-        return x * scale
-
-
-class OfficialCBAM(nn.Module):
-    def __init__(self, gate_channels, reduction_ratio=16, pool_types=["avg", "max"], no_spatial=False):
-        super().__init__()
-        self.ChannelGate = OfficialChannelGate(gate_channels, reduction_ratio, pool_types)
-        self.no_spatial = no_spatial
-        if not no_spatial:
-            self.SpatialGate = OfficialSpatialGate()
-
-    def forward(self, x):
-        x_out = self.ChannelGate(x)
-        if not self.no_spatial:
-            x_out = self.SpatialGate(x_out)
-        return x_out
-
-
-# --------------------------------------------------------------------------------------------------
-# timm's CbamModule: a faithful minimal copy of timm/layers/cbam.py lives in benchmarks/anchors.py
-# (timm itself is not importable everywhere); one copy serves these parity tests and the benchmarks.
+# The official CBAM (Jongchan/attention-module) and timm's CbamModule: faithful minimal copies live in
+# benchmarks/anchors.py (timm itself is not importable everywhere); one copy serves tests and benchmarks.
 import sys
 from pathlib import Path
 
 _ROOT = str(Path(__file__).resolve().parents[1])  # the repository root, for `benchmarks`
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
-from benchmarks.anchors import TimmCbamModule
+from benchmarks.anchors import OfficialCBAM, TimmCbamModule
 
 
 # --------------------------------------------------------------------------------------------------
@@ -200,7 +95,7 @@ def randn(shape, seed=0, scale=1.0, dtype=torch.float64):
 def test_public_api():
     assert set(ct.__all__) == {
         "CBAM", "ChannelAttention", "SpatialAttention", "export_weights", "import_weights", "export_grads",
-        "from_official_state_dict", "to_official_state_dict", "from_timm_state_dict", "to_timm_state_dict",
+        "load_checkpoint", "from_official_state_dict", "to_official_state_dict", "from_timm_state_dict", "to_timm_state_dict",
     }
     for name in ct.__all__:
         assert hasattr(ct, name)

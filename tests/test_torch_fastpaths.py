@@ -91,11 +91,21 @@ def test_inplace_path_respects_hooks_on_the_spatial_gate():
         assert torch.equal(model(x), y)
 
 
-def test_autograd_through_fast_paths_matches_plain_ops():
-    """The whole block's gradients with the fast amax equal those of the same maths written with torch.amax."""
+@pytest.mark.parametrize("tie_rule", ["split", "first"])
+def test_autograd_through_fast_paths_matches_plain_ops(tie_rule):
+    """The whole block's gradients equal those of the same maths written with plain ops: ``torch.amax`` for
+    the "split" tie rule (against the fast amax), ``torch.max(x, dim)`` on flattened H*W and on channels for
+    "first" (the official code's ``logsumexp_2d`` / ``ChannelPool`` ops, against our adaptive max pool)."""
     import torch.nn.functional as F
 
-    spec = CBAMSpec.seed(8)
+    spec = CBAMSpec.seed(8, tie_rule=tie_rule)
+
+    def max_hw(t):
+        return t.amax((2, 3)) if tie_rule == "split" else torch.max(t.flatten(2), 2)[0]
+
+    def max_c(t):
+        return t.amax(1, keepdim=True) if tie_rule == "split" else torch.max(t, 1, keepdim=True)[0]
+
     model = CBAM(spec, dtype=torch.float64, seed=1)
     x = torch.randn(3, 8, 6, 5, dtype=torch.float64)
     x = torch.relu(x).round().requires_grad_()  # ties in both max pools
@@ -104,10 +114,10 @@ def test_autograd_through_fast_paths_matches_plain_ops():
     gx, *gp = torch.autograd.grad(y, [x, *model.parameters()], ct)
 
     def plain(x, fc1w, fc1b, fc2w, fc2b, convw, convb):
-        pooled = torch.cat([x.mean((2, 3)), x.amax((2, 3))])
+        pooled = torch.cat([x.mean((2, 3)), max_hw(x)])
         logits = F.linear(F.relu(F.linear(pooled, fc1w, fc1b)), fc2w, fc2b).view(2, x.shape[0], -1).sum(0)
         y1 = x * torch.sigmoid(logits)[:, :, None, None]
-        maps = torch.cat([y1.mean(1, keepdim=True), y1.amax(1, keepdim=True)], 1)
+        maps = torch.cat([y1.mean(1, keepdim=True), max_c(y1)], 1)
         return y1 * torch.sigmoid(F.conv2d(maps, convw, convb, padding=spec.padding))
 
     params = [p.detach().clone().requires_grad_() for p in model.parameters()]

@@ -59,7 +59,7 @@ def test_save_load_round_trip(tmp_path):
     loaded, loaded_spec = load_weights(path)
     assert loaded_spec == spec
     assert all(np.array_equal(loaded[n], w[n]) and loaded[n].dtype == np.float64 for n in w)
-    with pytest.raises(WeightsError, match="differs from the expected"):
+    with pytest.raises(WeightsError, match="channels: 24 vs 32"):
         load_weights(path, expected_spec=CBAMSpec.timm(32))
 
 

@@ -12,6 +12,10 @@ Usage::
     model = CBAM(CBAMSpec.paper(64), seed=0)           # NNX module, canonical seeded init
     y = model(jnp.ones((8, 32, 32, 64)))                 # NHWC in, NHWC out
 
+Dtypes follow Flax: ``param_dtype`` (default float32) stores the parameters, ``dtype`` (default None: the
+promoted dtype of input and parameters) is the computation's; ``CBAM(spec, param_dtype=jnp.float64)`` for
+float64 weights, ``dtype=jnp.bfloat16`` for mixed precision.
+
 Pure functions: ``cbam_multi.jax.functional.cbam(params, x, spec, train=False) -> (y, new_stats)``;
 linen: ``cbam_multi.jax.linen.CBAM(spec, seed)``. BatchNorm follows PyTorch's momentum convention
 (``spec.norm_momentum``); Flax's own ``BatchNorm`` momentum would be ``spec.flax_momentum``.
@@ -19,8 +23,11 @@ linen: ``cbam_multi.jax.linen.CBAM(spec, seed)``. BatchNorm follows PyTorch's mo
 
 from . import functional, linen
 from .modules import CBAM, ChannelAttention, SpatialAttention
-from .weights import export_grads, export_weights, import_weights
+from .weights import export_grads, export_weights, import_weights, load_checkpoint
 
 # The CBAM layer only: networks are in `cbam_multi.jax.models`, the trainer in `cbam_multi.jax.train`
 # (loaded by `cbam_multi.training` when used).
-__all__ = ["CBAM", "ChannelAttention", "SpatialAttention", "export_weights", "import_weights", "export_grads", "functional", "linen"]
+__all__ = [
+    "CBAM", "ChannelAttention", "SpatialAttention", "export_weights", "import_weights", "export_grads",
+    "load_checkpoint", "functional", "linen",
+]

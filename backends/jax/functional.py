@@ -17,21 +17,25 @@ functions run eagerly, under ``jit`` and under ``grad``. Numerics follow `cbam_m
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cbam_multi.errors import InputError, WeightsError
-from cbam_multi.spec import CBAMSpec, require_spec
+from cbam_multi.errors import InputError, SpecError, WeightsError
+from cbam_multi.spec import LEAKY_SLOPE, CBAMSpec, require_spec
 from cbam_multi.weights import init_weights
 
 Params = Mapping[str, jax.Array]
 
 BN_STATS = ("spatial.bn.mean", "spatial.bn.var")
 
-__all__ = ["channel_attention", "spatial_attention", "spatial_gate", "cbam", "init_params", "check_input", "BN_STATS"]
+__all__ = [
+    "channel_attention", "spatial_attention", "spatial_gate", "cbam", "init_params", "check_input", "max_reduce", "batch_norm",
+    "promote_input", "BN_STATS",
+]
 
 
 # ------------------------------------------------------------------ static checks (trace time)
@@ -61,6 +65,11 @@ def _check_params(params: Params, spec: CBAMSpec, part: str | None) -> None:
         raise WeightsError("params do not match CBAMSpec: " + "; ".join(problems))
 
 
+def _need_spatial(spec: CBAMSpec) -> None:
+    if spec.no_spatial:
+        raise SpecError("this CBAMSpec has no_spatial=True: it has no spatial gate")
+
+
 def _checked_input(x, spec: CBAMSpec, train: bool = False) -> jax.Array:
     """Check shape/dtype as given (before any conversion), then return a JAX array."""
     if not (hasattr(x, "shape") and hasattr(x, "dtype")):
@@ -75,6 +84,56 @@ def _acc_dtype(dtype) -> jnp.dtype:
 
 
 # ------------------------------------------------------------------ pieces
+def _first_onehot(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    """Boolean mask, shaped like ``x``, of the maximum of lowest flat (row-major) index over the
+    contiguous ``axes``: what torch's ``max(dim)`` / ``max_pool2d`` record as the argmax."""
+    a0, a1 = axes[0], axes[-1] + 1
+    n = int(np.prod(x.shape[a0:a1]))
+    flat = x.reshape(x.shape[:a0] + (n,) + x.shape[a1:])
+    idx = jnp.expand_dims(jnp.argmax(flat, axis=a0), a0)  # argmax returns the first maximum
+    iota = jax.lax.broadcasted_iota(idx.dtype, flat.shape, a0)
+    return (iota == idx).reshape(x.shape)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _max_first(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    """``jnp.max(x, axes)`` whose derivative sends a tied maximum's whole (co)tangent to the first one."""
+    return jnp.max(x, axis=axes)
+
+
+@_max_first.defjvp
+def _max_first_jvp(axes, primals, tangents):
+    # A custom JVP (linear in the tangent) rather than a custom VJP: JAX transposes it for reverse mode,
+    # and forward mode (jax.jvp, jax.hessian) keeps working.
+    (x,), (t,) = primals, tangents
+    onehot = _first_onehot(x, axes)
+    return jnp.max(x, axis=axes), jnp.sum(jnp.where(onehot, t, jnp.zeros((), t.dtype)), axis=axes)
+
+
+def max_reduce(x: jax.Array, axes: tuple[int, ...], tie_rule: str = "split") -> jax.Array:
+    """Max over the contiguous ``axes`` with the gradient rule ``tie_rule`` of `cbam_multi.spec`:
+    "split" (``jnp.max``: tied maxima share the cotangent) or "first" (all to the lowest flat index)."""
+    if tie_rule == "split":
+        return jnp.max(x, axis=axes)
+    if tie_rule != "first":
+        raise ValueError(f"unknown tie_rule {tie_rule!r}")
+    axes = tuple(a % x.ndim for a in axes)
+    if list(axes) != list(range(axes[0], axes[-1] + 1)):
+        raise ValueError(f"max_reduce with tie_rule='first' needs contiguous axes, got {axes}")
+    return _max_first(x, axes)
+
+
+def _activation(h: jax.Array, kind: str) -> jax.Array:
+    """The shared MLP's activation (`cbam_multi.spec.ACTIVATIONS`)."""
+    if kind == "relu":
+        return jax.nn.relu(h)
+    if kind == "relu6":
+        return jax.nn.relu6(h)
+    if kind == "leaky_relu":
+        return jax.nn.leaky_relu(h, LEAKY_SLOPE)
+    return jax.nn.silu(h)
+
+
 def _gate(z: jax.Array, kind: str) -> jax.Array:
     if z.dtype in (jnp.bfloat16, jnp.float16):  # the gate is computed in float32, then rounded once
         return _gate(z.astype(jnp.float32), kind).astype(z.dtype)
@@ -83,10 +142,10 @@ def _gate(z: jax.Array, kind: str) -> jax.Array:
     return jnp.clip(z / 6.0 + 0.5, 0.0, 1.0)  # hard_sigmoid = relu6(z + 3) / 6, as the reference
 
 
-def _pool_hw(x: jax.Array, kind: str) -> jax.Array:
+def _pool_hw(x: jax.Array, kind: str, tie_rule: str = "split") -> jax.Array:
     """Global pool over H, W of an NHWC array -> (B, C), in the input dtype."""
     if kind == "max":
-        return jnp.max(x, axis=(1, 2))
+        return max_reduce(x, (1, 2), tie_rule)
     xa = x.astype(_acc_dtype(x.dtype))
     if kind == "avg":
         p = jnp.mean(xa, axis=(1, 2))
@@ -106,12 +165,15 @@ def _channel_gate(params: Params, x: jax.Array, spec: CBAMSpec) -> jax.Array:
     dt = x.dtype
     b, c = x.shape[0], x.shape[3]
     npools = len(spec.channel_pools)
-    # One MLP call on all pools stacked along the batch: (npools * B, C).
-    pooled = jnp.concatenate([_pool_hw(x, kind) for kind in spec.channel_pools], axis=0)
+    pools = [_pool_hw(x, kind, spec.tie_rule) for kind in spec.channel_pools]
+    if spec.variant == "light":  # timm LightChannelAttn: one MLP call on the mean of the pools
+        pooled, npools = sum(p * (1.0 / npools) for p in pools), 1
+    else:  # one MLP call on all pools stacked along the batch: (npools * B, C)
+        pooled = jnp.concatenate(pools, axis=0)
     h = pooled @ params["channel.fc1.kernel"].astype(dt)
     if spec.mlp_bias:
         h = h + params["channel.fc1.bias"].astype(dt)
-    h = jax.nn.relu(h)
+    h = _activation(h, spec.mlp_act)
     o = h @ params["channel.fc2.kernel"].astype(dt)
     if spec.mlp_bias:
         o = o + params["channel.fc2.bias"].astype(dt)
@@ -119,34 +181,39 @@ def _channel_gate(params: Params, x: jax.Array, spec: CBAMSpec) -> jax.Array:
     return _gate(logits, spec.gate)
 
 
-def _batch_norm(z: jax.Array, params: Params, spec: CBAMSpec, train: bool):
-    """BatchNorm of the single spatial-logit channel z (B, H, W, 1) in >= float32. Returns (out, stats)."""
+def batch_norm(z: jax.Array, scale, bias, mean, var, *, momentum: float, eps: float, train: bool):
+    """BatchNorm over every axis but the last (NHWC channels) in >= float32, PyTorch's convention.
+
+    Returns ``(out, (new_mean, new_var))`` in train mode, ``(out, None)`` in eval mode. ``momentum``
+    weighs the new batch statistic (Flax's momentum would be 1 - momentum, the weight of the old
+    value); the running variance gets the unbiased batch variance, normalisation the biased one.
+    Flax's ``BatchNorm`` cannot do the unbiased update, hence this function. Used by the CBAM
+    block's spatial BN and by every BN of the networks (`cbam_multi.jax.models`).
+    """
     acc = _acc_dtype(z.dtype)
     za = z.astype(acc)
-    run_mean = params["spatial.bn.mean"]
-    run_var = params["spatial.bn.var"]
+    axes = tuple(range(z.ndim - 1))
     if train:
-        n = z.size  # static
-        mean = jnp.mean(za)
-        var = jnp.mean(jnp.square(za - mean))  # biased: used to normalise
-        # PyTorch convention: m weighs the new statistic (Flax's momentum would be spec.flax_momentum
-        # = 1 - m, the weight of the old value); the running variance gets the unbiased variance.
-        m = spec.norm_momentum
-        sacc = _acc_dtype(run_mean.dtype)
-        new_mean = (1.0 - m) * run_mean.astype(sacc) + m * mean.astype(sacc)
-        new_var = (1.0 - m) * run_var.astype(sacc) + m * var.astype(sacc) * (n / (n - 1))
-        stats = {
-            "spatial.bn.mean": jax.lax.stop_gradient(new_mean).astype(run_mean.dtype),
-            "spatial.bn.var": jax.lax.stop_gradient(new_var).astype(run_var.dtype),
-        }
+        n = z.size // z.shape[-1]  # static
+        m_b = jnp.mean(za, axis=axes)
+        v_b = jnp.mean(jnp.square(za - m_b), axis=axes)  # biased: used to normalise
+        sacc = _acc_dtype(mean.dtype)
+        new_mean = (1.0 - momentum) * mean.astype(sacc) + momentum * m_b.astype(sacc)
+        new_var = (1.0 - momentum) * var.astype(sacc) + momentum * v_b.astype(sacc) * (n / (n - 1))
+        stats = (jax.lax.stop_gradient(new_mean).astype(mean.dtype), jax.lax.stop_gradient(new_var).astype(var.dtype))
     else:
-        mean = run_mean.astype(acc)[0]
-        var = run_var.astype(acc)[0]
-        stats = {}
-    scale = params["spatial.bn.scale"].astype(acc)[0]
-    bias = params["spatial.bn.bias"].astype(acc)[0]
-    out = (za - mean) / jnp.sqrt(var + spec.norm_eps) * scale + bias
+        m_b, v_b, stats = mean.astype(acc), var.astype(acc), None
+    out = (za - m_b) / jnp.sqrt(v_b + eps) * scale.astype(acc) + bias.astype(acc)
     return out.astype(z.dtype), stats
+
+
+def _batch_norm(z: jax.Array, params: Params, spec: CBAMSpec, train: bool):
+    """BatchNorm of the single spatial-logit channel z (B, H, W, 1). Returns (out, stats)."""
+    out, new = batch_norm(
+        z, params["spatial.bn.scale"], params["spatial.bn.bias"], params["spatial.bn.mean"], params["spatial.bn.var"],
+        momentum=spec.norm_momentum, eps=spec.norm_eps, train=train,
+    )
+    return out, ({} if new is None else dict(zip(BN_STATS, new)))
 
 
 def _channel_mean(x: jax.Array, gated_from=None) -> jax.Array:
@@ -176,9 +243,12 @@ def _spatial_gate(params: Params, x: jax.Array, spec: CBAMSpec, train: bool, gat
     dt = x.dtype
     maps = {
         "mean": _channel_mean(x, gated_from),
-        "max": jnp.max(x, axis=3),
+        "max": max_reduce(x, (3,), spec.tie_rule),
     }
-    m = jnp.stack([maps[k] for k in spec.concat_order], axis=-1)  # (B, H, W, 2)
+    if spec.variant == "light":  # timm LightSpatialAttn: the one map 0.5 * mean + 0.5 * max, (B, H, W, 1)
+        m = (0.5 * maps["mean"] + 0.5 * maps["max"])[..., None]
+    else:
+        m = jnp.stack([maps[k] for k in spec.concat_order], axis=-1)  # (B, H, W, 2)
     p = spec.padding
     z = jax.lax.conv_general_dilated(
         m,
@@ -206,6 +276,7 @@ def channel_attention(params: Params, x, spec: CBAMSpec) -> jax.Array:
 def spatial_attention(params: Params, x, spec: CBAMSpec, *, train: bool = False):
     """Spatial gate on NHWC ``x``. Returns ``(y, new_stats)``; ``new_stats`` holds the updated
     ``spatial.bn.mean``/``spatial.bn.var`` in train mode with BatchNorm, else ``{}``."""
+    _need_spatial(spec)
     x = _checked_input(x, spec, train)
     _check_params(params, spec, "spatial")
     return _spatial(params, x, spec, train)
@@ -214,6 +285,7 @@ def spatial_attention(params: Params, x, spec: CBAMSpec, *, train: bool = False)
 def spatial_gate(params: Params, x, spec: CBAMSpec, *, train: bool = False):
     """The spatial attention map (B, H, W, 1) that `spatial_attention` multiplies into NHWC ``x``.
     Returns ``(map, new_stats)``, like `spatial_attention`."""
+    _need_spatial(spec)
     x = _checked_input(x, spec, train)
     _check_params(params, spec, "spatial")
     return _spatial_gate(params, x, spec, train)
@@ -224,7 +296,23 @@ def cbam(params: Params, x, spec: CBAMSpec, *, train: bool = False):
     x = _checked_input(x, spec, train)
     _check_params(params, spec, None)
     g = _channel_gate(params, x, spec)
+    if spec.no_spatial:
+        return x * g[:, None, None, :], {}
     return _spatial(params, x * g[:, None, None, :], spec, train, gated_from=(x, g))
+
+
+def promote_input(x, params: Params, dtype=None):
+    """Flax's dtype convention for the modules: ``x`` cast to ``dtype``, or with ``dtype=None`` to the
+    promoted dtype of ``x`` and the trainable parameters (``jnp.result_type``, as ``flax.nnx.Linear``
+    promotes), so a float64 input meets float64 maths and nothing is silently computed in a narrower
+    dtype than both. Non-float inputs pass through unchanged for `check_input` to name the problem."""
+    if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+        x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        return x
+    if dtype is None:
+        dtype = jnp.result_type(x.dtype, *(jnp.asarray(v).dtype for n, v in params.items() if n not in BN_STATS))
+    return x if x.dtype == jnp.dtype(dtype) else jnp.asarray(x).astype(dtype)
 
 
 def init_params(spec: CBAMSpec, seed: int = 0, dtype=jnp.float32, part: str | None = None) -> dict[str, jax.Array]:

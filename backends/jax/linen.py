@@ -5,6 +5,10 @@ Variables: ``{"params": {"channel": {"fc1": {"kernel", "bias"}, "fc2": {...}}, "
 with "." gives the canonical names. The initializers ignore the PRNG key and return the canonical
 seeded weights, so ``model.init(key, x) == init_variables(spec, seed)``.
 
+Dtypes follow Flax: ``param_dtype`` (default float32) for the initial parameters, ``dtype`` for the
+computation, or with ``dtype=None`` (default) the promoted dtype of the input and the parameters passed
+to ``apply`` (as ``nn.Dense`` promotes): a float64 input with float64 variables computes in float64.
+
 Train mode: ``model.apply(variables, x, train=True, mutable=["batch_stats"])`` returns
 ``(y, {"batch_stats": ...})``. BatchNorm momentum is PyTorch's ``spec.norm_momentum`` (weight of the
 new statistic); in Flax's ``nn.BatchNorm(momentum=...)`` convention it would be ``spec.flax_momentum``.
@@ -33,7 +37,7 @@ class _Layer(nn.Module):
 
     spec: CBAMSpec
     seed: int
-    dtype: Any
+    param_dtype: Any
     prefix: str
 
     @nn.compact
@@ -44,7 +48,7 @@ class _Layer(nn.Module):
         values, stats = {}, {}
         for name in names:
             leaf = name.rsplit(".", 1)[1]
-            init = lambda *_, _n=name: F.init_params(self.spec, self.seed, self.dtype, part=part)[_n]
+            init = lambda *_, _n=name: F.init_params(self.spec, self.seed, self.param_dtype, part=part)[_n]
             if kinds[name] == "stat":
                 stats[name] = self.variable("batch_stats", leaf, init)
                 values[name] = stats[name].value
@@ -70,15 +74,18 @@ class _Gate(nn.Module):
 
     spec: CBAMSpec
     seed: int = 0
-    dtype: Any = jnp.float32
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
 
     part = None  # set by subclasses
 
     def setup(self):
         require_spec(self.spec)
+        if self.part == "spatial" and self.spec.no_spatial:
+            raise ValueError("spec has no_spatial=True: it has no spatial gate to build")
         # Attribute name = canonical layer name ("fc1", "conv", "bn"), hence the variable paths.
         for layer in _layers(self.spec, self.part):
-            setattr(self, layer.split(".")[1], _Layer(self.spec, self.seed, self.dtype, layer))
+            setattr(self, layer.split(".")[1], _Layer(self.spec, self.seed, self.param_dtype, layer))
 
     def values(self) -> dict[str, jax.Array]:
         out = {}
@@ -93,7 +100,8 @@ class ChannelAttention(_Gate):
     part = "channel"
 
     def __call__(self, x, *, train: bool = False):
-        return F.channel_attention(self.values(), x, self.spec)
+        values = self.values()
+        return F.channel_attention(values, F.promote_input(x, values, self.dtype), self.spec)
 
 
 class SpatialAttention(_Gate):
@@ -106,7 +114,8 @@ class SpatialAttention(_Gate):
             self.bn(stats)
 
     def __call__(self, x, *, train: bool = False):
-        y, stats = F.spatial_attention(self.values(), x, self.spec, train=train)
+        values = self.values()
+        y, stats = F.spatial_attention(values, F.promote_input(x, values, self.dtype), self.spec, train=train)
         self.update_stats(stats)
         return y
 
@@ -116,15 +125,20 @@ class CBAM(nn.Module):
 
     spec: CBAMSpec
     seed: int = 0
-    dtype: Any = jnp.float32
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
 
     def setup(self):
         require_spec(self.spec)
-        self.channel = ChannelAttention(self.spec, self.seed, self.dtype)
-        self.spatial = SpatialAttention(self.spec, self.seed, self.dtype)
+        self.channel = ChannelAttention(self.spec, self.seed, self.dtype, self.param_dtype)
+        if not self.spec.no_spatial:
+            self.spatial = SpatialAttention(self.spec, self.seed, self.dtype, self.param_dtype)
 
     def __call__(self, x, *, train: bool = False):
-        params = {**self.channel.values(), **self.spatial.values()}
-        y, stats = F.cbam(params, x, self.spec, train=train)
-        self.spatial.update_stats(stats)
+        params = dict(self.channel.values())
+        if not self.spec.no_spatial:
+            params.update(self.spatial.values())
+        y, stats = F.cbam(params, F.promote_input(x, params, self.dtype), self.spec, train=train)
+        if not self.spec.no_spatial:
+            self.spatial.update_stats(stats)
         return y

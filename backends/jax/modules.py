@@ -8,6 +8,11 @@ State layout: every leaf sits at the path of its canonical name, e.g. ``CBAM.cha
 Trainable tensors are ``nnx.Param``; the BatchNorm running statistics are ``nnx.BatchStat`` (kept in
 at least float32) and are updated in place when the module is in train mode.
 
+Dtypes follow Flax (``nnx.Linear``): parameters are stored in ``param_dtype`` (default float32; BN running
+statistics in at least float32) and the block computes in ``dtype``, or with ``dtype=None`` (the default)
+in the promoted dtype of the input and the parameters: a float64 input is computed in float64, never
+rounded to float32. ``dtype=jnp.bfloat16`` with float32 parameters is mixed precision.
+
 BatchNorm mode: ``SpatialAttention.use_running_average`` (False = train, the default, like a fresh
 ``torch.nn.Module`` and ``nnx.BatchNorm``), toggled by ``model.train()`` / ``model.eval()`` or
 ``nnx.view(model, use_running_average=...)``. Momentum is PyTorch's ``spec.norm_momentum`` (weight of
@@ -55,7 +60,8 @@ def variables_of(module: nnx.Module) -> dict[str, nnx.Variable]:
 
 def _parts(module: nnx.Module):
     if isinstance(module, CBAM):
-        return (("channel", module.channel), ("spatial", module.spatial))
+        parts = (("channel", module.channel), ("spatial", module.spatial))
+        return tuple((p, m) for p, m in parts if m is not None)
     if isinstance(module, (ChannelAttention, SpatialAttention)):
         return ((module.part, module),)
     raise TypeError(f"expected a cbam_multi.jax CBAM/ChannelAttention/SpatialAttention, got {type(module).__name__}")
@@ -70,13 +76,14 @@ class ChannelAttention(nnx.Module):
 
     part = "channel"
 
-    def __init__(self, spec: CBAMSpec, *, dtype=jnp.float32, seed: int = 0):
+    def __init__(self, spec: CBAMSpec, *, dtype=None, param_dtype=jnp.float32, seed: int = 0):
         self.spec = spec
-        self.dtype = dtype
-        _build(self, spec, self.part, dtype, seed)
+        self.dtype, self.param_dtype = dtype, param_dtype
+        _build(self, spec, self.part, param_dtype, seed)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return F.channel_attention(_values(self), x, self.spec)
+        values = _values(self)
+        return F.channel_attention(values, F.promote_input(x, values, self.dtype), self.spec)
 
 
 class SpatialAttention(nnx.Module):
@@ -85,11 +92,15 @@ class SpatialAttention(nnx.Module):
 
     part = "spatial"
 
-    def __init__(self, spec: CBAMSpec, *, dtype=jnp.float32, seed: int = 0, use_running_average: bool = False):
+    def __init__(
+        self, spec: CBAMSpec, *, dtype=None, param_dtype=jnp.float32, seed: int = 0, use_running_average: bool = False
+    ):
+        if spec.no_spatial:
+            raise ValueError("spec has no_spatial=True: it has no spatial gate to build")
         self.spec = spec
-        self.dtype = dtype
+        self.dtype, self.param_dtype = dtype, param_dtype
         self.use_running_average = use_running_average
-        _build(self, spec, self.part, dtype, seed)
+        _build(self, spec, self.part, param_dtype, seed)
 
     def set_view(self, use_running_average: bool | None = None):
         """Used by ``nnx.view(model, use_running_average=...)``."""
@@ -101,23 +112,40 @@ class SpatialAttention(nnx.Module):
             getattr(self.bn, name.rsplit(".", 1)[1])[...] = value
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y, stats = F.spatial_attention(_values(self), x, self.spec, train=not self.use_running_average)
+        values = _values(self)
+        x = F.promote_input(x, values, self.dtype)
+        y, stats = F.spatial_attention(values, x, self.spec, train=not self.use_running_average)
         self._update_stats(stats)
         return y
 
 
 class CBAM(nnx.Module):
-    """CBAM block (channel gate, then spatial gate) on NHWC input; submodules ``.channel``, ``.spatial``."""
+    """CBAM block (channel gate, then spatial gate) on NHWC input; submodules ``.channel``, ``.spatial``
+    (``.spatial`` is None for a ``no_spatial`` spec)."""
 
     part = None
 
-    def __init__(self, spec: CBAMSpec, *, dtype=jnp.float32, seed: int = 0, use_running_average: bool = False):
+    def __init__(
+        self, spec: CBAMSpec, *, dtype=None, param_dtype=jnp.float32, seed: int = 0, use_running_average: bool = False
+    ):
         self.spec = spec
-        self.dtype = dtype
-        self.channel = ChannelAttention(spec, dtype=dtype, seed=seed)
-        self.spatial = SpatialAttention(spec, dtype=dtype, seed=seed, use_running_average=use_running_average)
+        self.dtype, self.param_dtype = dtype, param_dtype
+        self.use_running_average = use_running_average  # kept here too: a no_spatial block has no .spatial
+        self.channel = ChannelAttention(spec, dtype=dtype, param_dtype=param_dtype, seed=seed)
+        self.spatial = (
+            None if spec.no_spatial else SpatialAttention(
+                spec, dtype=dtype, param_dtype=param_dtype, seed=seed, use_running_average=use_running_average
+            )
+        )
+
+    def set_view(self, use_running_average: bool | None = None):
+        if use_running_average is not None:
+            self.use_running_average = use_running_average
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y, stats = F.cbam(_values(self), x, self.spec, train=not self.spatial.use_running_average)
-        self.spatial._update_stats(stats)
+        values = _values(self)
+        train = not (self.use_running_average if self.spatial is None else self.spatial.use_running_average)
+        y, stats = F.cbam(values, F.promote_input(x, values, self.dtype), self.spec, train=train)
+        if self.spatial is not None:
+            self.spatial._update_stats(stats)
         return y

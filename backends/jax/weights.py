@@ -23,6 +23,7 @@ from . import functional as F
 Weights = dict[str, np.ndarray]
 
 __all__ = [
+    "load_checkpoint",
     "export_weights",
     "import_weights",
     "export_grads",
@@ -109,7 +110,7 @@ def import_variables(weights: Mapping[str, Any], spec: CBAMSpec, dtype=None) -> 
 
 
 def init_variables(spec: CBAMSpec, seed: int = 0, dtype=jnp.float32) -> dict:
-    """The variables ``linen.CBAM(spec, seed, dtype).init(key, x)`` returns, without tracing."""
+    """The variables ``linen.CBAM(spec, seed, param_dtype=dtype).init(key, x)`` returns, without tracing."""
     return _nest_variables(F.init_params(spec, seed, dtype))
 
 
@@ -135,3 +136,15 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
+
+
+def load_checkpoint(module, path, *, allow_spec_mismatch: bool = False):
+    """Load a `cbam_multi.save_weights` checkpoint into a CBAM / ChannelAttention / SpatialAttention
+    ``module`` (its own part of the weights) and return the module. The checkpoint's spec must match
+    ``module.spec`` in everything that changes the maths (SpecMismatchError lists the differing fields;
+    ``allow_spec_mismatch=True`` loads anyway where names and shapes fit). A failed load changes nothing."""
+    from cbam_multi.weights import load_weights
+
+    weights, _ = load_weights(path, module.spec, allow_spec_mismatch=allow_spec_mismatch)
+    part = getattr(module, "part", None)
+    return import_weights(module, {n: weights[n] for n in module.spec.param_shapes(part)})

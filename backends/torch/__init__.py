@@ -16,15 +16,15 @@ Official (Jongchan/attention-module) and timm checkpoints convert with ``from_of
 
 from .adapters import from_official_state_dict, from_timm_state_dict, to_official_state_dict, to_timm_state_dict
 from .modules import CBAM, ChannelAttention, SpatialAttention
-from .weights import export_grads, export_weights, import_weights
+from .weights import export_grads, export_weights, import_weights, load_checkpoint
 
 # The CBAM layer only: networks are in `cbam_multi.torch.models`, the trainer in `cbam_multi.torch.train`
 # (loaded by `cbam_multi.training` when used).
 __all__ = [
     # modules
     "CBAM", "ChannelAttention", "SpatialAttention",
-    # canonical weights of one block
-    "export_weights", "import_weights", "export_grads",
+    # canonical weights of one block; a checkpoint loaded with its spec checked
+    "export_weights", "import_weights", "export_grads", "load_checkpoint",
     # anchor checkpoints
     "from_official_state_dict", "to_official_state_dict", "from_timm_state_dict", "to_timm_state_dict",
 ]

@@ -15,6 +15,11 @@
       spatial.conv.conv.weight (1, 2, k, k); input channels [mean, max]
       spatial.conv.bn.weight/bias/running_mean/running_var/num_batches_tracked
 
+* timm ``LightCbamModule``: the same keys; ``spatial.conv.conv.weight`` is (1, 1, k, k), the one map
+  0.5 * (mean + max). Use a light spec (``CBAMSpec.timm_light(C)``) with the timm functions.
+* official ``CBAM(..., no_spatial=True)``: the ``ChannelGate.*`` keys only; use ``CBAMSpec.official(C,
+  no_spatial=True)``.
+
 ``from_*`` strips a leading ``module.`` from every key, then keeps the keys under ``prefix`` (e.g.
 ``"layer1.0.cbam."``) and converts them; ``num_batches_tracked`` is ignored. The spatial kernel's input
 channels are reordered to ``spec.concat_order`` if the source uses the other order, so the result is
@@ -29,6 +34,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
+from cbam_multi.checkpoint_keys import OFFICIAL_CBAM_KEYS, OFFICIAL_CBAM_LAYOUT, TIMM_CBAM_KEYS, TIMM_CBAM_LAYOUT
 from cbam_multi.errors import WeightsError
 from cbam_multi.spec import CBAMSpec
 from cbam_multi.weights import validate_weights
@@ -39,54 +45,29 @@ __all__ = ["from_official_state_dict", "to_official_state_dict", "from_timm_stat
 
 
 class _Format:
-    def __init__(self, title: str, names: dict[str, str], mlp_kind: str, concat_order: tuple[str, str], bn: str):
+    def __init__(
+        self, title: str, names: dict[str, str], mlp_kind: str, concat_order: tuple[str, str], bn: str,
+        light: bool = True,
+    ):
         self.title = title
         self.names = names  # canonical -> source key
         self.mlp_kind = mlp_kind  # layout of the source's MLP weights
         self.concat_order = concat_order  # meaning of the source spatial kernel's input channels
         self.bn = bn  # source BatchNorm path, for num_batches_tracked
+        self.light = light  # whether the source has a light variant (timm's LightCbamModule)
+
+    def check_spec(self, spec) -> None:
+        if not isinstance(spec, CBAMSpec):
+            raise TypeError(f"spec must be a CBAMSpec, got {type(spec).__name__}")
+        if spec.variant == "light" and not self.light:
+            raise WeightsError(f"the {self.title} has no light variant; use a standard spec (variant='standard')")
 
     def keys(self, spec: CBAMSpec) -> dict[str, str]:
         return {self.names[name]: name for name in spec.param_shapes()}
 
 
-_OFFICIAL = _Format(
-    "official (Jongchan/attention-module) CBAM",
-    {
-        "channel.fc1.kernel": "ChannelGate.mlp.1.weight",
-        "channel.fc1.bias": "ChannelGate.mlp.1.bias",
-        "channel.fc2.kernel": "ChannelGate.mlp.3.weight",
-        "channel.fc2.bias": "ChannelGate.mlp.3.bias",
-        "spatial.conv.kernel": "SpatialGate.spatial.conv.weight",
-        "spatial.conv.bias": "SpatialGate.spatial.conv.bias",
-        "spatial.bn.scale": "SpatialGate.spatial.bn.weight",
-        "spatial.bn.bias": "SpatialGate.spatial.bn.bias",
-        "spatial.bn.mean": "SpatialGate.spatial.bn.running_mean",
-        "spatial.bn.var": "SpatialGate.spatial.bn.running_var",
-    },
-    mlp_kind="linear",
-    concat_order=("max", "mean"),
-    bn="SpatialGate.spatial.bn",
-)
-
-_TIMM = _Format(
-    "timm CbamModule",
-    {
-        "channel.fc1.kernel": "channel.fc1.weight",
-        "channel.fc1.bias": "channel.fc1.bias",
-        "channel.fc2.kernel": "channel.fc2.weight",
-        "channel.fc2.bias": "channel.fc2.bias",
-        "spatial.conv.kernel": "spatial.conv.conv.weight",
-        "spatial.conv.bias": "spatial.conv.conv.bias",
-        "spatial.bn.scale": "spatial.conv.bn.weight",
-        "spatial.bn.bias": "spatial.conv.bn.bias",
-        "spatial.bn.mean": "spatial.conv.bn.running_mean",
-        "spatial.bn.var": "spatial.conv.bn.running_var",
-    },
-    mlp_kind="conv1x1",
-    concat_order=("mean", "max"),
-    bn="spatial.conv.bn",
-)
+_OFFICIAL = _Format("official (Jongchan/attention-module) CBAM", OFFICIAL_CBAM_KEYS, **OFFICIAL_CBAM_LAYOUT, light=False)
+_TIMM = _Format("timm CbamModule", TIMM_CBAM_KEYS, **TIMM_CBAM_LAYOUT)
 
 
 def _reorder(kernel: np.ndarray, src: tuple[str, str], dst: tuple[str, str]) -> np.ndarray:
@@ -99,8 +80,7 @@ def _candidate_prefixes(keys, anchor: str) -> list[str]:
 
 
 def _from_state_dict(state_dict: Mapping, spec: CBAMSpec, prefix: str, fmt: _Format) -> dict[str, np.ndarray]:
-    if not isinstance(spec, CBAMSpec):
-        raise TypeError(f"spec must be a CBAMSpec, got {type(spec).__name__}")
+    fmt.check_spec(spec)
     if "state_dict" in state_dict and isinstance(state_dict["state_dict"], Mapping):
         state_dict = state_dict["state_dict"]  # a whole training checkpoint ({"epoch", "state_dict", ...})
     stripped = {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in state_dict.items()}
@@ -125,7 +105,15 @@ def _from_state_dict(state_dict: Mapping, spec: CBAMSpec, prefix: str, fmt: _For
         arr = to_numpy(scoped[key])
         want = torch_shape(layouts[name], shapes[name])
         if tuple(arr.shape) != want:
-            problems.append(f"{key}: shape {tuple(arr.shape)}, spec expects {want} (canonical {name} {shapes[name]})")
+            hint = ""
+            if name == "spatial.conv.kernel" and arr.ndim == 4 and arr.shape[1] in (1, 2):
+                hint = (
+                    " - a light (LightCbamModule) state_dict: use a spec with variant='light'" if arr.shape[1] == 1
+                    else " - a standard (two-map) state_dict: use a spec with variant='standard'"
+                )
+            problems.append(
+                f"{key}: shape {tuple(arr.shape)}, spec expects {want} (canonical {name} {shapes[name]}){hint}"
+            )
         else:
             arrays[name] = arr
     if problems:
@@ -150,8 +138,7 @@ def _from_state_dict(state_dict: Mapping, spec: CBAMSpec, prefix: str, fmt: _For
 
 
 def _to_state_dict(weights: Mapping, spec: CBAMSpec, fmt: _Format) -> dict[str, torch.Tensor]:
-    if not isinstance(spec, CBAMSpec):
-        raise TypeError(f"spec must be a CBAMSpec, got {type(spec).__name__}")
+    fmt.check_spec(spec)
     arrays = {name: to_numpy(value) for name, value in weights.items()}
     validate_weights(arrays, spec)
     layouts = torch_layouts(spec, mlp_kind=fmt.mlp_kind)
@@ -186,10 +173,12 @@ def to_official_state_dict(weights: Mapping, spec: CBAMSpec) -> dict[str, torch.
 
 
 def from_timm_state_dict(state_dict: Mapping, spec: CBAMSpec, prefix: str = "") -> dict[str, np.ndarray]:
-    """Canonical weights from a timm ``CbamModule`` state_dict (or a model's, with ``prefix``)."""
+    """Canonical weights from a timm ``CbamModule`` state_dict (or a model's, with ``prefix``); a
+    ``LightCbamModule``'s with a light spec (``CBAMSpec.timm_light(C)``)."""
     return _from_state_dict(state_dict, spec, prefix, _TIMM)
 
 
 def to_timm_state_dict(weights: Mapping, spec: CBAMSpec) -> dict[str, torch.Tensor]:
-    """A state_dict for timm's ``CbamModule`` (``num_batches_tracked`` set to 0); keys mirror ``spec``."""
+    """A state_dict for timm's ``CbamModule`` (``num_batches_tracked`` set to 0), or for its
+    ``LightCbamModule`` when ``spec`` is light; keys mirror ``spec``."""
     return _to_state_dict(weights, spec, _TIMM)

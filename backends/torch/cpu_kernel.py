@@ -5,7 +5,8 @@ the kernel reads ``x`` once and writes the output once, handling each sample whi
 (64x64x28x28 float32 on 2 cores: ~2.1 -> ~0.7-0.9 ms, see benchmarks/RESULTS.md). It is an inference
 path, like ``nn.MultiheadAttention``'s fast path: `CBAM.forward` takes it only when autograd records
 nothing (``torch.no_grad()``, ``torch.inference_mode()`` or frozen weights), on CPU, for float32/float64
-NCHW or channels_last input, pools avg/max, BatchNorm absent or in eval mode, no hooks and no autocast;
+NCHW or channels_last input, the standard variant with both gates and a ReLU MLP, pools avg/max, BatchNorm
+absent or in eval mode, no hooks and no autocast;
 everything else runs the composed ops, which stay the reference the kernel is tested against.
 
 The kernel is compiled with ``torch.utils.cpp_extension`` (a C++ compiler and ninja; ~10 s once, then
@@ -116,6 +117,8 @@ def disabled():
 def applies(cbam, x: torch.Tensor) -> bool:
     """Whether ``cbam(x)`` may run the fused kernel. Cheap checks first; `available` (the build) last."""
     spec = cbam.spec
+    if spec.no_spatial or spec.variant != "standard" or spec.mlp_act != "relu":
+        return False  # the kernel computes the standard two-gate block with a ReLU MLP; the rest is composed
     fc1 = cbam.channel.fc1
     bn = cbam.spatial.bn
     return (

@@ -11,10 +11,13 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from cbam_multi.spec import LEAKY_SLOPE
+
 from .guards import functorch_wrapped
 
 __all__ = [
-    "apply_gate", "amax", "pool_hw", "stacked_pools", "shared_mlp", "channel_attention", "spatial_maps", "spatial_conv",
+    "apply_gate", "amax", "max_reduce", "activation", "pool_hw", "stacked_pools", "shared_mlp", "channel_attention",
+    "spatial_maps", "spatial_conv",
 ]
 
 
@@ -61,6 +64,37 @@ def amax(x: torch.Tensor, dims: tuple[int, ...], keepdim: bool = False) -> torch
     return x.amax(dims, keepdim=keepdim)
 
 
+def max_reduce(x: torch.Tensor, dims: tuple[int, ...], tie_rule: str = "split", keepdim: bool = False) -> torch.Tensor:
+    """Max of ``x`` over ``dims`` (``(2, 3)``: H and W of NCHW; ``(1,)``: channels), with the gradient
+    rule of `cbam_multi.spec` ``tie_rule``: "split" shares a tied maximum's gradient (`amax`), "first"
+    sends it to the lowest flat index, through the very ops the anchors call (``F.adaptive_max_pool2d``
+    for H, W and ``torch.max(x, dim)``, which record that index; NCHW and channels_last alike)."""
+    dims = tuple(dims)
+    if tie_rule == "split":
+        return amax(x, dims, keepdim=keepdim)
+    if tie_rule != "first":
+        raise ValueError(f"unknown tie_rule {tie_rule!r}")
+    if dims == (2, 3):
+        r = F.adaptive_max_pool2d(x, 1)
+        return r if keepdim else r.flatten(1)
+    if len(dims) == 1:
+        return torch.max(x, dims[0], keepdim=keepdim).values
+    raise ValueError(f"max_reduce with tie_rule='first' takes dims (2, 3) or one dim, got {dims}")
+
+
+def activation(h: torch.Tensor, kind: str) -> torch.Tensor:
+    """The shared MLP's activation (`cbam_multi.spec.ACTIVATIONS`; leaky_relu slope 0.01, torch's)."""
+    if kind == "relu":
+        return F.relu(h)
+    if kind == "relu6":
+        return F.relu6(h)
+    if kind == "leaky_relu":
+        return F.leaky_relu(h, LEAKY_SLOPE)
+    if kind == "silu":
+        return F.silu(h)
+    raise ValueError(f"unknown activation {kind!r}")
+
+
 def apply_gate(z: torch.Tensor, kind: str) -> torch.Tensor:
     """``sigmoid`` or ``hard_sigmoid`` (= relu6(z + 3) / 6); half-precision logits are gated in float32."""
     if z.dtype in (torch.bfloat16, torch.float16):  # e.g. under autocast: compute in float32, round once
@@ -74,12 +108,12 @@ def apply_gate(z: torch.Tensor, kind: str) -> torch.Tensor:
     raise ValueError(f"unknown gate {kind!r}")
 
 
-def pool_hw(x: torch.Tensor, kind: str) -> torch.Tensor:
+def pool_hw(x: torch.Tensor, kind: str, tie_rule: str = "split") -> torch.Tensor:
     """Global pool over H, W of an NCHW tensor -> (B, C)."""
     if kind == "avg":
         return x.mean((2, 3))
     if kind == "max":
-        return amax(x, (2, 3))  # amax: no argmax indices, unlike torch.max / F.max_pool2d
+        return max_reduce(x, (2, 3), tie_rule)
     if kind == "lp":
         # official F.lp_pool2d(x, 2, (H, W)) = sqrt(sum x^2), a sum and not a mean
         return torch.linalg.vector_norm(x, 2, dim=(2, 3))
@@ -89,11 +123,11 @@ def pool_hw(x: torch.Tensor, kind: str) -> torch.Tensor:
     raise ValueError(f"unknown channel pool {kind!r}")
 
 
-def stacked_pools(x: torch.Tensor, pools: Sequence[str]) -> torch.Tensor:
+def stacked_pools(x: torch.Tensor, pools: Sequence[str], tie_rule: str = "split") -> torch.Tensor:
     """All pools of ``x`` stacked along the batch axis: (len(pools) * B, C), pool-major."""
     if len(pools) == 1:
-        return pool_hw(x, pools[0])
-    return torch.cat([pool_hw(x, kind) for kind in pools], dim=0)
+        return pool_hw(x, pools[0], tie_rule)
+    return torch.cat([pool_hw(x, kind, tie_rule) for kind in pools], dim=0)
 
 
 def shared_mlp(
@@ -102,13 +136,14 @@ def shared_mlp(
     fc1_bias: torch.Tensor | None,
     fc2_weight: torch.Tensor,
     fc2_bias: torch.Tensor | None,
+    act: str = "relu",
 ) -> torch.Tensor:
-    """fc2(relu(fc1(p))) on (N, C) rows. Weights in torch layout, (out, in) or conv1x1 (out, in, 1, 1):
+    """fc2(act(fc1(p))) on (N, C) rows. Weights in torch layout, (out, in) or conv1x1 (out, in, 1, 1):
     a 1x1 convolution on a 1x1 map is the same GEMM, so both run as `F.linear` (a free view)."""
     if fc1_weight.dim() == 4:
         fc1_weight = fc1_weight.flatten(1)
         fc2_weight = fc2_weight.flatten(1)
-    return F.linear(F.relu(F.linear(p, fc1_weight, fc1_bias)), fc2_weight, fc2_bias)
+    return F.linear(activation(F.linear(p, fc1_weight, fc1_bias), act), fc2_weight, fc2_bias)
 
 
 def channel_attention(
@@ -119,18 +154,33 @@ def channel_attention(
     fc2_weight: torch.Tensor,
     fc2_bias: torch.Tensor | None,
     gate: str = "sigmoid",
+    *,
+    tie_rule: str = "split",
+    act: str = "relu",
+    light: bool = False,
 ) -> torch.Tensor:
-    """x * gate(sum over pools of MLP(pool(x))): one MLP call on the (P*B, C) stack of pools."""
+    """x * gate(sum over pools of MLP(pool(x))): one MLP call on the (P*B, C) stack of pools. With
+    ``light`` (timm's LightChannelAttn) one MLP call on the mean of the pools, 0.5 * avg + 0.5 * max."""
     b, c = x.shape[0], x.shape[1]
-    logits = shared_mlp(stacked_pools(x, pools), fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    if light:
+        pooled = [pool_hw(x, kind, tie_rule) * (1.0 / len(pools)) for kind in pools]
+        logits = shared_mlp(sum(pooled[1:], pooled[0]), fc1_weight, fc1_bias, fc2_weight, fc2_bias, act)
+        return x * apply_gate(logits, gate)[:, :, None, None]
+    logits = shared_mlp(stacked_pools(x, pools, tie_rule), fc1_weight, fc1_bias, fc2_weight, fc2_bias, act)
     if len(pools) > 1:
         logits = logits.view(len(pools), b, c).sum(0)
     return x * apply_gate(logits, gate)[:, :, None, None]
 
 
-def spatial_maps(x: torch.Tensor, concat_order: Sequence[str]) -> torch.Tensor:
-    """Mean and max over channels, concatenated in ``concat_order`` -> (B, 2, H, W)."""
-    maps = {"mean": x.mean(1, keepdim=True), "max": amax(x, (1,), keepdim=True)}
+def spatial_maps(
+    x: torch.Tensor, concat_order: Sequence[str], tie_rule: str = "split", light: bool = False
+) -> torch.Tensor:
+    """Mean and max over channels, concatenated in ``concat_order`` -> (B, 2, H, W); with ``light``
+    (timm's LightSpatialAttn) the one map 0.5 * mean + 0.5 * max -> (B, 1, H, W)."""
+    mean, mx = x.mean(1, keepdim=True), max_reduce(x, (1,), tie_rule, keepdim=True)
+    if light:
+        return 0.5 * mean + 0.5 * mx
+    maps = {"mean": mean, "max": mx}
     return torch.cat([maps[name] for name in concat_order], dim=1)
 
 

@@ -135,29 +135,37 @@ class ChannelAttention(_Gate):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._validate(x)
         fc1, fc2 = self.fc1, self.fc2
+        spec = self.spec
         return CF.channel_attention(
-            x, self.spec.channel_pools, fc1.weight, fc1.bias, fc2.weight, fc2.bias, self.spec.gate
+            x, spec.channel_pools, fc1.weight, fc1.bias, fc2.weight, fc2.bias, spec.gate,
+            tie_rule=spec.tie_rule, act=spec.mlp_act, light=spec.variant == "light",
         )
 
     def _first_param(self) -> torch.Tensor:
         return self.fc1.weight
 
     def extra_repr(self) -> str:
-        return f"pools={list(self.spec.channel_pools)}, gate={self.spec.gate!r}"
+        s = self.spec
+        return f"pools={list(s.channel_pools)}, gate={s.gate!r}, act={s.mlp_act!r}, tie_rule={s.tie_rule!r}" + (
+            ", variant='light'" if s.variant == "light" else ""
+        )
 
 
 class SpatialAttention(_Gate):
-    """Spatial gate: ``x * gate(BN?(conv([mean_c(x), max_c(x)] in spec.concat_order)))``."""
+    """Spatial gate: ``x * gate(BN?(conv([mean_c(x), max_c(x)] in spec.concat_order)))``; light variant:
+    ``x * gate(BN?(conv(0.5 * mean_c(x) + 0.5 * max_c(x))))``."""
 
     _PART = "spatial"
 
     def __init__(self, spec: CBAMSpec, *, dtype: torch.dtype = torch.float32, seed: int = 0):
         super().__init__()
         _check_spec(spec)
+        if spec.no_spatial:
+            raise ValueError("spec has no_spatial=True: it has no spatial gate to build")
         self.spec = spec
         self._checked: set = set()
         k = spec.spatial_kernel
-        self.conv = skip_init(nn.Conv2d, 2, 1, k, padding=k // 2, bias=spec.spatial_bias, dtype=dtype)
+        self.conv = skip_init(nn.Conv2d, spec.spatial_inputs, 1, k, padding=k // 2, bias=spec.spatial_bias, dtype=dtype)
         # BatchNorm2d's convention (momentum = weight of the new batch statistic) IS the spec's
         self._has_bn = spec.has_norm
         self.bn = (
@@ -171,7 +179,8 @@ class SpatialAttention(_Gate):
 
     def gate_map(self, x: torch.Tensor) -> torch.Tensor:
         """The spatial attention map (B, 1, H, W) that `forward` multiplies into ``x`` (unchecked input)."""
-        maps = CF.spatial_maps(x, self.spec.concat_order)
+        spec = self.spec
+        maps = CF.spatial_maps(x, spec.concat_order, spec.tie_rule, light=spec.variant == "light")
         if _unroll_conv(self.conv, maps):
             z = CF.spatial_conv(maps, self.conv.weight, self.conv.bias, unrolled=True)
         else:
@@ -192,7 +201,9 @@ class SpatialAttention(_Gate):
         return self.conv.weight
 
     def extra_repr(self) -> str:
-        return f"concat_order={list(self.spec.concat_order)}, gate={self.spec.gate!r}"
+        s = self.spec
+        maps = "0.5*(mean+max)" if s.variant == "light" else list(s.concat_order)
+        return f"maps={maps}, gate={s.gate!r}, tie_rule={s.tie_rule!r}"
 
 
 class CBAM(_Gate):
@@ -207,9 +218,12 @@ class CBAM(_Gate):
         self._checked: set = set()
         self.channel = ChannelAttention(spec, dtype=dtype, seed=seed)
         # each part takes its slice of the same canonical draw, so CBAM(spec, seed=s) holds init_weights(spec, s)
-        self.spatial = SpatialAttention(spec, dtype=dtype, seed=seed)
+        # no_spatial (the official CBAM(..., no_spatial=True)): the channel gate alone, no `spatial` submodule
+        self.spatial = None if spec.no_spatial else SpatialAttention(spec, dtype=dtype, seed=seed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spatial is None:
+            return self.channel(x)
         if cpu_kernel.applies(self, x):  # CPU inference: the whole block in one fused kernel
             self.channel._validate(x)
             return cpu_kernel.cbam_infer(self, x)

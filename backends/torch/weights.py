@@ -17,7 +17,7 @@ from cbam_multi.errors import WeightsError
 from cbam_multi.spec import TRAINABLE, CBAMSpec
 from cbam_multi.weights import validate_weights
 
-__all__ = ["Layout", "TRANSFORMS", "torch_layouts", "export_weights", "import_weights", "export_grads"]
+__all__ = ["load_checkpoint", "Layout", "TRANSFORMS", "torch_layouts", "export_weights", "import_weights", "export_grads"]
 
 Array = np.ndarray
 
@@ -177,3 +177,15 @@ def export_grads(module: torch.nn.Module) -> dict[str, Array]:
     if missing:
         raise WeightsError(f"no gradient for {missing}: run a forward pass and loss.backward() first")
     return out
+
+
+def load_checkpoint(module, path, *, allow_spec_mismatch: bool = False):
+    """Load a `cbam_multi.save_weights` checkpoint into a CBAM / ChannelAttention / SpatialAttention
+    ``module`` (its own part of the weights) and return the module. The checkpoint's spec must match
+    ``module.spec`` in everything that changes the maths (SpecMismatchError lists the differing fields;
+    ``allow_spec_mismatch=True`` loads anyway where names and shapes fit). A failed load changes nothing."""
+    from cbam_multi.weights import load_weights
+
+    weights, _ = load_weights(path, module.spec, allow_spec_mismatch=allow_spec_mismatch)
+    part = getattr(module, "_PART", None)
+    return import_weights(module, {n: weights[n] for n in module.spec.param_shapes(part)})

@@ -24,7 +24,7 @@ import numpy as np
 from cbam_multi import reference
 from cbam_multi.errors import InputError, SpecError
 from cbam_multi.jsondata import JsonData
-from cbam_multi.spec import TRAINABLE, CBAMSpec
+from cbam_multi.spec import TIE_RULES, TRAINABLE, CBAMSpec
 from cbam_multi.weights import register_spec_type
 
 MODEL_FORMAT_VERSION = 1
@@ -47,6 +47,8 @@ class MNISTNetSpec(JsonData):
     cbam: bool = True
     cbam_preset: str = "seed"  # the blog's block: r=4, 3x3 spatial conv
     cbam_reduction: int | None = None  # override the preset's reduction
+    # gradient at tied maxima of the 2x2 max-pool (`CBAMSpec.tie_rule`): "first" is torch's F.max_pool2d
+    pool_tie_rule: str = "first"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "conv_channels", tuple(self.conv_channels))
@@ -61,6 +63,8 @@ class MNISTNetSpec(JsonData):
                 f"image_size {self.image_size} must be divisible by 2**{len(self.conv_channels)} "
                 f"(one 2x2 max-pool per block)"
             )
+        if self.pool_tie_rule not in TIE_RULES:
+            raise SpecError(f"pool_tie_rule must be one of {TIE_RULES}, got {self.pool_tie_rule!r}")
         if self.cbam_preset not in CBAMSpec.PRESETS:
             raise SpecError(f"cbam_preset must be one of {CBAMSpec.PRESETS}, got {self.cbam_preset!r}")
         if self.cbam:

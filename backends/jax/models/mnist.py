@@ -110,7 +110,8 @@ class MNISTNet(nnx.Module):
         if spec.cbam:
             for i in range(len(spec.conv_channels)):
                 getattr(self, f"block{i}").cbam = CBAM(
-                    spec.cbam_spec(i), dtype=param_dtype, seed=seed, use_running_average=use_running_average
+                    spec.cbam_spec(i), dtype=self.dtype, param_dtype=param_dtype, seed=seed,
+                    use_running_average=use_running_average,
                 )
         self.head = _Head()
         self.head.fc1 = nnx.Linear(spec.flat_features, spec.dense, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -129,7 +130,7 @@ class MNISTNet(nnx.Module):
                 h = jax.nn.relu(getattr(block, f"conv{j}")(h))
             if spec.cbam:
                 h = block.cbam(h)
-            h = max_pool_2x2(h)
+            h = max_pool_2x2(h) if spec.pool_tie_rule == "first" else _windows(h).max(axis=-1)  # "split": jnp.max
         h = jax.nn.relu(self.head.fc1(h.reshape(h.shape[0], -1)))  # NHWC flatten = canonical row order
         return self.head.fc2(h)
 

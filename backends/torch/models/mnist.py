@@ -124,9 +124,17 @@ class MNISTNet(nn.Module):
                 h = F.relu(getattr(block, f"conv{j}")(h))
             if self.spec.cbam:
                 h = block.cbam(h)
-            h = F.max_pool2d(h, 2)
+            h = _max_pool_2x2(h, self.spec.pool_tie_rule)
         h = F.relu(self.head.fc1(h.flatten(1)))
         return self.head.fc2(h)
+
+
+def _max_pool_2x2(h: torch.Tensor, tie_rule: str) -> torch.Tensor:
+    """2x2 max-pool, stride 2: ``F.max_pool2d`` ("first": a tie's gradient to the first in row-major
+    order), or with "split" the windows' amax (a tie's gradient shared)."""
+    if tie_rule == "first":
+        return F.max_pool2d(h, 2)
+    return h.unflatten(3, (h.shape[3] // 2, 2)).unflatten(2, (h.shape[2] // 2, 2)).amax((3, 5))
 
 
 
