@@ -183,6 +183,17 @@ def test_torch_jax_and_the_oracle_agree(case):
         assert_close(j["grad"], t["grad"], tol["grad"] * scale, "input grad jax vs torch")
 
 
+def test_lp_pool_gradient_at_an_all_zero_channel_is_zero_in_both_backends():
+    # Found by the property above (a tied input with a zero channel, H = W = 1): JAX's sqrt(sum x^2)
+    # gave a NaN gradient where torch's vector_norm gives 0.
+    spec = CBAMSpec(3, reduction=1, channel_pools=("avg", "max", "lp"), spatial_kernel=1)
+    x = np.array([1.0, 2.0, 0.0]).reshape(1, 3, 1, 1)
+    w = weights_for(spec, 0)
+    t, j = run_torch(spec, w, x, "float64", False), run_jax(spec, w, x, "float64", False, True)
+    assert np.isfinite(t["grad"]).all() and np.isfinite(j["grad"]).all(), (t["grad"], j["grad"])
+    assert_close(j["grad"], t["grad"], TOLERANCES["float64"]["grad"], "input grad jax vs torch")
+
+
 # ------------------------------------------------------------------ invalid specs
 # Values of every JSON type and then some: most are invalid for any given field.
 ANY_VALUE = st.one_of(

@@ -95,7 +95,7 @@ class SpatialAttention(nnx.Module):
     def __init__(
         self, spec: CBAMSpec, *, dtype=None, param_dtype=jnp.float32, seed: int = 0, use_running_average: bool = False
     ):
-        if spec.no_spatial:
+        if require_spec(spec).no_spatial:
             raise ValueError("spec has no_spatial=True: it has no spatial gate to build")
         self.spec = spec
         self.dtype, self.param_dtype = dtype, param_dtype
