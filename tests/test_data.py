@@ -392,6 +392,18 @@ def test_download_404_then_good_mirror(mirror_site, tmp_path):
         np.testing.assert_array_equal(data.read_idx(dest / f"{name}.gz", expected_sha256=sums[name]), arr)
 
 
+def test_downloaded_files_honour_the_umask(mirror_site, tmp_path):
+    import os
+
+    base, sums = mirror_site
+    old = os.umask(0o022)
+    try:
+        dest = data.download_mnist(tmp_path / "dl", mirrors=(f"{base}/good/",), timeout=5, retries=1, checksums=sums, progress=False)
+    finally:
+        os.umask(old)
+    assert {oct(p.stat().st_mode & 0o777) for p in dest.iterdir()} == {"0o644"}  # not mkstemp's 0600
+
+
 def test_download_corrupt_mirror_fails_and_leaves_nothing(mirror_site, tmp_path):
     base, sums = mirror_site
     dest = tmp_path / "dl"

@@ -171,7 +171,7 @@ def test_cli_convert_and_list(tmp_path, capsys):
     _official_file(tmp_path / "o.pth.tar")
     assert main(["convert", str(tmp_path / "o.pth.tar"), str(tmp_path / "o.safetensors"), "--from", "official", "--to", "canonical"]) == 0
     args = ["convert", str(tmp_path / "o.safetensors"), str(tmp_path / "t.safetensors"), "--from", "canonical", "--to", "official"]
-    assert main(args) == 1
+    assert main(args) == 2
     assert "official" in capsys.readouterr().err
     assert main(["convert", str(tmp_path / "o.pth.tar"), "--list"]) == 0
     assert "layer4.1.cbam" in capsys.readouterr().out

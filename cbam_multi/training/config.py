@@ -33,6 +33,7 @@ from pathlib import Path
 from cbam_multi.errors import CBAMError, SpecError
 from cbam_multi.jsondata import JsonData
 from cbam_multi.models import MNISTNetSpec
+from cbam_multi.spec import check_field_types
 
 BACKENDS = ("torch", "jax")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -116,6 +117,7 @@ class TrainConfig(JsonData):
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
             object.__setattr__(self, "model", _spec_from_dict(self.model))
+        check_field_types(self, ConfigError)  # a string for a number etc.: ConfigError naming the field
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
         for name in ("lr", "eps", "weight_decay", "momentum", "warmup_frac", "final_lr_frac"):
             value = getattr(self, name)

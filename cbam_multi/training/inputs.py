@@ -3,6 +3,7 @@ dtype, and the seeded random-shift augmentation (NumPy only, so both backends se
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,7 +11,7 @@ import numpy as np
 from cbam_multi.training.config import TrainConfig
 from cbam_multi.training.data import Dataset, load_mnist, normalize, subset
 
-__all__ = ["PreparedData", "load_dataset", "prepare_data", "augment_rng", "random_shift"]
+__all__ = ["PreparedData", "load_dataset", "prepare_data", "dataset_digest", "augment_rng", "random_shift"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -23,9 +24,13 @@ class PreparedData:
     y_train: np.ndarray  # int64 (N,)
     x_test: np.ndarray
     y_test: np.ndarray
+    sha256: str = ""  # of the raw images and labels used (both splits, after the subset): `dataset_digest`
 
     def info(self) -> dict:
-        return {"name": self.name, "source": self.source, "n_train": len(self.y_train), "n_test": len(self.y_test)}
+        return {
+            "name": self.name, "source": self.source, "n_train": len(self.y_train), "n_test": len(self.y_test),
+            "sha256": self.sha256,
+        }
 
 
 def load_dataset(dataset: str = "auto", data_dir=None, data: Dataset | None = None) -> Dataset:
@@ -45,7 +50,19 @@ def prepare_data(config: TrainConfig, data: Dataset | None = None) -> PreparedDa
         ds.train_labels,
         normalize(ds.test_images, dt),
         ds.test_labels,
+        dataset_digest(ds),
     )
+
+
+def dataset_digest(ds: Dataset) -> str:
+    """SHA-256 of the raw images and labels of both splits (shapes included): what a run trained on, so a
+    resume can refuse other data under the same flags (the full set gone, the sample in its place)."""
+    h = hashlib.sha256()
+    for a in (ds.train_images, ds.train_labels, ds.test_images, ds.test_labels):
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 def augment_rng(config: TrainConfig, epoch: int) -> np.random.Generator:

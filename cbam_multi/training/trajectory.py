@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from cbam_multi.training.backends import evaluate, train_and_evaluate
-from cbam_multi.training.config import TrainConfig
+from cbam_multi.training.config import ConfigError, TrainConfig
 from cbam_multi.training.data import Dataset
 from cbam_multi.training.state import CHECKPOINT_FILE
 from cbam_multi.weights import load_weights
@@ -55,7 +55,11 @@ def trajectory_tolerance(dtype: str, steps: int) -> dict[str, float | None]:
     for horizon, tol in rows:
         if steps <= horizon:
             return tol
-    raise ValueError(f"no trajectory tolerance stated for {steps} steps in {dtype} (longest: {rows[-1][0] if rows else None})")
+    longest = rows[-1][0] if rows else None
+    raise ConfigError(
+        f"no trajectory tolerance stated for {steps} steps in {dtype}: the longest measured horizon is {longest} steps; "
+        f"use --steps {longest} or fewer" if rows else f"no trajectory tolerance stated for kind {dtype!r}"
+    )
 
 
 def default_mnist_dir() -> Path | None:
@@ -93,6 +97,9 @@ def trajectory_parity(
     """
     import tempfile
 
+    if not (isinstance(steps, int) and steps >= 1):
+        raise ConfigError(f"steps must be an int >= 1, got {steps!r}")
+    trajectory_tolerance(tolerance or dtype, steps)  # no tolerance for this length: say so before training
     base = base or TrainConfig()
     root = Path(out_root) if out_root is not None else Path(tempfile.mkdtemp(prefix="cbam-trajectory-"))
     pair = list(runs) if runs is not None else [("torch", dtype), ("jax", dtype)]

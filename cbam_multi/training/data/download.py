@@ -16,6 +16,7 @@ from pathlib import Path
 from cbam_multi.errors import DataError
 from cbam_multi.training.data.idx import GZIP_MAGIC, MNIST_FILES, SHA256_RAW, magic_for, read_idx, resolve_files
 from cbam_multi.training.progress import bar as progress_bar
+from cbam_multi.weights import new_file_mode
 
 __all__ = ["MIRRORS", "download_mnist"]
 
@@ -144,6 +145,7 @@ def _fetch_verified(url: str, dest: Path, name: str, sha256: str, timeout: float
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as out:
+            os.fchmod(out.fileno(), new_file_mode())  # as readable as any file this user writes, not mkstemp's 0600
             _stream(url, out, timeout, progress, desc=f"{name}.gz")
         try:
             read_idx(tmp, expected_sha256=sha256, expected_magic=magic_for(name))
