@@ -44,7 +44,7 @@ from cbam_multi.training.config import ConfigError, TrainConfig
 from cbam_multi.training.state import optimizer_slots
 
 from . import sharding
-from .models.mnist import MNISTNet, export_model_weights, import_model_weights
+from .models import MNISTNet, export_model_weights, import_model_weights
 
 __all__ = ["JaxTrainer", "build_predict", "make_optimizer"]
 

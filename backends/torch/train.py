@@ -29,7 +29,7 @@ from cbam_multi.training.config import TrainConfig
 from cbam_multi.training.state import optimizer_slots
 
 from . import distributed
-from .models.mnist import MNISTNet, export_model_weights, import_model_weights, model_layouts
+from .models import MNISTNet, export_model_weights, import_model_weights
 from .weights import to_numpy
 
 __all__ = ["TorchTrainer", "build_predict", "make_optimizer"]
@@ -82,7 +82,7 @@ class TorchTrainer:
             "devices": self.world,
             "backend": distributed.dist.get_backend() if self.distributed else None,
         }
-        self.layouts = model_layouts(config.model)
+        self.layouts = self.net.layouts()
         named = dict(self.net.named_parameters())
         # canonical trainable name -> its torch parameter, in spec order (the optimizer's param order)
         self.params = {n: named[lay.torch_name] for n, lay in self.layouts.items() if lay.trainable}

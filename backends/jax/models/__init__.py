@@ -1,7 +1,9 @@
-"""Networks built from this backend's CBAM layer (NHWC), one file per model family, with their whole-model
-canonical weight import / export (``*_model_weights``; the layer's ``export_weights`` moves one block)."""
+"""Networks built from this backend's CBAM layer (NHWC), one file per model family, and one whole-model
+canonical weight import / export for all of them (`common`: ``*_model_weights``; the layer's
+``export_weights`` moves one block)."""
 
-from .mnist import MNISTNet, export_model_grads, export_model_weights, import_model_weights
+from .common import export_model_grads, export_model_weights, import_model_weights
+from .mnist import MNISTNet
 from .resnet import ResNet
 
 __all__ = ["MNISTNet", "ResNet", "export_model_weights", "import_model_weights", "export_model_grads"]
