@@ -39,11 +39,12 @@ import numpy as np
 import optax
 from flax import nnx
 
+from cbam_multi.models import build_network
 from cbam_multi.training.config import ConfigError, TrainConfig
 from cbam_multi.training.state import optimizer_slots
 
 from . import sharding
-from .models import build_model, export_model_weights, import_model_weights
+from .models import MODELS, export_model_weights, import_model_weights
 
 __all__ = ["JaxTrainer", "build_predict", "make_optimizer"]
 
@@ -254,7 +255,7 @@ class JaxTrainer:
         sharding.check_global_batch(config.batch_size, self.mesh)
         self.is_main = jax.process_index() == 0
         self.parallel = sharding.describe(self.mesh)
-        self.model = build_model(config.model, dtype=self.dtype, param_dtype=self.param_dtype, seed=config.seed)
+        self.model = build_network(MODELS, config.model, dtype=self.dtype, param_dtype=self.param_dtype, seed=config.seed)
         self.model.train()
         self.graphdef, params, rest = nnx.split(self.model, nnx.Param, ...)
         self.params, self.rest = self._replicate((params, rest))
@@ -350,6 +351,6 @@ class JaxTrainer:
 def build_predict(weights, spec, dtype: str, batch_size: int):
     """The predict function (NHWC NumPy batch -> logits) of a model with canonical ``weights``, compiled for
     ``batch_size`` (a smaller tail is padded, then cut). For `cbam_multi.training.evaluate`."""
-    model = build_model(spec, dtype=_check_dtype(dtype), param_dtype=_param_dtype(dtype))
+    model = build_network(MODELS, spec, dtype=_check_dtype(dtype), param_dtype=_param_dtype(dtype))
     import_model_weights(model, weights)
     return _Predictor(model, batch_size)

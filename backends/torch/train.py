@@ -24,11 +24,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cbam_multi.models import build_network
 from cbam_multi.training.config import TrainConfig
 from cbam_multi.training.state import optimizer_slots
 
 from . import distributed
-from .models import build_model, export_model_weights, import_model_weights
+from .models import MODELS, export_model_weights, import_model_weights
 from .weights import to_numpy
 
 __all__ = ["TorchTrainer", "build_predict", "make_optimizer"]
@@ -73,7 +74,7 @@ class TorchTrainer:
         else:
             self.dev = _device()
         self.is_main = self.rank == 0
-        self.net = build_model(config.model, dtype=self.dtype, seed=config.seed).to(self.dev)
+        self.net = build_network(MODELS, config.model, dtype=self.dtype, seed=config.seed).to(self.dev)
         self.model = distributed.wrap_ddp(self.net, self.dev) if self.distributed else self.net
         self.parallel = {
             "engine": "torch.distributed DDP" if self.distributed else "none",
@@ -192,7 +193,7 @@ def build_predict(weights, spec, dtype: str, batch_size: int):
     ``dtype="bfloat16"``: float32 weights, bf16 autocast compute. For `cbam_multi.training.evaluate`."""
     mixed = dtype == "bfloat16"
     dev = _device()
-    model = build_model(spec, dtype=torch.float32 if mixed else getattr(torch, dtype)).to(dev)
+    model = build_network(MODELS, spec, dtype=torch.float32 if mixed else getattr(torch, dtype)).to(dev)
     import_model_weights(model, weights)
     model.eval()
 

@@ -8,14 +8,7 @@ from .common import export_model_grads, export_model_weights, import_model_weigh
 from .mnist import MNISTNet
 from .resnet import ResNet
 
-__all__ = ["MNISTNet", "ResNet", "MODELS", "build_model", "export_model_weights", "import_model_weights", "export_model_grads"]
+__all__ = ["MNISTNet", "ResNet", "MODELS", "export_model_weights", "import_model_weights", "export_model_grads"]
 
-# spec class -> this backend's network class (the trainer and ``build_predict`` build from this table)
+# spec class -> this backend's network class: trainers build with `cbam_multi.models.build_network(MODELS, spec)`
 MODELS = {MNISTNetSpec: MNISTNet, ResNetSpec: ResNet}
-
-
-def build_model(spec, **kwargs):
-    """The network of ``spec``'s family (`MODELS`), ``kwargs`` (dtype, seed, ...) passed to its constructor."""
-    if type(spec) not in MODELS:
-        raise TypeError(f"no {__name__} network for a {type(spec).__name__}: one of {[c.__name__ for c in MODELS]}")
-    return MODELS[type(spec)](spec, **kwargs)
