@@ -61,6 +61,10 @@ COMMANDS: dict[str, tuple] = {
     "cbam-multi parity --train --steps 200": (RUN, ["--steps", "3", "--dtype", "float64"], FULL_MNIST),
     "cbam-multi train --backend jax --tensorboard --out runs/mnist-jax-tb": (RUN, ["--epochs", "1", *SMALL]),
     "tensorboard --logdir runs": (SKIP, "serves a web UI; tests/test_tensorboard.py reads the events back"),
+    # ResNet-CBAM
+    "cbam-multi train --backend torch --model resnet18 --width 16": (
+        RUN, ["--epochs", "1", "--n-train", "32", "--n-test", "32", "--batch-size", "16", "--no-progress"]),
+    "cbam-multi evaluate --checkpoint runs/resnet18-torch": (RUN, ["--n-test", "32"]),
     # Scale-out
     "XLA_FLAGS=--xla_force_host_platform_device_count=4 cbam-multi train --backend jax": (
         PARSE, "tests/test_scale_out.py runs the CLI on 4 forced host devices"),

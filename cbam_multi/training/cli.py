@@ -159,11 +159,15 @@ def cmd_parity_train(args: argparse.Namespace) -> int:
 
 
 def add_train_parser(sub) -> None:
-    from cbam_multi.training.config import DATASETS, OPTIMIZERS, SCHEDULES
+    from cbam_multi.training.config import DATASETS, MODEL_PRESETS, OPTIMIZERS, SCHEDULES
 
-    p = sub.add_parser("train", help="train MNISTNet (CBAM) on MNIST with torch or JAX; metrics + checkpoints in --out")
+    p = sub.add_parser("train", help="train MNISTNet or a ResNet (CBAM) on MNIST with torch or JAX; metrics + checkpoints in --out")
     p.add_argument("--backend", choices=("torch", "jax"), help="default: the --config file's, else torch")
     p.add_argument("--config", help="a TrainConfig JSON file; the flags below override its fields")
+    p.add_argument("--model", choices=sorted(MODEL_PRESETS),
+                   help="model preset (default: the --config file's, else mnist); resnet18 = cifar-stem ResNet-18-CBAM, "
+                   "1 channel, 10 classes, MNIST padded to 32x32")
+    p.add_argument("--width", type=_positive_int, help="ResNet stem / layer1 width (64 published; smaller for quick runs)")
     p.add_argument("--epochs", type=_positive_int, help="passes over the training set (default 5)")
     p.add_argument("--batch-size", type=_positive_int, help="training batch size (default 64)")
     p.add_argument("--lr", type=float, help="peak learning rate (default 3e-3)")
@@ -208,7 +212,8 @@ def train_config_from_args(args: argparse.Namespace):
     import dataclasses
     from pathlib import Path
 
-    from cbam_multi.training.config import TrainConfig
+    from cbam_multi.models import ResNetSpec
+    from cbam_multi.training.config import MODEL_PRESETS, ConfigError, TrainConfig
 
     config = TrainConfig.from_json(Path(args.config).read_text()) if args.config else TrainConfig()
     flags = {
@@ -221,8 +226,15 @@ def train_config_from_args(args: argparse.Namespace):
     changes = {k: v for k, v in flags.items() if v is not None}
     if args.backend is not None:
         changes["backend"] = args.backend
+    model = MODEL_PRESETS[args.model] if args.model else config.model
+    if args.width is not None:
+        if not isinstance(model, ResNetSpec):
+            raise ConfigError("--width applies to a ResNet: add --model resnet18")
+        model = dataclasses.replace(model, width=args.width)
     if args.no_cbam:
-        changes["model"] = dataclasses.replace(config.model, cbam=False)
+        model = dataclasses.replace(model, **({"attention": "none"} if isinstance(model, ResNetSpec) else {"cbam": False}))
+    if model != config.model:
+        changes["model"] = model
     if args.resume:
         changes["resume"] = True
     if args.no_progress:
@@ -232,8 +244,9 @@ def train_config_from_args(args: argparse.Namespace):
     if args.out is not None:
         changes["out"] = args.out
     elif not args.config:
-        nocbam = not changes.get("model", config.model).cbam
-        changes["out"] = "runs/mnist-{backend}" + ("-nocbam" if nocbam else "")
+        name = f"resnet{model.depth}" if isinstance(model, ResNetSpec) else "mnist"
+        nocbam = model.attention == "none" if isinstance(model, ResNetSpec) else not model.cbam
+        changes["out"] = f"runs/{name}-{{backend}}" + ("-nocbam" if nocbam else "")
     config = config.replace(**changes)
     if config.data_dir is None:
         config = config.replace(data_dir=_default_data_dir(config.dataset))

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 
 from cbam_multi.errors import CheckpointError
-from cbam_multi.models import MNISTNetSpec
-from cbam_multi.training.config import DTYPES, ConfigError
+from cbam_multi.models import MNISTNetSpec, ResNetSpec
+from cbam_multi.training.config import DTYPES, MODEL_SPECS, ConfigError
 from cbam_multi.training.data import Dataset, normalize, subset
-from cbam_multi.training.inputs import load_dataset
+from cbam_multi.training.inputs import load_dataset, pad_to_model
 from cbam_multi.training.progress import bar
 from cbam_multi.training.state import CHECKPOINT_FILE
 from cbam_multi.weights import load_weights, read_checkpoint
@@ -20,7 +20,7 @@ from cbam_multi.weights import load_weights, read_checkpoint
 __all__ = ["cross_entropy", "evaluate_arrays", "resolve_checkpoint", "load_model", "evaluate_checkpoint"]
 
 # (canonical weights, model spec, dtype name, batch size) -> predict (NHWC batch -> logits, NumPy)
-BuildPredict = Callable[[dict, MNISTNetSpec, str, int], Callable[[np.ndarray], np.ndarray]]
+BuildPredict = Callable[[dict, MNISTNetSpec | ResNetSpec, str, int], Callable[[np.ndarray], np.ndarray]]
 
 
 def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -127,13 +127,15 @@ def evaluate_checkpoint(
             raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
     path = resolve_checkpoint(checkpoint)
     weights, spec, written_by = load_model(path)
-    if not isinstance(spec, MNISTNetSpec):
-        raise CheckpointError(f"{path}: holds a {type(spec).__name__}, not an MNISTNetSpec model")
+    if not isinstance(spec, tuple(MODEL_SPECS.values())):
+        kinds = ", ".join(c.__name__ for c in MODEL_SPECS.values())
+        raise CheckpointError(f"{path}: holds a {type(spec).__name__}, not a trainable model ({kinds})")
     ds = subset(load_dataset(dataset, data_dir, data), None, n_test)
     top = int(ds.test_labels.max(initial=0))
     if top >= spec.num_classes:
         raise ConfigError(f"{path}: the model has num_classes={spec.num_classes}, but the {ds.name} labels go up to {top}")
     x = normalize(ds.test_images, np.dtype("float32" if dtype == "bfloat16" else dtype))  # bf16: cast on the device
+    x = pad_to_model(x, spec)
     predict = build_predict(weights, spec, dtype, batch_size)
     result = evaluate_arrays(predict, x, ds.test_labels, batch_size, progress, desc=f"{backend} eval")
     result.update(

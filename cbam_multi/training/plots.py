@@ -124,15 +124,19 @@ def attention_maps(backend: str, checkpoint, images_nhwc: np.ndarray) -> list[np
         raise CBAMError(f"{checkpoint}: this model has no CBAM blocks (trained with --no-cbam)")
     if backend == "torch":
         torch = require("torch", "attention maps from torch")
+
+        from cbam_multi.torch.models import MNISTNet, import_model_weights
         from cbam_multi.torch.models import mnist as tm
 
-        model = tm.import_model_weights(tm.MNISTNet(spec, dtype=torch.float32), weights)
+        model = import_model_weights(MNISTNet(spec, dtype=torch.float32), weights)
         x = torch.tensor(images_nhwc.transpose(0, 3, 1, 2), dtype=torch.float32)
         return [a.numpy() for a in tm.attention_maps(model, x)]
     jnp = require("jax.numpy", "attention maps from JAX")
+
+    from cbam_multi.jax.models import MNISTNet, import_model_weights
     from cbam_multi.jax.models import mnist as jm
 
-    model = jm.import_model_weights(jm.MNISTNet(spec, dtype=jnp.float32, use_running_average=True), weights)
+    model = import_model_weights(MNISTNet(spec, dtype=jnp.float32, use_running_average=True), weights)
     return [np.asarray(a) for a in jm.attention_maps(model, jnp.asarray(images_nhwc, jnp.float32))]
 
 
