@@ -194,6 +194,17 @@ def test_lp_pool_gradient_at_an_all_zero_channel_is_zero_in_both_backends():
     assert_close(j["grad"], t["grad"], TOLERANCES["float64"]["grad"], "input grad jax vs torch")
 
 
+
+def test_lp_pool_propagates_nan_in_both_backends():
+    # Found by the property above after the zero-channel fix: a NaN in an lp-pooled channel made JAX's
+    # pool 0 (the `s > 0` test is False for NaN) where torch and the oracle give NaN for the whole sample.
+    spec = CBAMSpec(1, reduction=1, channel_pools=("lp",), spatial_kernel=1)
+    x = np.array([np.nan, 1.0, 2.0]).reshape(1, 1, 1, 3)
+    w = weights_for(spec, 0)
+    t, j = run_torch(spec, w, x, "float64", False), run_jax(spec, w, x, "float64", False, False)
+    assert np.isnan(t["y"]).all(), t["y"]
+    assert_close(j["y"], t["y"], TOLERANCES["float64"]["y"], "lp pool NaN jax vs torch")
+
 # ------------------------------------------------------------------ invalid specs
 # Values of every JSON type and then some: most are invalid for any given field.
 ANY_VALUE = st.one_of(

@@ -152,8 +152,10 @@ def _pool_hw(x: jax.Array, kind: str, tie_rule: str = "split") -> jax.Array:
     elif kind == "lp":  # official code: F.lp_pool2d(x, 2, (H, W)) = sqrt(sum x^2)
         # The gradient at an all-zero channel is 0, as torch.linalg.vector_norm's (torch backend); a bare
         # sqrt would give 0 * inf = NaN there. Double where: the untaken branch must not see sqrt'(0) either.
+        # `s == 0` (not `s > 0`) as the test, so a NaN sum stays NaN, as in torch and the oracle.
         s = jnp.sum(xa * xa, axis=(1, 2))
-        p = jnp.where(s > 0, jnp.sqrt(jnp.where(s > 0, s, 1)), 0)
+        zero = s == 0
+        p = jnp.where(zero, 0, jnp.sqrt(jnp.where(zero, 1, s)))
     else:  # "lse": log of the *sum* (not the mean) of exponentials, max-shifted
         p = jax.nn.logsumexp(xa, axis=(1, 2))
     return p.astype(x.dtype)
