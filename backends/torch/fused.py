@@ -155,7 +155,8 @@ class _CBAMTrain(torch.autograd.Function):
                 max_c, idx_c = y1.amax(1, keepdim=True), None
         with torch.enable_grad():
             leaves2 = {"mean": mean_c.detach().requires_grad_(), "max": max_c.detach().requires_grad_()}
-            z = sp.conv(torch.cat([leaves2[n] for n in spec.concat_order], dim=1))
+            maps = torch.cat([leaves2[n] for n in spec.concat_order], dim=1)
+            z = _SpatialConv.apply(maps, sp.conv.weight, sp.conv.bias) if kern else sp.conv(maps)
             if sp.bn is not None:
                 z = sp.bn(z)
             s = CF.apply_gate(z, spec.gate)
@@ -236,6 +237,28 @@ def _backward_kernel(ctx, g, x, ca4, s, mx, max_c, ca, leaves1, pools, idx_hw, s
         gmx = zeros if "max" not in by_kind else (by_kind["max"] if first else by_kind["max"] / cnt_hw)
         gx = ops.train_grad_x(g, x, ca4, s, gm, gr, max_c, idx_c, gavg, gmx, mx, idx_hw, first)
     return (gx, None, *_param_grads(ch_params, sp_params, ch_train, sp_train, grads1[len(pools):], grads2[2:]))
+
+
+class _SpatialConv(torch.autograd.Function):
+    """``F.conv2d(maps, weight, bias, padding=k // 2)`` (the spatial gate's conv) through direct CPU loops
+    (csrc/cbam_train.cpp): oneDNN's general convolution spends far longer on this tiny 2 -> 1 channel
+    shape, most of all in its backward (64x2x28x28, k=7, one core: ~20 ms vs well under 1 ms)."""
+
+    @staticmethod
+    def forward(ctx, maps, weight, bias):
+        maps, weight = maps.contiguous(), weight.contiguous()
+        ctx.save_for_backward(maps, weight)
+        ctx.has_bias = bias is not None
+        out = torch.ops.cbam_multi.spatial_conv_fwd(maps, weight)
+        return out if bias is None else out.add_(bias.view(1, 1, 1, 1))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        maps, weight = ctx.saved_tensors
+        g = g.contiguous()
+        g_maps, g_w = torch.ops.cbam_multi.spatial_conv_bwd(g, maps, weight)
+        return g_maps, g_w, (g.sum().view(1) if ctx.has_bias else None)
 
 
 def _kernel_applies(x: torch.Tensor) -> bool:
