@@ -12,7 +12,7 @@ from cbam_multi.errors import (
     SpecMismatchError,
     WeightsError,
 )
-from cbam_multi.models import MNISTNetSpec  # importing it registers the spec type for checkpoints
+from cbam_multi.models import MNISTNetSpec, ResNetSpec  # importing them registers the spec types for checkpoints
 from cbam_multi.spec import CBAMSpec
 from cbam_multi.weights import init_weights, load_weights, save_weights, validate_weights
 
@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CBAMSpec",
     "MNISTNetSpec",
+    "ResNetSpec",
     "CBAMError",
     "CheckpointError",
     "DataError",

@@ -89,6 +89,24 @@ def conv2d_same(m: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     return out
 
 
+def conv2d(x: np.ndarray, kernel: np.ndarray, stride: int = 1, padding: int = 0) -> np.ndarray:
+    """Cross-correlate NCHW ``x`` with an HWIO kernel, zero padding, any stride -> (B, O, H', W').
+
+    im2col + one matmul, so that whole networks (the ResNet oracle) run in float64 in seconds."""
+    kh, kw, c_in, c_out = kernel.shape
+    if padding:
+        x = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    b, c, h, w = x.shape
+    ho, wo = (h - kh) // stride + 1, (w - kw) // stride + 1
+    cols = np.empty((b, ho, wo, kh, kw, c), dtype=np.result_type(x, kernel))
+    for i in range(kh):
+        for j in range(kw):
+            patch = x[:, :, i : i + stride * (ho - 1) + 1 : stride, j : j + stride * (wo - 1) + 1 : stride]
+            cols[:, :, :, i, j, :] = patch.transpose(0, 2, 3, 1)
+    out = cols.reshape(b * ho * wo, kh * kw * c) @ kernel.reshape(kh * kw * c_in, c_out)
+    return out.reshape(b, ho, wo, c_out).transpose(0, 3, 1, 2)
+
+
 def batch_norm(z: np.ndarray, w: Mapping[str, np.ndarray], spec: CBAMSpec, train: bool):
     """BatchNorm of the single spatial-logit channel z (B, H, W). Returns (out, new running stats)."""
     if train:

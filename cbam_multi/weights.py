@@ -34,15 +34,22 @@ def register_spec_type(cls: type) -> type:
     return cls
 
 
-def init_weights(spec, seed: int = 0, dtype=np.float32) -> Weights:
-    """Fresh canonical weights from one seeded NumPy generator, drawn in ``param_shapes()`` order."""
+def init_weights(spec, seed: int = 0, dtype=np.float32, scheme: str | None = None) -> Weights:
+    """Fresh canonical weights from one seeded NumPy generator, drawn in ``param_shapes()`` order.
+
+    ``spec.param_inits()`` gives ("uniform", bound), ("normal", std) or ("constant", value) per name;
+    ``scheme`` selects another set of initialisers where the spec offers several (``ResNetSpec``:
+    "canonical" or "official")."""
     rng = np.random.default_rng(seed)
     shapes = spec.param_shapes()
     weights: Weights = {}
-    for name, (kind, value) in spec.param_inits().items():
+    inits = spec.param_inits() if scheme is None else spec.param_inits(scheme)
+    for name, (kind, value) in inits.items():
         shape = shapes[name]
         if kind == "uniform":
             arr = rng.uniform(-value, value, size=shape)
+        elif kind == "normal":
+            arr = rng.normal(0.0, value, size=shape)
         else:
             arr = np.full(shape, value)
         weights[name] = arr.astype(dtype)

@@ -80,3 +80,18 @@ def test_bench_train_smoke(tmp_path):
     for name in ("block_torch_eager", "block_nnx", "block_linen"):
         assert _timed(blocks[name]) and blocks[name]["us_per_image"] > 0
     assert "jax_vs_torch_eager_mnist_cbam" in loaded["goals"]
+
+
+def test_bench_resnet_smoke(tmp_path):
+    from benchmarks import bench_resnet
+
+    data = bench_resnet.main(["--smoke", "--malloc", "default", "--modes", "infer", "--paths", "torch_eager,jax_jit,official_eager",
+                              "--out", str(tmp_path)])
+    loaded = _load(tmp_path, "resnet_smoke")
+    assert loaded["mode"] == data["mode"] == "smoke"
+    rows = {r["case"]: r for r in loaded["results"]}
+    for name in ("torch_eager/plain", "torch_eager/cbam", "jax_jit/plain", "jax_jit/cbam", "official_eager/plain", "official_eager/cbam"):
+        assert "error" not in rows[name], rows[name].get("error")
+        assert _timed(rows[name]) and rows[name]["images_per_s"] > 0
+    assert set(loaded["ratios"]) == {"torch_eager/infer", "jax_jit/infer", "official_eager/infer"}
+    assert all(v > 0 for v in loaded["ratios"].values())

@@ -33,7 +33,7 @@ Params = Mapping[str, jax.Array]
 BN_STATS = ("spatial.bn.mean", "spatial.bn.var")
 
 __all__ = [
-    "channel_attention", "spatial_attention", "spatial_gate", "cbam", "init_params", "check_input", "max_reduce",
+    "channel_attention", "spatial_attention", "spatial_gate", "cbam", "init_params", "check_input", "max_reduce", "batch_norm",
     "promote_input", "BN_STATS",
 ]
 
@@ -181,34 +181,39 @@ def _channel_gate(params: Params, x: jax.Array, spec: CBAMSpec) -> jax.Array:
     return _gate(logits, spec.gate)
 
 
-def _batch_norm(z: jax.Array, params: Params, spec: CBAMSpec, train: bool):
-    """BatchNorm of the single spatial-logit channel z (B, H, W, 1) in >= float32. Returns (out, stats)."""
+def batch_norm(z: jax.Array, scale, bias, mean, var, *, momentum: float, eps: float, train: bool):
+    """BatchNorm over every axis but the last (NHWC channels) in >= float32, PyTorch's convention.
+
+    Returns ``(out, (new_mean, new_var))`` in train mode, ``(out, None)`` in eval mode. ``momentum``
+    weighs the new batch statistic (Flax's momentum would be 1 - momentum, the weight of the old
+    value); the running variance gets the unbiased batch variance, normalisation the biased one.
+    Flax's ``BatchNorm`` cannot do the unbiased update, hence this function. Used by the CBAM
+    block's spatial BN and by every BN of the networks (`cbam_multi.jax.models`).
+    """
     acc = _acc_dtype(z.dtype)
     za = z.astype(acc)
-    run_mean = params["spatial.bn.mean"]
-    run_var = params["spatial.bn.var"]
+    axes = tuple(range(z.ndim - 1))
     if train:
-        n = z.size  # static
-        mean = jnp.mean(za)
-        var = jnp.mean(jnp.square(za - mean))  # biased: used to normalise
-        # PyTorch convention: m weighs the new statistic (Flax's momentum would be spec.flax_momentum
-        # = 1 - m, the weight of the old value); the running variance gets the unbiased variance.
-        m = spec.norm_momentum
-        sacc = _acc_dtype(run_mean.dtype)
-        new_mean = (1.0 - m) * run_mean.astype(sacc) + m * mean.astype(sacc)
-        new_var = (1.0 - m) * run_var.astype(sacc) + m * var.astype(sacc) * (n / (n - 1))
-        stats = {
-            "spatial.bn.mean": jax.lax.stop_gradient(new_mean).astype(run_mean.dtype),
-            "spatial.bn.var": jax.lax.stop_gradient(new_var).astype(run_var.dtype),
-        }
+        n = z.size // z.shape[-1]  # static
+        m_b = jnp.mean(za, axis=axes)
+        v_b = jnp.mean(jnp.square(za - m_b), axis=axes)  # biased: used to normalise
+        sacc = _acc_dtype(mean.dtype)
+        new_mean = (1.0 - momentum) * mean.astype(sacc) + momentum * m_b.astype(sacc)
+        new_var = (1.0 - momentum) * var.astype(sacc) + momentum * v_b.astype(sacc) * (n / (n - 1))
+        stats = (jax.lax.stop_gradient(new_mean).astype(mean.dtype), jax.lax.stop_gradient(new_var).astype(var.dtype))
     else:
-        mean = run_mean.astype(acc)[0]
-        var = run_var.astype(acc)[0]
-        stats = {}
-    scale = params["spatial.bn.scale"].astype(acc)[0]
-    bias = params["spatial.bn.bias"].astype(acc)[0]
-    out = (za - mean) / jnp.sqrt(var + spec.norm_eps) * scale + bias
+        m_b, v_b, stats = mean.astype(acc), var.astype(acc), None
+    out = (za - m_b) / jnp.sqrt(v_b + eps) * scale.astype(acc) + bias.astype(acc)
     return out.astype(z.dtype), stats
+
+
+def _batch_norm(z: jax.Array, params: Params, spec: CBAMSpec, train: bool):
+    """BatchNorm of the single spatial-logit channel z (B, H, W, 1). Returns (out, stats)."""
+    out, new = batch_norm(
+        z, params["spatial.bn.scale"], params["spatial.bn.bias"], params["spatial.bn.mean"], params["spatial.bn.var"],
+        momentum=spec.norm_momentum, eps=spec.norm_eps, train=train,
+    )
+    return out, ({} if new is None else dict(zip(BN_STATS, new)))
 
 
 def _channel_mean(x: jax.Array, gated_from=None) -> jax.Array:

@@ -34,6 +34,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
+from cbam_multi.checkpoint_keys import OFFICIAL_CBAM_KEYS, OFFICIAL_CBAM_LAYOUT, TIMM_CBAM_KEYS, TIMM_CBAM_LAYOUT
 from cbam_multi.errors import WeightsError
 from cbam_multi.spec import CBAMSpec
 from cbam_multi.weights import validate_weights
@@ -65,44 +66,8 @@ class _Format:
         return {self.names[name]: name for name in spec.param_shapes()}
 
 
-_OFFICIAL = _Format(
-    "official (Jongchan/attention-module) CBAM",
-    {
-        "channel.fc1.kernel": "ChannelGate.mlp.1.weight",
-        "channel.fc1.bias": "ChannelGate.mlp.1.bias",
-        "channel.fc2.kernel": "ChannelGate.mlp.3.weight",
-        "channel.fc2.bias": "ChannelGate.mlp.3.bias",
-        "spatial.conv.kernel": "SpatialGate.spatial.conv.weight",
-        "spatial.conv.bias": "SpatialGate.spatial.conv.bias",
-        "spatial.bn.scale": "SpatialGate.spatial.bn.weight",
-        "spatial.bn.bias": "SpatialGate.spatial.bn.bias",
-        "spatial.bn.mean": "SpatialGate.spatial.bn.running_mean",
-        "spatial.bn.var": "SpatialGate.spatial.bn.running_var",
-    },
-    mlp_kind="linear",
-    concat_order=("max", "mean"),
-    bn="SpatialGate.spatial.bn",
-    light=False,
-)
-
-_TIMM = _Format(
-    "timm CbamModule",
-    {
-        "channel.fc1.kernel": "channel.fc1.weight",
-        "channel.fc1.bias": "channel.fc1.bias",
-        "channel.fc2.kernel": "channel.fc2.weight",
-        "channel.fc2.bias": "channel.fc2.bias",
-        "spatial.conv.kernel": "spatial.conv.conv.weight",
-        "spatial.conv.bias": "spatial.conv.conv.bias",
-        "spatial.bn.scale": "spatial.conv.bn.weight",
-        "spatial.bn.bias": "spatial.conv.bn.bias",
-        "spatial.bn.mean": "spatial.conv.bn.running_mean",
-        "spatial.bn.var": "spatial.conv.bn.running_var",
-    },
-    mlp_kind="conv1x1",
-    concat_order=("mean", "max"),
-    bn="spatial.conv.bn",
-)
+_OFFICIAL = _Format("official (Jongchan/attention-module) CBAM", OFFICIAL_CBAM_KEYS, **OFFICIAL_CBAM_LAYOUT, light=False)
+_TIMM = _Format("timm CbamModule", TIMM_CBAM_KEYS, **TIMM_CBAM_LAYOUT)
 
 
 def _reorder(kernel: np.ndarray, src: tuple[str, str], dst: tuple[str, str]) -> np.ndarray:

@@ -1,11 +1,13 @@
 """`cbam-multi` command line: a thin layer over the library. Each subcommand lives in one function.
 
-    cbam-multi parity [--preset P ...] [--dtype D ...] [--backends torch jax] [--compile]
+    cbam-multi parity [--preset P ...] [--dtype D ...] [--backends torch jax] [--compile] [--model resnet18|resnet50]
     cbam-multi parity --train [--steps 200] [--dtype D ...]       # torch vs JAX training trajectories
     cbam-multi train --backend torch|jax [--epochs N --batch-size B --lr LR --seed S --no-cbam --dataset D
                      --data-dir DIR --n-train N --n-test N --out DIR --resume --init-from CKPT --dtype D ...]
                      [--distributed]   # data parallel: torchrun (torch DDP) / multi-host JAX; see docs/SCALE_OUT.md
     cbam-multi evaluate --backend torch|jax --checkpoint CKPT_OR_RUN_DIR [--dataset D --data-dir DIR ...]
+    cbam-multi convert IN OUT --from official|timm|torchvision|canonical --to ... [--add-cbam PRESET]
+    cbam-multi convert IN --list                                   # the CBAM blocks of a checkpoint
 """
 
 from __future__ import annotations
@@ -27,11 +29,18 @@ def cmd_parity(args: argparse.Namespace) -> int:
     jax.config.update("jax_default_matmul_precision", "highest")
     from cbam_multi.parity import CASES, check_case, format_table
 
-    cases = [c for c in CASES if c.preset in args.preset]
     rows = []
-    for case in cases:
-        for dtype in args.dtype:
-            rows += check_case(case, dtype, backends=tuple(args.backends), with_compile=args.compile or None)
+    if args.model != "cbam":  # whole networks: torch vs JAX vs the float64 oracle
+        from cbam_multi import parity_resnet
+
+        depth = int(args.model[len("resnet"):])
+        for case in [c for c in parity_resnet.RESNET_CASES if c.depth == depth]:
+            for dtype in args.dtype:
+                rows += parity_resnet.check_case(case, dtype, backends=tuple(args.backends))
+    else:
+        for case in [c for c in CASES if c.preset in args.preset]:
+            for dtype in args.dtype:
+                rows += check_case(case, dtype, backends=tuple(args.backends), with_compile=args.compile or None)
     print(format_table(rows))
     failed = [r for r in rows if not r.ok]
     print(f"\n{len(rows) - len(failed)} passed, {len(failed)} failed")
@@ -46,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", nargs="+", choices=CBAMSpec.PRESETS, default=list(CBAMSpec.PRESETS))
     p.add_argument("--dtype", nargs="+", choices=("float64", "float32"), default=["float64", "float32"])
     p.add_argument("--backends", nargs="+", choices=("torch", "jax"), default=["torch", "jax"])
+    p.add_argument("--model", choices=("cbam", "resnet18", "resnet50"), default="cbam",
+                   help="cbam: the CBAM block cases (default); resnet18 / resnet50: whole ResNet-CBAM networks")
     p.add_argument("--compile", action="store_true", help="compare torch.compile with eager on every case (slow)")
     p.add_argument("--train", action="store_true", help="instead: torch vs JAX MNIST training trajectories (loss per step)")
     p.add_argument("--steps", type=int, default=200, help="with --train: optimizer steps (default 200)")
@@ -56,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_evaluate_parser(sub)
     add_plot_parser(sub)
+    add_convert_parser(sub)
     return parser
 
 
@@ -295,6 +307,51 @@ def cmd_plot(args: argparse.Namespace) -> int:
     n = args.n_images
     path = plots.plot_attention(checkpoint, ds.test_images[:n], ds.test_labels[:n], out / "attention.png")
     print(f"attention: {path}")
+    return 0
+
+
+# ---------------------------------------------------------------- convert (ResNet checkpoints)
+CONVERT_FORMATS = ("canonical", "official", "timm", "torchvision")
+
+
+def add_convert_parser(sub) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="convert ResNet(-CBAM) checkpoints: official / timm / torchvision <-> canonical safetensors; --list the CBAM blocks",
+    )
+    p.add_argument("input", help="checkpoint file (.pth/.pth.tar/.pt: needs torch; .safetensors: does not)")
+    p.add_argument("output", nargs="?", help="file to write (canonical/timm/torchvision: .safetensors or .pth; official: .pth)")
+    p.add_argument("--from", dest="src", choices=CONVERT_FORMATS, help="format of INPUT")
+    p.add_argument("--to", dest="dst", choices=CONVERT_FORMATS, help="format of OUTPUT")
+    p.add_argument("--add-cbam", metavar="PRESET", choices=CBAMSpec.PRESETS, default=None,
+                   help="with --from torchvision: load the plain backbone into a ResNet-CBAM, initialising the CBAM blocks")
+    p.add_argument("--init", choices=("official", "canonical"), default="official", help="init of added CBAM blocks (default official)")
+    p.add_argument("--seed", type=int, default=0, help="seed of added CBAM blocks")
+    p.add_argument("--list", action="store_true", help="list the CBAM blocks in INPUT (prefix, channels, hidden, preset) and exit")
+    p.set_defaults(func=cmd_convert)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from cbam_multi.errors import CBAMError
+    from cbam_multi.models import resnet_convert as rc
+
+    try:
+        if args.list:
+            blocks = rc.list_cbam_blocks(args.input)
+            for b in blocks:
+                print(f"{b['prefix']:<24} {b['format']:<10} channels {b['channels']:>5}  hidden {b['hidden']:>4}  preset {b['preset']}")
+            print(f"{len(blocks)} CBAM block(s)")
+            return 0
+        if not (args.output and args.src and args.dst):
+            print("cbam-multi convert: give INPUT OUTPUT --from FORMAT --to FORMAT (or INPUT --list)", file=sys.stderr)
+            return 2
+        report = rc.convert(args.input, args.output, args.src, args.dst, add_cbam_preset=args.add_cbam, seed=args.seed, init=args.init)
+    except CBAMError as e:
+        print(f"cbam-multi convert: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {report['out']}: {report['tensors']} tensors, {report['spec']}")
+    if report["initialised"]:
+        print(f"initialised {len(report['initialised'])} CBAM tensors: {', '.join(report['initialised'][:6])} ...")
     return 0
 
 

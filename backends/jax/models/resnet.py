@@ -1,0 +1,172 @@
+"""ResNet / ResNet-CBAM (`cbam_multi.models.resnet.ResNetSpec`) in JAX, NHWC: a pure function over the
+canonical weights, and a Flax NNX module holding them.
+
+`forward(params, x, spec, train=...)` takes the canonical flat dict (kernels HWIO, fc (in, out): Flax's
+own layouts, so no transposes anywhere) and returns ``(logits, new_stats)``; every BatchNorm - the
+backbone's and the CBAM blocks' - is `cbam_multi.jax.functional.batch_norm` (PyTorch's momentum
+convention, unbiased running variance), the CBAM blocks are `cbam_multi.jax.functional.cbam`.
+
+`ResNet` (NNX) keeps every variable at the path of its canonical name (``model.layer1["0"]...`` is
+``"layer1.0.conv1.kernel"``): ``nnx.Param`` for trained tensors, ``nnx.BatchStat`` (>= float32) for running
+statistics, updated in train mode (``model.train()`` / ``model.eval()``). Flax's ``dtype`` (compute) /
+``param_dtype`` (storage) convention; values from `cbam_multi.weights.init_weights(spec, seed, scheme=init)`,
+identical to ``cbam_multi.torch.models.ResNet(spec, seed=seed, init=init)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cbam_multi.errors import InputError, WeightsError
+from cbam_multi.models.resnet import ResNetSpec
+from cbam_multi.weights import init_weights, validate_weights
+
+from .. import functional as F
+
+__all__ = ["ResNet", "forward", "init_params", "export_weights", "import_weights", "model_variables", "split_params"]
+
+
+def _conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    p = kernel.shape[0] // 2
+    return jax.lax.conv_general_dilated(
+        x, kernel.astype(x.dtype), (stride, stride), ((p, p), (p, p)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+def _max_pool_3x3_s2(x: jax.Array) -> jax.Array:
+    # a Python -inf init makes this lax's differentiable reduce_window_max (a traced init would not be)
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), ((0, 0), (1, 1), (1, 1), (0, 0)))
+
+
+def forward(params: Mapping[str, jax.Array], x: jax.Array, spec: ResNetSpec, *, train: bool = False):
+    """Logits of NHWC images ``x`` (computed in ``x.dtype``) and, in train mode, the updated running
+    statistics of every BatchNorm (canonical names; ``{}`` in eval mode). jit with ``spec``/``train`` static."""
+    spec.check_input(x.shape, str(x.dtype), "NHWC")
+    stats: dict[str, jax.Array] = {}
+
+    def bn(z, prefix):
+        out, new = F.batch_norm(
+            z, params[f"{prefix}.scale"], params[f"{prefix}.bias"], params[f"{prefix}.mean"], params[f"{prefix}.var"],
+            momentum=spec.bn_momentum, eps=spec.bn_eps, train=train,
+        )
+        if new is not None:
+            stats[f"{prefix}.mean"], stats[f"{prefix}.var"] = new
+        return out
+
+    h = jax.nn.relu(bn(_conv(x, params["stem.conv.kernel"], 2 if spec.stem == "imagenet" else 1), "stem.bn"))
+    if spec.stem == "imagenet":
+        h = _max_pool_3x3_s2(h)
+    for block in spec.blocks():
+        out = h
+        convs = spec.block_convs(block)
+        for i, (conv, _, _, _, stride) in enumerate(convs, 1):
+            out = bn(_conv(out, params[f"{block.name}.{conv}.kernel"], stride), f"{block.name}.bn{i}")
+            if i < len(convs):
+                out = jax.nn.relu(out)
+        if spec.has_cbam:
+            prefix = f"{block.name}.cbam."
+            cspec = spec.cbam_spec(block.out_channels)
+            out, new = F.cbam({n: params[prefix + n] for n in cspec.param_shapes()}, out, cspec, train=train)
+            stats.update({prefix + n: v for n, v in new.items()})
+        shortcut = h
+        if block.downsample:
+            shortcut = bn(_conv(h, params[f"{block.name}.downsample.conv.kernel"], block.stride), f"{block.name}.downsample.bn")
+        h = jax.nn.relu(out + shortcut)
+    pooled = jnp.mean(h.astype(F._acc_dtype(h.dtype)), axis=(1, 2)).astype(h.dtype)
+    return pooled @ params["fc.kernel"].astype(h.dtype) + params["fc.bias"].astype(h.dtype), stats
+
+
+def init_params(spec: ResNetSpec, seed: int = 0, dtype=jnp.float32, init: str = "canonical") -> dict[str, jax.Array]:
+    """Canonical seeded weights as JAX arrays: parameters in ``dtype``, running statistics in >= float32."""
+    kinds = spec.param_kinds()
+    w = init_weights(spec, seed, np.float64, scheme=init)
+    return {n: jnp.asarray(a, F.stat_dtype(dtype) if kinds[n] == "stat" else dtype) for n, a in w.items()}
+
+
+def split_params(weights: Mapping[str, jax.Array], spec: ResNetSpec) -> tuple[dict, dict]:
+    """(trainable parameters, running statistics) of a canonical dict, for the jitted steps."""
+    kinds = spec.param_kinds()
+    return ({n: v for n, v in weights.items() if kinds[n] == "param"}, {n: v for n, v in weights.items() if kinds[n] == "stat"})
+
+
+class _Node(nnx.Module):
+    """A named group of variables or sub-groups (``layer1``, ``"0"``, ``conv1``...): computes nothing."""
+
+
+class ResNet(nnx.Module):
+    """ResNet(-CBAM) on NHWC images ``(B, H, W, in_channels)`` -> logits ``(B, classes)``; BN in train mode
+    by default (``use_running_average=False``, like a fresh torch module); ``model.eval()`` for inference."""
+
+    def __init__(
+        self, spec: ResNetSpec | None = None, *, dtype=jnp.float32, param_dtype=None, seed: int = 0,
+        init: str = "canonical", use_running_average: bool = False,
+    ):
+        spec = ResNetSpec() if spec is None else spec
+        if not isinstance(spec, ResNetSpec):
+            raise TypeError(f"spec must be a ResNetSpec, got {type(spec).__name__}")
+        self.spec = spec
+        self.dtype = jnp.dtype(dtype)
+        self.param_dtype = self.dtype if param_dtype is None else jnp.dtype(param_dtype)
+        self.use_running_average = use_running_average
+        kinds = spec.param_kinds()
+        for name, value in init_params(spec, seed, self.param_dtype, init).items():
+            *path, leaf = name.split(".")
+            node = self
+            for part in path:
+                if not hasattr(node, part):
+                    setattr(node, part, _Node())
+                node = getattr(node, part)
+            setattr(node, leaf, nnx.BatchStat(value) if kinds[name] == "stat" else nnx.Param(value))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if x.dtype != self.dtype:
+            raise InputError(f"input is {x.dtype} but this ResNet computes in {self.dtype}: cast the input")
+        variables = model_variables(self)
+        logits, stats = forward({n: v[...] for n, v in variables.items()}, x, self.spec, train=not self.use_running_average)
+        for name, value in stats.items():
+            variables[name][...] = value
+        return logits
+
+
+def model_variables(model: ResNet) -> dict[str, nnx.Variable]:
+    """Canonical name -> the model's live Variable, in spec order."""
+    if not isinstance(model, ResNet):
+        raise TypeError(f"expected a cbam_multi.jax ResNet, got {type(model).__name__}")
+    out = {}
+    for name in model.spec.param_shapes():
+        node = model
+        for part in name.split("."):
+            node = getattr(node, part)
+        out[name] = node
+    return out
+
+
+def export_weights(model: ResNet) -> dict[str, np.ndarray]:
+    """Canonical weights of the whole network (NumPy copies, spec order)."""
+    return {name: np.array(var[...]) for name, var in model_variables(model).items()}
+
+
+def import_weights(model: ResNet, weights: Mapping[str, np.ndarray]) -> ResNet:
+    """Set the model's variables from canonical ``weights`` in place (validated and converted first:
+    a failed import changes nothing); values are cast to each variable's dtype."""
+    variables = model_variables(model)
+    arrays = {n: np.asarray(a) for n, a in weights.items()}
+    validate_weights(arrays, model.spec)
+    new = {name: jnp.asarray(arrays[name], dtype=var[...].dtype) for name, var in variables.items()}
+    for name, var in variables.items():
+        var.set_value(new[name])
+    return model
+
+
+def export_grads(grads) -> dict[str, np.ndarray]:
+    """Canonical names -> gradients, from the ``nnx.State`` of ``nnx.grad`` on a ResNet (or a flat dict)."""
+    if isinstance(grads, nnx.State):
+        return {".".join(map(str, p)): np.asarray(v[...] if isinstance(v, nnx.Variable) else v) for p, v in nnx.to_flat_state(grads)}
+    if isinstance(grads, Mapping):
+        return {n: np.asarray(v) for n, v in grads.items()}
+    raise WeightsError(f"expected an nnx.State or a canonical dict of gradients, got {type(grads).__name__}")

@@ -1,0 +1,172 @@
+"""ResNet / ResNet-CBAM (`cbam_multi.models.resnet.ResNetSpec`) as a torch module, NCHW.
+
+The state_dict reads like torchvision's (``conv1``, ``bn1``, ``layer1.0.conv1``, ``layer1.0.downsample.0``,
+``fc``), so plain torchvision/timm backbone keys need no renaming; CBAM blocks are this backend's
+`cbam_multi.torch.CBAM` at ``layer{s}.{b}.cbam``. Values start from the spec's seeded canonical init
+(``init="canonical"``) or the official code's init (``init="official"``), identical to the JAX module
+for the same seed.
+
+`model_layouts` is the one canonical <-> torch table: backbone entries from
+`cbam_multi.checkpoint_keys.resnet_backbone_keys`, CBAM entries from the CBAM module's own table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import skip_init
+
+from cbam_multi.checkpoint_keys import resnet_backbone_keys, to_canonical_layout, to_torch_layout
+from cbam_multi.errors import InputError, WeightsError
+from cbam_multi.models.resnet import ResNetSpec
+from cbam_multi.weights import init_weights, validate_weights
+
+from ..modules import CBAM
+from ..weights import Layout, copy_canonical, module_tensors, to_numpy, torch_layouts
+
+__all__ = ["ResNet", "ResidualBlock", "model_layouts", "export_weights", "import_weights", "export_grads"]
+
+
+def _bn(c: int, spec: ResNetSpec, dtype) -> nn.BatchNorm2d:
+    # BatchNorm2d's momentum convention (weight of the new batch statistic) is the spec's
+    return nn.BatchNorm2d(c, eps=spec.bn_eps, momentum=spec.bn_momentum, dtype=dtype)
+
+
+def _conv(c_in: int, c_out: int, k: int, stride: int, dtype) -> nn.Conv2d:
+    return skip_init(nn.Conv2d, c_in, c_out, k, stride=stride, padding=k // 2, bias=False, dtype=dtype)
+
+
+class ResidualBlock(nn.Module):
+    """BasicBlock (conv1, conv2) or Bottleneck (conv1, conv2, conv3), each conv followed by its BN;
+    CBAM (if any) on the last BN's output, before the shortcut add; then ReLU."""
+
+    def __init__(self, spec: ResNetSpec, block, dtype):
+        super().__init__()
+        self.n_convs = len(spec.block_convs(block))
+        for i, (conv, k, c_in, c_out, stride) in enumerate(spec.block_convs(block), 1):
+            setattr(self, conv, _conv(c_in, c_out, k, stride, dtype))
+            setattr(self, f"bn{i}", _bn(c_out, spec, dtype))
+        self.downsample = None
+        if block.downsample:
+            self.downsample = nn.Sequential(
+                _conv(block.in_channels, block.out_channels, 1, block.stride, dtype), _bn(block.out_channels, spec, dtype)
+            )
+        self.cbam = CBAM(spec.cbam_spec(block.out_channels), dtype=dtype) if spec.has_cbam else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x
+        for i in range(1, self.n_convs + 1):
+            out = getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(out))
+            if i < self.n_convs:
+                out = F.relu(out)
+        if self.cbam is not None:
+            out = self.cbam(out)
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return F.relu(out + shortcut)
+
+
+class ResNet(nn.Module):
+    """ResNet(-CBAM) for NCHW images ``(B, in_channels, H, W)`` in the module's dtype -> logits ``(B, classes)``.
+
+    ``init``: "canonical" (PyTorch's default layer init, drawn from one seeded NumPy generator) or
+    "official" (Jongchan/attention-module's ResNet init); see `ResNetSpec.param_inits`.
+    """
+
+    def __init__(self, spec: ResNetSpec | None = None, *, dtype: torch.dtype = torch.float32, seed: int = 0, init: str = "canonical"):
+        super().__init__()
+        spec = ResNetSpec() if spec is None else spec
+        if not isinstance(spec, ResNetSpec):
+            raise TypeError(f"spec must be a ResNetSpec, got {type(spec).__name__}")
+        self.spec = spec
+        stride = 2 if spec.stem == "imagenet" else 1
+        k = 7 if spec.stem == "imagenet" else 3
+        self.conv1 = _conv(spec.in_channels, spec.width, k, stride, dtype)
+        self.bn1 = _bn(spec.width, spec, dtype)
+        stages: dict[str, list] = {}
+        for block in spec.blocks():
+            stages.setdefault(block.name.split(".")[0], []).append(ResidualBlock(spec, block, dtype))
+        for name, blocks in stages.items():
+            setattr(self, name, nn.Sequential(*blocks))
+        self.fc = skip_init(nn.Linear, spec.features, spec.num_classes, dtype=dtype)
+        import_weights(self, init_weights(spec, seed, np.float64, scheme=init))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer4 feature map (B, features, H', W')."""
+        self.spec.check_input(tuple(x.shape), str(x.dtype), "NCHW")
+        if x.dtype != self.fc.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise InputError(f"input is {x.dtype} but ResNet parameters are {self.fc.weight.dtype}: cast the input")
+        h = F.relu(self.bn1(self.conv1(x)))
+        if self.spec.stem == "imagenet":
+            h = F.max_pool2d(h, 3, 2, 1)
+        return self.layer4(self.layer3(self.layer2(self.layer1(h))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.forward_features(x).mean(dim=(2, 3)))
+
+
+# ------------------------------------------------------------------ canonical weights
+def _vector(a):
+    return a
+
+
+def model_layouts(spec: ResNetSpec) -> dict[str, Layout]:
+    """Canonical name -> `Layout` (state_dict key of `ResNet`, transforms, trainable), in spec order."""
+    out: dict[str, Layout] = {}
+    kinds = spec.param_kinds()
+    for name, (key, kind) in resnet_backbone_keys(spec).items():
+        out[name] = Layout(
+            name, key, lambda a, k=kind: to_torch_layout(a, k), lambda a, k=kind: to_canonical_layout(a, k), kinds[name] == "param"
+        )
+    for prefix, cspec in spec.cbam_blocks().items():
+        for name, lay in torch_layouts(cspec).items():
+            c = f"{prefix}.{name}"
+            out[c] = Layout(c, f"{prefix}.{lay.torch_name}", lay.to_torch, lay.to_canonical, lay.trainable)
+    return {name: out[name] for name in spec.param_shapes()}
+
+
+def _check_model(model) -> ResNetSpec:
+    if not isinstance(model, ResNet):
+        raise TypeError(f"expected a cbam_multi.torch ResNet, got {type(model).__name__}")
+    return model.spec
+
+
+def export_weights(model: ResNet) -> dict[str, np.ndarray]:
+    """Canonical weights (fresh C-contiguous NumPy copies, spec order) of the whole network."""
+    spec = _check_model(model)
+    tensors = module_tensors(model)
+    return {
+        name: np.array(lay.to_canonical(to_numpy(tensors[lay.torch_name])), order="C", copy=True)
+        for name, lay in model_layouts(spec).items()
+    }
+
+
+def import_weights(model: ResNet, weights: Mapping[str, np.ndarray]) -> ResNet:
+    """Copy canonical ``weights`` into ``model`` in place (validated and converted first: all or nothing)."""
+    spec = _check_model(model)
+    arrays = {n: to_numpy(a) for n, a in weights.items()}
+    validate_weights(arrays, spec)
+    tensors = module_tensors(model)
+    copy_canonical(arrays, {name: (lay, tensors[lay.torch_name]) for name, lay in model_layouts(spec).items()})
+    return model
+
+
+def export_grads(model: ResNet) -> dict[str, np.ndarray]:
+    """``.grad`` of every trainable parameter in canonical names/layouts (after ``loss.backward()``)."""
+    spec = _check_model(model)
+    tensors = module_tensors(model)
+    out, missing = {}, []
+    for name, lay in model_layouts(spec).items():
+        if not lay.trainable:
+            continue
+        grad = tensors[lay.torch_name].grad
+        if grad is None:
+            missing.append(name)
+            continue
+        out[name] = np.array(lay.to_canonical(to_numpy(grad)), order="C", copy=True)
+    if missing:
+        raise WeightsError(f"no gradient for {missing[:10]}{' ...' if len(missing) > 10 else ''}: run loss.backward() first")
+    return out
