@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 
 import pytest
 
@@ -20,9 +21,21 @@ from cbam_multi import CBAMSpec
 from cbam_multi.parity import TOLERANCES
 from cbam_multi.torch import CBAM, cpu_kernel, fused
 
-_null = contextlib.nullcontext
-
 CASES = list(itertools.product(["seed", "official", "timm", "paper"], ["split", "first"], [False, True]))
+
+
+@contextlib.contextmanager
+def _kernels(on: bool):
+    """The opt-in CPU kernels of the Function (fused.KERNEL_ENV_VAR) on or off for this block."""
+    old = os.environ.get(fused.KERNEL_ENV_VAR)
+    os.environ[fused.KERNEL_ENV_VAR] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[fused.KERNEL_ENV_VAR]
+        else:
+            os.environ[fused.KERNEL_ENV_VAR] = old
 
 
 def _run(spec, state, x, ct, dtype, train, composed, channels_last=False, kernel=True):
@@ -33,7 +46,7 @@ def _run(spec, state, x, ct, dtype, train, composed, channels_last=False, kernel
     if channels_last:
         xx = xx.contiguous(memory_format=torch.channels_last)
     xx.requires_grad_()
-    with fused.disabled() if composed else torch.enable_grad(), cpu_kernel.disabled() if not kernel else _null():
+    with fused.disabled() if composed else torch.enable_grad(), cpu_kernel.disabled() if not kernel else _kernels(True):
         assert fused.applies(m, xx) == (not composed)
         y = m(xx)
         grads = torch.autograd.grad(y, [xx, *m.parameters()], ct.to(dtype))
