@@ -3,7 +3,7 @@
 The composed ops let autograd save what each op needs: the channel-gated tensor ``y1 = x * ca``, the
 spatial product's operands, float masks of the max pools, ... and run one backward kernel per op, each a
 full pass over memory (64x64x28x28 float32 on 2 CPU cores: forward+backward ~20 ms, as slow as the seed
-blog's plain code). Here the forward saves only ``x`` (which the layer before keeps anyway) and the small
+blog's plain code). Here the forward saves only ``x`` (often kept by a neighbouring layer anyway) and the small
 maps: the channel gate ``ca`` (B, C), the spatial gate ``s`` (B, 1, H, W), the pooled maxima and, for
 tie rule "first", their indices. The backward recomputes ``y1`` once and writes the input gradient in
 place through four full-size passes.
