@@ -20,3 +20,12 @@ try:
     torch.backends.cudnn.allow_tf32 = False
 except ImportError:
     pass
+
+try:  # property tests (tests/test_properties.py): fixed examples in CI, a longer random run on request
+    from hypothesis import settings
+
+    settings.register_profile("ci", max_examples=200, derandomize=True, deadline=None, database=None)
+    settings.register_profile("long", max_examples=2000, deadline=None, print_blob=True)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+except ImportError:
+    pass

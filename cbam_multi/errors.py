@@ -48,3 +48,7 @@ def expect_instance(value, cls: type, what: str):
     if not isinstance(value, cls):
         raise TypeError(f"expected {what}, got {type(value).__name__}")
     return value
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint loaded, but something about it deserves attention (e.g. it predates the integrity digest)."""

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from cbam_multi._optional import require
 from cbam_multi.reference import cbam_forward
 from cbam_multi.spec import STATISTIC, CBAMSpec
 from cbam_multi.weights import init_weights
@@ -132,8 +133,7 @@ def run_torch(spec, weights, x, g, dtype: str, train: bool, compiled: bool = Fal
     (`cbam_multi.torch.fused`); ``composed`` turns it off to run the plain ops it is checked against."""
     import contextlib
 
-    import torch
-
+    torch = require("torch", "the torch parity runner")
     import cbam_multi.torch as ct
     from cbam_multi.torch import fused
 
@@ -156,8 +156,7 @@ def run_torch(spec, weights, x, g, dtype: str, train: bool, compiled: bool = Fal
 def run_torch_inference(spec, weights, x, dtype: str, channels_last: bool = False) -> RunResult:
     """Eval-mode forward under ``torch.inference_mode()``: on CPU the fused kernel where it applies
     (`cbam_multi.torch.cpu_kernel`), NCHW or channels_last input. Outputs only."""
-    import torch
-
+    torch = require("torch", "the torch parity runner")
     import cbam_multi.torch as ct
 
     tdtype = getattr(torch, dtype)
@@ -172,7 +171,7 @@ def run_torch_inference(spec, weights, x, dtype: str, channels_last: bool = Fals
 
 
 def run_nnx(spec, weights, x, g, dtype: str, train: bool, jit: bool = False) -> RunResult:
-    import jax.numpy as jnp
+    jnp = require("jax.numpy", "the NNX parity runner")
     from flax import nnx
 
     import cbam_multi.jax as cj
@@ -197,7 +196,7 @@ def run_nnx(spec, weights, x, g, dtype: str, train: bool, jit: bool = False) -> 
 
 
 def run_linen(spec, weights, x, g, dtype: str, train: bool) -> RunResult:
-    import jax
+    jax = require("jax", "the linen parity runner")
     import jax.numpy as jnp
 
     from cbam_multi.jax import linen
@@ -326,14 +325,54 @@ def check_case(case: ParityCase, dtype: str, backends=("torch", "jax"), with_com
     return rows
 
 
+QUANTITIES = ("y", "grad", "stats")  # the summary's columns; "grad-names" (a name mismatch) shows as a failure
+
+
 def format_table(rows: list[Row]) -> str:
-    header = f"{'case':<44} {'dtype':<8} {'check':<14} {'qty':<6} {'max err':>10} {'tol':>8}  ok"
-    lines = [header, "-" * len(header)]
+    """One line per row, columns as wide as their longest entry (case ids vary in length), then the
+    largest error per dtype and quantity: the figures README quotes."""
+    cells = [
+        (r.case, r.dtype, r.check, r.quantity, f"{r.error:.2e}", f"{r.tol:.0e}", "ok" if r.ok else "FAIL") for r in rows
+    ]
+    head = ("case", "dtype", "check", "qty", "max err", "tol", "ok")
+    widths = [max(len(c[i]) for c in [head, *cells]) for i in range(len(head))]
+    right = {4, 5}  # numbers right-aligned
+
+    def line(c) -> str:
+        return "  ".join(v.rjust(w) if i in right else v.ljust(w) for i, (v, w) in enumerate(zip(c, widths))).rstrip()
+
+    lines = [line(head), "-" * (sum(widths) + 2 * (len(widths) - 1)), *(line(c) for c in cells)]
+    return "\n".join(lines + ["", format_summary(rows)])
+
+
+def summarize(rows: list[Row]) -> dict[str, dict[str, float]]:
+    """{dtype: {quantity: largest error}} over every row (outputs max abs; grad/stats relative)."""
+    out: dict[str, dict[str, float]] = {}
     for r in rows:
-        lines.append(
-            f"{r.case:<44} {r.dtype:<8} {r.check:<14} {r.quantity:<6} {r.error:>10.2e} {r.tol:>8.0e}  "
-            f"{'ok' if r.ok else 'FAIL'}"
-        )
+        if r.quantity in QUANTITIES:
+            d = out.setdefault(r.dtype, {})
+            d[r.quantity] = float(np.maximum(d.get(r.quantity, -np.inf), r.error))  # NaN propagates
+    return out
+
+
+def round_up(x: float) -> float:
+    """``x`` rounded *up* to two significant digits, so a printed summary figure is a true upper bound
+    (1.04e-5 prints as 1.1e-05, never 1.0e-05); NaN and inf pass through."""
+    if not np.isfinite(x) or x <= 0:
+        return x
+    unit = 10.0 ** (np.floor(np.log10(x)) - 1)
+    up = float(np.ceil(round(x / unit, 9)) * unit)  # round(): 1.1e-05 / 1e-06 is 11.000000000000002
+    return float(f"{up:.1e}")
+
+
+def format_summary(rows: list[Row]) -> str:
+    """The largest error per dtype and quantity, rounded up (README quotes these)."""
+    worst = summarize(rows)
+    head = f"{'largest error':<14}" + "".join(f"{q:>10}" for q in QUANTITIES)
+    lines = [head]
+    for dtype in (d for d in DTYPES if d in worst):
+        cells = "".join(f"{round_up(worst[dtype][q]):>10.1e}" if q in worst[dtype] else f"{'-':>10}" for q in QUANTITIES)
+        lines.append(f"{dtype:<14}{cells}")
     return "\n".join(lines)
 
 

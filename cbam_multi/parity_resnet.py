@@ -78,34 +78,35 @@ def case_inputs(case: ResNetCase, seed: int = 0):
 def run_torch(spec, weights, x, g, dtype: str, train: bool):
     import torch
 
-    from cbam_multi.torch.models import resnet as tr
+    import cbam_multi.torch.models as tr
 
     td = getattr(torch, dtype)
     model = tr.ResNet(spec, dtype=td)
-    tr.import_weights(model, weights)
+    tr.import_model_weights(model, weights)
     model.train(train)
     logits = model(torch.tensor(x, dtype=td))
     (logits * torch.tensor(g, dtype=td)).sum().backward()
     kinds = spec.param_kinds()
-    after = tr.export_weights(model)
+    after = tr.export_model_weights(model)
     stats = {n: a for n, a in after.items() if kinds[n] == "stat"} if train else {}
-    return logits.detach().numpy(), tr.export_grads(model), stats
+    return logits.detach().numpy(), tr.export_model_grads(model), stats
 
 
 def run_jax(spec, weights, x, g, dtype: str, train: bool, module: bool = False):
     import jax
     import jax.numpy as jnp
 
+    import cbam_multi.jax.models as jm
     from cbam_multi.jax.models import resnet as jr
 
     jd = getattr(jnp, dtype)
     kinds = spec.param_kinds()
     xj = jnp.asarray(np.transpose(x, (0, 2, 3, 1)), jd)
     if module:  # the NNX module, eagerly: forward only
-        model = jr.import_weights(jr.ResNet(spec, dtype=jd), weights)
+        model = jm.import_model_weights(jm.ResNet(spec, dtype=jd), weights)
         model.train() if train else model.eval()
         logits = model(xj)
-        after = jr.export_weights(model)
+        after = jm.export_model_weights(model)
         return np.asarray(logits), {}, ({n: a for n, a in after.items() if kinds[n] == "stat"} if train else {})
     params = {n: jnp.asarray(a, jd if kinds[n] == "param" else jnp.promote_types(jd, jnp.float32)) for n, a in weights.items()}
     p, s = jr.split_params(params, spec)
@@ -157,9 +158,9 @@ def trajectory(spec: ResNetSpec, steps: int = 20, batch: int = 8, size: int = 32
     import optax
     import torch
 
+    import cbam_multi.torch.models as tr
     from cbam_multi.jax.models import resnet as jr
     from cbam_multi.jax.models.resnet_steps import make_train_step
-    from cbam_multi.torch.models import resnet as tr
 
     rng = np.random.default_rng(seed)
     xs = rng.normal(size=(steps, batch, spec.in_channels, size, size))
@@ -167,7 +168,7 @@ def trajectory(spec: ResNetSpec, steps: int = 20, batch: int = 8, size: int = 32
     weights = init_weights(spec, seed + 1, np.float64)
 
     td = getattr(torch, dtype)
-    model = tr.import_weights(tr.ResNet(spec, dtype=td), weights).train()
+    model = tr.import_model_weights(tr.ResNet(spec, dtype=td), weights).train()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     torch_losses = []
     for x, y in zip(xs, ys):

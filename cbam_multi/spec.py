@@ -41,6 +41,10 @@ Flax's own ``BatchNorm(momentum=...)`` weighs the *old* value, i.e. ``flax_momen
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import types
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -99,6 +103,7 @@ class CBAMSpec(JsonData):
     hidden_divisor: int = 1  # timm's rd_divisor: with hidden_rule "round", a multiple of this (>= it)
 
     def __post_init__(self) -> None:
+        check_field_types(self, SpecError)
         # Accept lists (e.g. from JSON) but store tuples so the spec stays hashable.
         object.__setattr__(self, "channel_pools", tuple(self.channel_pools))
         object.__setattr__(self, "concat_order", tuple(self.concat_order))
@@ -395,6 +400,79 @@ class CBAMSpec(JsonData):
         if "channels" not in fields:
             raise SpecError("CBAMSpec JSON lacks 'channels'")
         return cls(**fields)
+
+
+def require_spec(spec) -> CBAMSpec:
+    """``spec`` if it is a CBAMSpec; else a TypeError saying so (instead of an AttributeError deep inside)."""
+    if not isinstance(spec, CBAMSpec):
+        raise TypeError(f"spec must be a CBAMSpec, got {type(spec).__name__}; build one with CBAMSpec(channels, ...)")
+    return spec
+
+
+
+# ------------------------------------------------------------------ field types from the annotations
+def check_field_types(obj, error: type[Exception]) -> None:
+    """Raise ``error`` naming the first field of dataclass ``obj`` whose value does not fit its annotation.
+
+    Runs before any value check, so a string where a number belongs, ``None`` or a bare string where a
+    list of names belongs, or a non-finite float, fails as ``error`` with the field's name instead of a
+    raw TypeError (or a string read letter by letter) further on. Driven by the annotations, so a new
+    field is checked as soon as it is declared: ``int`` (not bool), ``float`` (int or float, finite),
+    ``bool``, ``str``, ``Literal[...]`` (one of the values), ``tuple[str, ...]`` / ``tuple[str, str]``
+    (a list or tuple of those), ``X | None``. Other annotations are left to the class's own checks.
+    """
+    hints = _type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.name in hints and not _fits(value, hints[f.name]):
+            raise error(f"{type(obj).__name__}.{f.name} must be {_describe(hints[f.name])}, got {value!r}")
+
+
+@functools.cache
+def _type_hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _fits(value, hint) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return any(type(value) is type(a) and value == a for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if origin is tuple:
+        if not isinstance(value, (tuple, list)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_fits(v, args[0]) for v in value)
+        return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return _is_int(value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    return True  # an annotation this checker does not know: the class's own checks judge the value
+
+
+def _describe(hint) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return f"one of {args}"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is tuple:
+        plural = {str: "strings", int: "ints", float: "numbers", bool: "bools"}
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list or tuple of {plural.get(args[0], args[0])}"
+        if len(set(args)) == 1:
+            return f"a list or tuple of {len(args)} {plural.get(args[0], args[0])}"
+        return f"a list or tuple ({', '.join(_describe(a) for a in args)})"
+    names = {type(None): "None", bool: "a bool", int: "an int", float: "a finite number", str: "a string"}
+    return names.get(hint, str(hint))
 
 
 def _is_int(v) -> bool:

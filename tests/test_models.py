@@ -11,10 +11,11 @@ jax = pytest.importorskip("jax")
 jnp = pytest.importorskip("jax.numpy")
 nnx = pytest.importorskip("flax.nnx")
 
-import cbam_multi.jax.models.mnist as jm
-import cbam_multi.torch.models.mnist as tm
+import cbam_multi.jax.models as jm
+import cbam_multi.torch.models as tm
 from cbam_multi import InputError, WeightsError
 from cbam_multi.models.mnist import MNISTNetSpec, forward
+from cbam_multi.torch.models.mnist import fc1_to_canonical, fc1_to_torch
 from cbam_multi.training.config import TrainConfig
 from cbam_multi.weights import init_weights
 
@@ -108,8 +109,8 @@ def test_fc1_permutation_matches_torch_flatten():
     spec = MNISTNetSpec(conv_channels=(4, 8), dense=4, cbam=False)
     s, c = spec.final_size, spec.conv_channels[-1]
     k = np.random.default_rng(0).normal(size=(spec.flat_features, spec.dense))
-    w = tm.fc1_to_torch(k, spec)
-    assert np.array_equal(tm.fc1_to_canonical(w, spec), k)
+    w = fc1_to_torch(k, spec)
+    assert np.array_equal(fc1_to_canonical(w, spec), k)
     # the same features, flattened NHWC (canonical) and NCHW (torch), give the same dense output
     feat = np.random.default_rng(1).normal(size=(2, c, s, s))
     nhwc = feat.transpose(0, 2, 3, 1).reshape(2, -1) @ k

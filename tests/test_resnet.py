@@ -97,15 +97,15 @@ def _nontrivial(spec, seed=0):
 @pytest.mark.parametrize("train", [False, True])
 def test_torch_resnet_matches_oracle(train):
     torch = pytest.importorskip("torch")
-    from cbam_multi.torch.models.resnet import ResNet, export_weights, import_weights
+    from cbam_multi.torch.models import ResNet, export_model_weights, import_model_weights
 
     w = _nontrivial(SMALL)
     x = np.random.default_rng(1).normal(size=(2, 3, 16, 16))
     y_ref, stats = forward(x, w, SMALL, train=train)
-    model = import_weights(ResNet(SMALL, dtype=torch.float64), w).train(train)
+    model = import_model_weights(ResNet(SMALL, dtype=torch.float64), w).train(train)
     y = model(torch.tensor(x)).detach().numpy()
     assert np.abs(y - y_ref).max() < 1e-12 * np.abs(y_ref).max()
-    after = export_weights(model)
+    after = export_model_weights(model)
     for n, s in stats.items():
         assert np.abs(after[n] - s).max() < 1e-12, n
     assert bool(stats) == train
@@ -113,35 +113,35 @@ def test_torch_resnet_matches_oracle(train):
 
 def test_torch_resnet_bad_input_and_seeded_init():
     torch = pytest.importorskip("torch")
-    from cbam_multi.torch.models.resnet import ResNet, export_weights
+    from cbam_multi.torch.models import ResNet, export_model_weights
 
     model = ResNet(SMALL, seed=4, init="official")
     ref = init_weights(SMALL, 4, np.float64, scheme="official")
-    assert all(np.allclose(export_weights(model)[n], ref[n], atol=1e-7) for n in ref)
+    assert all(np.allclose(export_model_weights(model)[n], ref[n], atol=1e-7) for n in ref)
     with pytest.raises(InputError, match="NHWC"):
         model(torch.zeros(1, 16, 16, 3))
     with pytest.raises(WeightsError, match="missing"):
-        from cbam_multi.torch.models.resnet import import_weights
+        from cbam_multi.torch.models import import_model_weights
 
-        import_weights(model, {"fc.bias": np.zeros(10)})
+        import_model_weights(model, {"fc.bias": np.zeros(10)})
 
 
 @pytest.mark.parametrize("train", [False, True])
 def test_jax_resnet_matches_oracle_and_torch_init(train):
     jnp = pytest.importorskip("jax.numpy")
-    from cbam_multi.jax.models.resnet import ResNet, export_weights, import_weights
+    from cbam_multi.jax.models import ResNet, export_model_weights, import_model_weights
 
     w = _nontrivial(SMALL)
     x = np.random.default_rng(1).normal(size=(2, 3, 16, 16))
     y_ref, stats = forward(x, w, SMALL, train=train)
-    model = import_weights(ResNet(SMALL, dtype=jnp.float64), w)
+    model = import_model_weights(ResNet(SMALL, dtype=jnp.float64), w)
     model.train() if train else model.eval()
     y = np.asarray(model(jnp.asarray(x.transpose(0, 2, 3, 1))))
     assert np.abs(y - y_ref).max() < 1e-12 * np.abs(y_ref).max()
-    after = export_weights(model)
+    after = export_model_weights(model)
     for n, s in stats.items():
         assert np.abs(after[n] - s).max() < 1e-12, n
-    fresh = export_weights(ResNet(SMALL, seed=4, init="official", dtype=jnp.float64))
+    fresh = export_model_weights(ResNet(SMALL, seed=4, init="official", dtype=jnp.float64))
     ref = init_weights(SMALL, 4, np.float64, scheme="official")
     assert all(np.array_equal(fresh[n], ref[n]) for n in ref)
 

@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 
 from cbam_multi import CheckpointError, ResNetSpec, WeightsError, load_weights
 from cbam_multi.models import resnet_convert as rc
-from cbam_multi.torch.models.resnet import ResNet, export_weights, import_weights
+from cbam_multi.torch.models import ResNet, export_model_weights, import_model_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -70,7 +70,7 @@ def test_official_checkpoint_to_our_torch_and_back(tmp_path):
     weights, spec = load_weights(tmp_path / "r18.safetensors")
     assert spec == ResNetSpec(18, "cifar", num_classes=10) == out["spec"]
     x = torch.randn(2, 3, 32, 32)
-    ours = import_weights(ResNet(spec), weights).eval()
+    ours = import_model_weights(ResNet(spec), weights).eval()
     with torch.no_grad():
         assert (ours(x) - anchor(x)).abs().max() < 1e-5
     # back: the official loader (strict, after stripping 'module.') accepts it and computes the same
@@ -88,7 +88,7 @@ def test_official_checkpoint_to_our_torch_and_back(tmp_path):
 
 def test_official_export_key_set_is_exact():
     spec = ResNetSpec(50)
-    ck = rc.official_checkpoint(export_weights(ResNet(ResNetSpec(50, num_classes=10), seed=0)), ResNetSpec(50, num_classes=10))
+    ck = rc.official_checkpoint(export_model_weights(ResNet(ResNetSpec(50, num_classes=10), seed=0)), ResNetSpec(50, num_classes=10))
     keys = [k for k in ck["state_dict"] if k.startswith("module.layer1.0.")]
     assert sorted(keys) == sorted(OFFICIAL_LAYER1_0)
     anchor_keys = set(torch.nn.DataParallel(official_resnet("ImageNet", 50, 10, "CBAM")).state_dict())
@@ -102,7 +102,7 @@ def test_timm_both_directions(tmp_path):
     assert spec.cbam_preset == "timm" and spec.depth == 18
     assert "layer1.0.se.channel.fc1.weight" in anchor.state_dict()
     x = torch.randn(2, 3, 64, 64)
-    ours = import_weights(ResNet(spec), weights).eval()
+    ours = import_model_weights(ResNet(spec), weights).eval()
     with torch.no_grad():
         assert (ours(x) - anchor(x)).abs().max() < 1e-5
     back = rc.to_state_dict(weights, spec, "timm")
@@ -121,7 +121,7 @@ def test_add_cbam_to_a_plain_resnet(tmp_path):
     assert len(initialised) == 8 * 9  # 8 blocks x (4 MLP + conv + 4 BN)
     assert np.array_equal(weights["layer2.0.conv1.kernel"], plain.layer2[0].conv1.weight.detach().numpy().transpose(2, 3, 1, 0))
     x = torch.randn(2, 3, 32, 32)
-    ours = import_weights(ResNet(spec), weights).eval()
+    ours = import_model_weights(ResNet(spec), weights).eval()
     with torch.no_grad():
         ya, yb = ours(x), plain(x)
     assert (ya - yb).abs().max() > 1e-3  # the CBAM blocks act (spatial gate 0.5 at start, channel gate random)
@@ -171,7 +171,7 @@ def test_cli_convert_and_list(tmp_path, capsys):
     _official_file(tmp_path / "o.pth.tar")
     assert main(["convert", str(tmp_path / "o.pth.tar"), str(tmp_path / "o.safetensors"), "--from", "official", "--to", "canonical"]) == 0
     args = ["convert", str(tmp_path / "o.safetensors"), str(tmp_path / "t.safetensors"), "--from", "canonical", "--to", "official"]
-    assert main(args) == 1
+    assert main(args) == 2
     assert "official" in capsys.readouterr().err
     assert main(["convert", str(tmp_path / "o.pth.tar"), "--list"]) == 0
     assert "layer4.1.cbam" in capsys.readouterr().out
@@ -192,9 +192,9 @@ def test_converted_file_loads_in_jax_without_torch(tmp_path):
     script = textwrap.dedent(f"""
         import sys, numpy as np, jax.numpy as jnp
         from cbam_multi import load_weights
-        from cbam_multi.jax.models.resnet import ResNet, import_weights
+        from cbam_multi.jax.models import ResNet, import_model_weights
         weights, spec = load_weights({str(tmp_path / 'r.safetensors')!r})
-        model = import_weights(ResNet(spec), weights)
+        model = import_model_weights(ResNet(spec), weights)
         model.eval()
         y = np.asarray(model(jnp.asarray(np.load({str(tmp_path / 'x.npy')!r}).transpose(0, 2, 3, 1))))
         err = np.abs(y - np.load({str(tmp_path / 'y.npy')!r})).max()

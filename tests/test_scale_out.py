@@ -7,7 +7,7 @@ Multi-device runs need flags set before JAX starts (``XLA_FLAGS=--xla_force_host
 or several processes, so they run in subprocesses and compare their per-step losses and final weights with
 a single-device / single-process run of the same config. Bounds: the ONE table
 `cbam_multi.training.TRAJECTORY_TOLERANCES` (kinds ``sharded:*``, ``ddp:*``, ``bfloat16``,
-``bfloat16-vs-float32``; measurements in its comment). Real MNIST (``$CBAM_MNIST_DIR`` or ``../shared/mnist``)
+``bfloat16-vs-float32``; measurements in its comment). Real MNIST (found as the library finds it, e.g. ``$CBAM_MNIST_DIR``)
 is required and the tests skip with a reason without it.
 """
 
@@ -43,7 +43,7 @@ SUBPROCESS_TIMEOUT = 300
 def mnist_dir() -> Path:
     folder = training.default_mnist_dir()
     if folder is None or not folder.is_dir():
-        pytest.skip("real MNIST not found: set CBAM_MNIST_DIR or put the four IDX files in ../shared/mnist")
+        pytest.skip("full MNIST not found (find_mnist_dir): set CBAM_MNIST_DIR or put the IDX files in ~/.cache/cbam_multi/mnist")
     return folder
 
 
@@ -240,36 +240,54 @@ def test_bfloat16_torch_autocast_with_float32_master_state(mnist):
     assert tr.predict(x).dtype == np.float32
 
 
+BF16_STEPS = 30
+# Each report trains two 30-step runs (torch bf16 on CPU is the slowest thing in the suite): one fixture
+# per report, so that under pytest-xdist the three can run on different workers instead of one test
+# paying for all six runs.
+BF16_RUNS = {
+    "torch-vs-jax": {},
+    "torch": {"runs": [("torch", "float32"), ("torch", "bfloat16")], "tolerance": "bfloat16-vs-float32"},
+    "jax": {"runs": [("jax", "float32"), ("jax", "bfloat16")], "tolerance": "bfloat16-vs-float32"},
+}
+
+
+def _bf16_report(which, mnist, tmp_path_factory):
+    root = tmp_path_factory.mktemp(f"bf16-{which}")
+    return training.trajectory_parity(
+        BF16_STEPS, "bfloat16", batch_size=64, n_test=N_TEST, data=mnist, out_root=root, **BF16_RUNS[which]
+    )
+
+
 @pytest.fixture(scope="module")
-def bf16_reports(mnist, tmp_path_factory):
-    steps = 30
-    root = tmp_path_factory.mktemp("bf16")
-    kw = dict(batch_size=64, n_test=N_TEST, data=mnist)
-    return {
-        "torch-vs-jax": training.trajectory_parity(steps, "bfloat16", out_root=root / "tj", **kw),
-        "torch": training.trajectory_parity(
-            steps, "bfloat16", runs=[("torch", "float32"), ("torch", "bfloat16")], tolerance="bfloat16-vs-float32",
-            out_root=root / "t", **kw
-        ),
-        "jax": training.trajectory_parity(
-            steps, "bfloat16", runs=[("jax", "float32"), ("jax", "bfloat16")], tolerance="bfloat16-vs-float32", out_root=root / "j", **kw
-        ),
-    }
+def bf16_torch_vs_jax(mnist, tmp_path_factory):
+    return _bf16_report("torch-vs-jax", mnist, tmp_path_factory)
 
 
-@pytest.mark.parametrize("which", ["torch-vs-jax", "torch", "jax"])
-def test_bfloat16_trajectories(bf16_reports, which):
-    r = bf16_reports[which]
+@pytest.fixture(scope="module")
+def bf16_torch(mnist, tmp_path_factory):
+    return _bf16_report("torch", mnist, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def bf16_jax(mnist, tmp_path_factory):
+    return _bf16_report("jax", mnist, tmp_path_factory)
+
+
+@pytest.mark.parametrize("which", list(BF16_RUNS))
+def test_bfloat16_trajectories(request, which):
+    r = request.getfixturevalue("bf16_" + which.replace("-", "_"))
     kind = r["tolerance_row"]
     first = trajectory_tolerance(kind, 1)["loss_rel"]
     assert r["loss_rel"][0] <= first, f"{which}: first-step (forward only) loss rel diff {r['loss_rel'][0]:.3e} > {first:.0e}"
     text = training.format_trajectory(r)
     assert r["ok"], text
     assert all(r["accuracy"][k] > 0.7 for k in r["accuracy"]), text
+    if which == "torch-vs-jax":  # here rather than in a test of its own, which another worker would retrain
+        _bfloat16_checkpoints_are_float32(r)
 
 
-def test_bfloat16_checkpoints_are_float32(bf16_reports):
-    out = Path(bf16_reports["torch-vs-jax"]["out"])
+def _bfloat16_checkpoints_are_float32(report):
+    out = Path(report["out"])
     for backend in ("torch", "jax"):
         weights, _ = load_weights(out / backend / training.CHECKPOINT_FILE)
         state = training.ResumeState.load(out / backend / training.TRAIN_STATE_FILE)

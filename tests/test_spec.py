@@ -129,3 +129,53 @@ def _model_spec():
 
 def _config():
     return TrainConfig(backend="jax", model=_model_spec(), lr=1e-3)
+
+
+# ------------------------------------------------------------------ issue 14 item 10: types checked first
+@pytest.mark.parametrize(
+    "field, value, words",
+    [("norm_momentum", "0.1", "norm_momentum must be a finite number"), ("channel_pools", "max", "channel_pools must be a list"),
+     ("channel_pools", None, "channel_pools must be a list"), ("channel_pools", ["avg", ["max"]], "channel_pools"),
+     ("concat_order", "mean", "concat_order must be a list"), ("concat_order", None, "concat_order"),
+     ("norm_eps", float("inf"), "norm_eps must be a finite number"), ("norm_gamma_init", float("nan"), "norm_gamma_init"),
+     ("norm_momentum", float("nan"), "norm_momentum"), ("channels", "8", "channels must be an int"),
+     ("channels", True, "channels must be an int"), ("gate", ["sigmoid"], "gate must be one of"),
+     ("spatial_norm", None, "spatial_norm must be one of"), ("spatial_bias", "yes", "spatial_bias must be a bool")],
+)
+def test_wrong_types_raise_spec_error_naming_the_field(field, value, words):
+    with pytest.raises(SpecError, match=words):
+        CBAMSpec(**{"channels": 16, field: value})
+
+
+def test_numbers_from_json_accepted_where_floats_belong():
+    assert CBAMSpec(8, norm_eps=1, norm_gamma_init=0).norm_eps == 1
+    assert CBAMSpec(8, channel_pools=["max"], concat_order=["max", "mean"]).channel_pools == ("max",)
+
+
+@pytest.mark.parametrize("text", ['{"channels": 8, "channel_pools": 5}', '{"channels": 8, "concat_order": null}',
+                                  '{"channels": 8, "norm_eps": "1e-5"}', '{"channels": 8, "mlp_bias": null}'])
+def test_spec_json_with_wrong_types_raises_spec_error(text):
+    with pytest.raises(SpecError):
+        CBAMSpec.from_json(text)
+
+
+def test_jax_modules_reject_a_non_spec_with_a_type_error():
+    pytest.importorskip("jax")
+    import jax
+    import jax.numpy as jnp
+
+    from cbam_multi.jax import (
+        CBAM,
+        ChannelAttention,
+        SpatialAttention,
+        functional,
+        linen,
+    )
+
+    for cls in (CBAM, ChannelAttention, SpatialAttention):
+        with pytest.raises(TypeError, match="spec must be a CBAMSpec, got dict"):
+            cls({})
+    with pytest.raises(TypeError, match="spec must be a CBAMSpec"):
+        linen.CBAM({}).init(jax.random.key(0), jnp.zeros((1, 4, 4, 8)))
+    with pytest.raises(TypeError, match="spec must be a CBAMSpec"):
+        functional.cbam({}, jnp.zeros((1, 4, 4, 8)), {})

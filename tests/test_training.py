@@ -1,7 +1,7 @@
 """Training in both backends: config, schedule, optimizer formulas, cross-framework evaluation, trajectory
 parity (float64 and float32), bit-identical resume (also across frameworks) and init-from.
 
-Real-MNIST tests use ``$CBAM_MNIST_DIR`` or ``../shared/mnist`` (relative to the repository root) with a
+Real-MNIST tests use the library's own search (``find_mnist_dir``: ``$CBAM_MNIST_DIR``, the cache, ...) with a
 2,000 / 1,000 subset, and skip with a reason when it is absent. Tolerances: ONE table,
 `cbam_multi.training.TRAJECTORY_TOLERANCES` (measurements in its comment). Budget: the whole file runs in well under 3 minutes on 2 cores.
 """
@@ -31,7 +31,7 @@ STEPS, BATCH = 30, 64  # CI trajectory length; `cbam-multi parity --train --step
 def mnist():
     folder = training.default_mnist_dir()
     if folder is None or not folder.is_dir():
-        pytest.skip("real MNIST not found: set CBAM_MNIST_DIR or put the four IDX files in ../shared/mnist")
+        pytest.skip("full MNIST not found (find_mnist_dir): set CBAM_MNIST_DIR or put the IDX files in ~/.cache/cbam_multi/mnist")
     return subset(load_mnist(folder, dataset="mnist"), N_TRAIN, N_TEST)
 
 

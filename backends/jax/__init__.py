@@ -21,9 +21,14 @@ linen: ``cbam_multi.jax.linen.CBAM(spec, seed)``. BatchNorm follows PyTorch's mo
 (``spec.norm_momentum``); Flax's own ``BatchNorm`` momentum would be ``spec.flax_momentum``.
 """
 
-from . import functional, linen
-from .modules import CBAM, ChannelAttention, SpatialAttention
-from .weights import export_grads, export_weights, import_weights, load_checkpoint
+from cbam_multi._optional import require
+
+for _module in ("jax", "flax"):  # missing ones: an error naming the extra, not a bare ModuleNotFoundError
+    require(_module, "cbam_multi.jax")
+
+from . import functional, linen  # noqa: E402
+from .modules import CBAM, ChannelAttention, SpatialAttention  # noqa: E402
+from .weights import export_grads, export_weights, import_weights, load_checkpoint  # noqa: E402
 
 # The CBAM layer only: networks are in `cbam_multi.jax.models`, the trainer in `cbam_multi.jax.train`
 # (loaded by `cbam_multi.training` when used).

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cbam_multi.errors import InputError, SpecError, WeightsError
-from cbam_multi.spec import LEAKY_SLOPE, CBAMSpec
+from cbam_multi.spec import LEAKY_SLOPE, CBAMSpec, require_spec
 from cbam_multi.weights import init_weights
 
 Params = Mapping[str, jax.Array]
@@ -41,7 +41,7 @@ __all__ = [
 # ------------------------------------------------------------------ static checks (trace time)
 def check_input(x, spec: CBAMSpec, *, train: bool = False) -> None:
     """Raise InputError for a bad input; shape/dtype only, so it is safe inside ``jit``."""
-    spec.check_input(x.shape, str(x.dtype), "NHWC")
+    require_spec(spec).check_input(x.shape, str(x.dtype), "NHWC")
     if train and spec.has_norm:
         n = x.shape[0] * x.shape[1] * x.shape[2]
         if n < 2:
@@ -150,7 +150,10 @@ def _pool_hw(x: jax.Array, kind: str, tie_rule: str = "split") -> jax.Array:
     if kind == "avg":
         p = jnp.mean(xa, axis=(1, 2))
     elif kind == "lp":  # official code: F.lp_pool2d(x, 2, (H, W)) = sqrt(sum x^2)
-        p = jnp.sqrt(jnp.sum(xa * xa, axis=(1, 2)))
+        # The gradient at an all-zero channel is 0, as torch.linalg.vector_norm's (torch backend); a bare
+        # sqrt would give 0 * inf = NaN there. Double where: the untaken branch must not see sqrt'(0) either.
+        s = jnp.sum(xa * xa, axis=(1, 2))
+        p = jnp.where(s > 0, jnp.sqrt(jnp.where(s > 0, s, 1)), 0)
     else:  # "lse": log of the *sum* (not the mean) of exponentials, max-shifted
         p = jax.nn.logsumexp(xa, axis=(1, 2))
     return p.astype(x.dtype)

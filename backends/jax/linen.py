@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cbam_multi.spec import CBAMSpec
+from cbam_multi.spec import CBAMSpec, require_spec
 
 from . import functional as F
 from .weights import export_variables, import_variables, init_variables
@@ -80,6 +80,7 @@ class _Gate(nn.Module):
     part = None  # set by subclasses
 
     def setup(self):
+        require_spec(self.spec)
         if self.part == "spatial" and self.spec.no_spatial:
             raise ValueError("spec has no_spatial=True: it has no spatial gate to build")
         # Attribute name = canonical layer name ("fc1", "conv", "bn"), hence the variable paths.
@@ -128,6 +129,7 @@ class CBAM(nn.Module):
     param_dtype: Any = jnp.float32
 
     def setup(self):
+        require_spec(self.spec)
         self.channel = ChannelAttention(self.spec, self.seed, self.dtype, self.param_dtype)
         if not self.spec.no_spatial:
             self.spatial = SpatialAttention(self.spec, self.seed, self.dtype, self.param_dtype)

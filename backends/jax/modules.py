@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cbam_multi.spec import CBAMSpec
+from cbam_multi.spec import CBAMSpec, require_spec
 
 from . import functional as F
 
@@ -38,6 +38,7 @@ class _Layer(nnx.Module):
 
 def _build(module: nnx.Module, spec: CBAMSpec, part: str, dtype, seed: int) -> None:
     """Create the Param/BatchStat leaves of ``part`` on ``module`` at their canonical sub-paths."""
+    require_spec(spec)
     kinds = spec.param_kinds()
     for name, value in F.init_params(spec, seed, dtype, part=part).items():
         _, layer, leaf = name.split(".")
@@ -94,7 +95,7 @@ class SpatialAttention(nnx.Module):
     def __init__(
         self, spec: CBAMSpec, *, dtype=None, param_dtype=jnp.float32, seed: int = 0, use_running_average: bool = False
     ):
-        if spec.no_spatial:
+        if require_spec(spec).no_spatial:
             raise ValueError("spec has no_spatial=True: it has no spatial gate to build")
         self.spec = spec
         self.dtype, self.param_dtype = dtype, param_dtype

@@ -1,4 +1,4 @@
-"""MNIST training and evaluation with JAX / Flax NNX / optax: ``train_and_evaluate`` and ``evaluate``.
+"""Training and evaluation (MNISTNet or ResNet: `cbam_multi.jax.models.MODELS`) with JAX / Flax NNX / optax.
 
 The epoch loop, schedule, batches, metrics and checkpoint formats are shared with the torch backend
 (`cbam_multi.training`); this module only provides the JAX `Trainer`:
@@ -39,12 +39,12 @@ import numpy as np
 import optax
 from flax import nnx
 
-from cbam_multi.models import MNISTNetSpec
+from cbam_multi.models import build_network
 from cbam_multi.training.config import ConfigError, TrainConfig
 from cbam_multi.training.state import optimizer_slots
 
 from . import sharding
-from .models.mnist import MNISTNet, export_model_weights, import_model_weights
+from .models import MODELS, export_model_weights, import_model_weights
 
 __all__ = ["JaxTrainer", "build_predict", "make_optimizer"]
 
@@ -217,7 +217,7 @@ class _Predictor:
     evaluation compiles once). With a ``mesh`` the batch is split over its ``data`` axis (the padded size
     rounded up to a multiple of the device count) and the logits come back replicated."""
 
-    def __init__(self, model: MNISTNet, batch_size: int | None = None, mesh=None):
+    def __init__(self, model, batch_size: int | None = None, mesh=None):
         model.eval()
         self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
         model.train()
@@ -255,7 +255,7 @@ class JaxTrainer:
         sharding.check_global_batch(config.batch_size, self.mesh)
         self.is_main = jax.process_index() == 0
         self.parallel = sharding.describe(self.mesh)
-        self.model = MNISTNet(config.model, dtype=self.dtype, param_dtype=self.param_dtype, seed=config.seed)
+        self.model = build_network(MODELS, config.model, dtype=self.dtype, param_dtype=self.param_dtype, seed=config.seed)
         self.model.train()
         self.graphdef, params, rest = nnx.split(self.model, nnx.Param, ...)
         self.params, self.rest = self._replicate((params, rest))
@@ -348,9 +348,9 @@ class JaxTrainer:
         return desc
 
 
-def build_predict(weights, spec: MNISTNetSpec, dtype: str, batch_size: int):
+def build_predict(weights, spec, dtype: str, batch_size: int):
     """The predict function (NHWC NumPy batch -> logits) of a model with canonical ``weights``, compiled for
     ``batch_size`` (a smaller tail is padded, then cut). For `cbam_multi.training.evaluate`."""
-    model = MNISTNet(spec, dtype=_check_dtype(dtype), param_dtype=_param_dtype(dtype))
+    model = build_network(MODELS, spec, dtype=_check_dtype(dtype), param_dtype=_param_dtype(dtype))
     import_model_weights(model, weights)
     return _Predictor(model, batch_size)

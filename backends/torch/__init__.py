@@ -14,9 +14,13 @@ Official (Jongchan/attention-module) and timm checkpoints convert with ``from_of
 ``to_timm_state_dict``.
 """
 
-from .adapters import from_official_state_dict, from_timm_state_dict, to_official_state_dict, to_timm_state_dict
-from .modules import CBAM, ChannelAttention, SpatialAttention
-from .weights import export_grads, export_weights, import_weights, load_checkpoint
+from cbam_multi._optional import require
+
+require("torch", "cbam_multi.torch")  # a missing torch: an error naming the extra, not a bare ModuleNotFoundError
+
+from .adapters import from_official_state_dict, from_timm_state_dict, to_official_state_dict, to_timm_state_dict  # noqa: E402
+from .modules import CBAM, ChannelAttention, SpatialAttention  # noqa: E402
+from .weights import export_grads, export_weights, import_weights, load_checkpoint  # noqa: E402
 
 # The CBAM layer only: networks are in `cbam_multi.torch.models`, the trainer in `cbam_multi.torch.train`
 # (loaded by `cbam_multi.training` when used).

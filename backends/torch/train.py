@@ -1,4 +1,4 @@
-"""MNIST training with PyTorch (eager, CPU or CUDA): the torch `Trainer` and ``build_predict``.
+"""Training (MNISTNet or ResNet: `cbam_multi.torch.models.MODELS`) with PyTorch (eager, CPU or CUDA): `TorchTrainer`.
 
 The epoch loop, schedule, batches, evaluation, metrics and checkpoint formats are shared with the JAX
 backend (`cbam_multi.training`, which finds this module through its backend registry). Optimizers are torch.optim's
@@ -24,12 +24,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cbam_multi.models import MNISTNetSpec
+from cbam_multi.models import build_network
 from cbam_multi.training.config import TrainConfig
 from cbam_multi.training.state import optimizer_slots
 
 from . import distributed
-from .models.mnist import MNISTNet, export_model_weights, import_model_weights, model_layouts
+from .models import MODELS, export_model_weights, import_model_weights
 from .weights import to_numpy
 
 __all__ = ["TorchTrainer", "build_predict", "make_optimizer"]
@@ -55,7 +55,7 @@ def _device() -> torch.device:
 class TorchTrainer:
     """`cbam_multi.training.fit.Trainer` for torch: NCHW model, torch.optim, canonical state in and out.
 
-    ``self.net`` is the plain `MNISTNet` (weights in/out, prediction); ``self.model`` is what a train step
+    ``self.net`` is the plain network of ``config.model``'s family (weights in/out, prediction); ``self.model`` is what a train step
     calls: ``self.net`` itself, or its ``DistributedDataParallel`` wrapper when a multi-process group is
     initialized. ``self.dtype`` is the parameter dtype; ``self.autocast`` the mixed-precision compute dtype.
     """
@@ -74,7 +74,7 @@ class TorchTrainer:
         else:
             self.dev = _device()
         self.is_main = self.rank == 0
-        self.net = MNISTNet(config.model, dtype=self.dtype, seed=config.seed).to(self.dev)
+        self.net = build_network(MODELS, config.model, dtype=self.dtype, seed=config.seed).to(self.dev)
         self.model = distributed.wrap_ddp(self.net, self.dev) if self.distributed else self.net
         self.parallel = {
             "engine": "torch.distributed DDP" if self.distributed else "none",
@@ -82,7 +82,7 @@ class TorchTrainer:
             "devices": self.world,
             "backend": distributed.dist.get_backend() if self.distributed else None,
         }
-        self.layouts = model_layouts(config.model)
+        self.layouts = self.net.layouts()
         named = dict(self.net.named_parameters())
         # canonical trainable name -> its torch parameter, in spec order (the optimizer's param order)
         self.params = {n: named[lay.torch_name] for n, lay in self.layouts.items() if lay.trainable}
@@ -188,12 +188,12 @@ def _scalar_dtype() -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
-def build_predict(weights, spec: MNISTNetSpec, dtype: str, batch_size: int):
+def build_predict(weights, spec, dtype: str, batch_size: int):
     """The eval-mode predict function (NHWC NumPy batch -> logits) of a model with canonical ``weights``;
     ``dtype="bfloat16"``: float32 weights, bf16 autocast compute. For `cbam_multi.training.evaluate`."""
     mixed = dtype == "bfloat16"
     dev = _device()
-    model = MNISTNet(spec, dtype=torch.float32 if mixed else getattr(torch, dtype)).to(dev)
+    model = build_network(MODELS, spec, dtype=torch.float32 if mixed else getattr(torch, dtype)).to(dev)
     import_model_weights(model, weights)
     model.eval()
 

@@ -30,7 +30,7 @@ import numpy as np
 from cbam_multi import reference
 from cbam_multi.errors import InputError, SpecError
 from cbam_multi.jsondata import JsonData
-from cbam_multi.spec import TRAINABLE, CBAMSpec
+from cbam_multi.spec import TRAINABLE, CBAMSpec, check_field_types
 from cbam_multi.weights import register_spec_type, validate_weights
 
 __all__ = ["ResNetSpec", "Block", "forward", "DEPTHS", "STEMS", "INIT_SCHEMES"]
@@ -81,6 +81,8 @@ class ResNetSpec(JsonData):
     bn_eps: float = 1e-5
 
     def __post_init__(self) -> None:
+        check_field_types(self, SpecError)  # "50" or 50.0 for depth: a SpecError naming the field
+
         def need(ok: bool, msg: str) -> None:
             if not ok:
                 raise SpecError(msg)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+from cbam_multi._optional import require
 from cbam_multi.training.config import ConfigError, TrainConfig
 from cbam_multi.training.data import Dataset
 from cbam_multi.training.evaluation import evaluate_checkpoint
@@ -21,12 +22,16 @@ TRAINERS: dict[str, tuple[str, str]] = {
     "torch": ("cbam_multi.torch.train", "TorchTrainer"),
     "jax": ("cbam_multi.jax.train", "JaxTrainer"),
 }
+# the frameworks each backend's trainer imports: a missing one is named with the extra that installs it
+FRAMEWORKS: dict[str, tuple[str, ...]] = {"torch": ("torch",), "jax": ("jax", "flax", "optax")}
 
 
 def backend_module(name: str) -> ModuleType:
     """The training module of backend ``name`` (imports the framework)."""
     if name not in TRAINERS:
         raise ConfigError(f"backend must be one of {sorted(TRAINERS)}, got {name!r}")
+    for framework in FRAMEWORKS[name]:
+        require(framework, f"the {name} backend")
     return importlib.import_module(TRAINERS[name][0])
 
 

@@ -13,20 +13,56 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import warnings
 
 from cbam_multi.spec import CBAMSpec
+
+# The one data-location policy (`cbam_multi.training.data.find_mnist_dir`), as every --data-dir help says it.
+DATA_DIR_HELP = (
+    "default: $CBAM_MNIST_DIR, then ~/.cache/cbam_multi/mnist (or $CBAM_MULTI_CACHE), a torchvision-style "
+    "MNIST/raw folder under either or ./data, then a download into that cache"
+)
+
+DEBUG_ENV = "CBAM_MULTI_DEBUG"  # set (to anything but "" or "0") for the traceback of a user error, like --debug
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad flags: one line (what is wrong, where to look) and exit 2, instead of the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _int_at_least(low: int):
+    """An argparse type: a whole number >= ``low``, else a one-line usage error naming the flag."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+_positive_int, _nonneg_int = _int_at_least(1), _int_at_least(0)
 
 
 def cmd_parity(args: argparse.Namespace) -> int:
     """Print max errors per case, backend pair and quantity; exit 1 if any exceeds its tolerance."""
     if getattr(args, "train", False):
         return cmd_parity_train(args)
-    import jax
+    if "jax" in args.backends:  # `--backends torch` imports no JAX at all
+        import jax
 
-    # float64 cases need x64; parity is about exact maths, so no reduced-precision matmuls either.
-    jax.config.update("jax_enable_x64", True)
-    jax.config.update("jax_default_matmul_precision", "highest")
+        # float64 cases need x64; parity is about exact maths, so no reduced-precision matmuls either.
+        jax.config.update("jax_enable_x64", True)
+        jax.config.update("jax_default_matmul_precision", "highest")
     from cbam_multi.parity import CASES, check_case, format_table
 
     rows = []
@@ -48,20 +84,27 @@ def cmd_parity(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cbam-multi", description=__doc__.splitlines()[0])
+    from cbam_multi import __version__
+
+    parser = _Parser(prog="cbam-multi", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"cbam-multi {__version__}")
+    parser.add_argument("--debug", action="store_true", help=f"show the traceback of errors (or set {DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("parity", help="cross-framework numerical parity report (CBAM block)")
-    p.add_argument("--preset", nargs="+", choices=CBAMSpec.PRESETS, default=list(CBAMSpec.PRESETS))
-    p.add_argument("--dtype", nargs="+", choices=("float64", "float32"), default=["float64", "float32"])
-    p.add_argument("--backends", nargs="+", choices=("torch", "jax"), default=["torch", "jax"])
+    p.add_argument("--preset", nargs="+", choices=CBAMSpec.PRESETS, default=list(CBAMSpec.PRESETS),
+                   help="CBAM presets whose cases to run (default: all)")
+    p.add_argument("--dtype", nargs="+", choices=("float64", "float32"), default=["float64", "float32"],
+                   help="precisions to check (default: both)")
+    p.add_argument("--backends", nargs="+", choices=("torch", "jax"), default=["torch", "jax"],
+                   help="frameworks to compare with the NumPy oracle and each other; only these are imported (default: both)")
     p.add_argument("--model", choices=("cbam", "resnet18", "resnet50"), default="cbam",
                    help="cbam: the CBAM block cases (default); resnet18 / resnet50: whole ResNet-CBAM networks")
     p.add_argument("--compile", action="store_true", help="compare torch.compile with eager on every case (slow)")
     p.add_argument("--train", action="store_true", help="instead: torch vs JAX MNIST training trajectories (loss per step)")
-    p.add_argument("--steps", type=int, default=200, help="with --train: optimizer steps (default 200)")
-    p.add_argument("--batch-size", type=int, default=64, help="with --train: batch size (default 64)")
-    p.add_argument("--data-dir", default=None, help="with --train: MNIST IDX folder (default $CBAM_MNIST_DIR or ../shared/mnist)")
+    p.add_argument("--steps", type=_positive_int, default=200, help="with --train: optimizer steps (default 200)")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="with --train: batch size (default 64)")
+    p.add_argument("--data-dir", default=None, help="with --train: folder with the full MNIST IDX files (" + DATA_DIR_HELP + ")")
     p.set_defaults(func=cmd_parity)
 
     add_train_parser(sub)
@@ -94,11 +137,18 @@ def cmd_parity_train(args: argparse.Namespace) -> int:
     """Train the same model from the same init on the same batches in torch and JAX; print the loss curves."""
     import tempfile
 
-    from cbam_multi.training import format_trajectory, trajectory_parity
+    from cbam_multi.training import format_trajectory, trajectory_parity, trajectory_tolerance
+    from cbam_multi.training.data import find_mnist_dir
 
+    for dtype in args.dtype:
+        trajectory_tolerance(dtype, args.steps)  # ConfigError now, not after training both backends
     if "float64" in args.dtype:
         _setup_jax("float64")
     data_dir = args.data_dir or _default_data_dir("mnist")
+    if find_mnist_dir(data_dir) is None:  # before any training: the 5,000-image sample is too small for 200 steps
+        from cbam_multi.training.data import load_mnist
+
+        load_mnist(None, dataset="mnist")  # downloads into the cache, or raises DataError saying where it looked
     failed = 0
     for dtype in args.dtype:
         with tempfile.TemporaryDirectory(prefix="cbam-trajectory-") as tmp:
@@ -109,27 +159,31 @@ def cmd_parity_train(args: argparse.Namespace) -> int:
 
 
 def add_train_parser(sub) -> None:
-    from cbam_multi.training.config import DATASETS, OPTIMIZERS, SCHEDULES
+    from cbam_multi.training.config import DATASETS, MODEL_PRESETS, OPTIMIZERS, SCHEDULES
 
-    p = sub.add_parser("train", help="train MNISTNet (CBAM) on MNIST with torch or JAX; metrics + checkpoints in --out")
+    p = sub.add_parser("train", help="train MNISTNet or a ResNet (CBAM) on MNIST with torch or JAX; metrics + checkpoints in --out")
     p.add_argument("--backend", choices=("torch", "jax"), help="default: the --config file's, else torch")
     p.add_argument("--config", help="a TrainConfig JSON file; the flags below override its fields")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float, help="peak learning rate")
-    p.add_argument("--optimizer", choices=OPTIMIZERS)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--schedule", choices=SCHEDULES)
-    p.add_argument("--warmup-frac", type=float)
-    p.add_argument("--augment-shift", type=int, help="random translation by up to this many pixels (0 = off)")
+    p.add_argument("--model", choices=sorted(MODEL_PRESETS),
+                   help="model preset (default: the --config file's, else mnist); resnet18 = cifar-stem ResNet-18-CBAM, "
+                   "1 channel, 10 classes, MNIST padded to 32x32")
+    p.add_argument("--width", type=_positive_int, help="ResNet stem / layer1 width (64 published; smaller for quick runs)")
+    p.add_argument("--epochs", type=_positive_int, help="passes over the training set (default 5)")
+    p.add_argument("--batch-size", type=_positive_int, help="training batch size (default 64)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 3e-3)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, help="update rule, the same formula in torch.optim and optax (default adamw)")
+    p.add_argument("--weight-decay", type=float, help="decoupled (adamw) or L2 (adam, sgd) weight decay")
+    p.add_argument("--schedule", choices=SCHEDULES, help="learning-rate schedule after the warmup (default cosine)")
+    p.add_argument("--warmup-frac", type=float, help="fraction of all steps spent warming the learning rate up linearly")
+    p.add_argument("--augment-shift", type=_nonneg_int, help="random translation by up to this many pixels (0 = off)")
     p.add_argument("--seed", type=int, help="model init seed")
     p.add_argument("--data-seed", type=int, help="batch order / augmentation seed")
     p.add_argument("--no-cbam", action="store_true", help="baseline without CBAM blocks")
     p.add_argument("--dataset", choices=DATASETS, help="auto (default): full MNIST if found, else the bundled sample")
-    p.add_argument("--data-dir", help="folder with the MNIST IDX files (default $CBAM_MNIST_DIR or ../shared/mnist)")
-    p.add_argument("--n-train", type=int, help="use the first N training images")
-    p.add_argument("--n-test", type=int, help="use the first N test images")
-    p.add_argument("--eval-batch-size", type=int)
+    p.add_argument("--data-dir", help="folder with the MNIST IDX files (" + DATA_DIR_HELP + ")")
+    p.add_argument("--n-train", type=_positive_int, help="use the first N training images")
+    p.add_argument("--n-test", type=_positive_int, help="use the first N test images")
+    p.add_argument("--eval-batch-size", type=_positive_int, help="batch size of the test-set evaluation after each epoch")
     p.add_argument("--out", help="run directory (default runs/mnist-<backend>[-nocbam])")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its train_state.safetensors")
     p.add_argument("--init-from", help="start from this model checkpoint (file or run dir, either framework)")
@@ -141,8 +195,11 @@ def add_train_parser(sub) -> None:
         "jax = jax.distributed.initialize() (automatic when JAX_COORDINATOR_ADDRESS is set). "
         "A single JAX process always uses all its local devices.",
     )
-    p.add_argument("--stop-after-epoch", type=int, help="stop after this epoch (as if interrupted; continue with --resume)")
+    p.add_argument("--stop-after-epoch", type=_positive_int, help="stop after this epoch (as if interrupted; continue with --resume)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard event files to <out>/tensorboard (losses, accuracy, learning rate, "
+                   "images/s; needs the tensorboard extra); view with: tensorboard --logdir runs")
     p.add_argument(
         "--malloc-defaults", action="store_true",
         help="leave glibc's allocator as it is (default: keep freed memory in the heap, see cbam_multi.training.heap)",
@@ -155,7 +212,8 @@ def train_config_from_args(args: argparse.Namespace):
     import dataclasses
     from pathlib import Path
 
-    from cbam_multi.training.config import TrainConfig
+    from cbam_multi.models import ResNetSpec
+    from cbam_multi.training.config import MODEL_PRESETS, ConfigError, TrainConfig
 
     config = TrainConfig.from_json(Path(args.config).read_text()) if args.config else TrainConfig()
     flags = {
@@ -168,17 +226,27 @@ def train_config_from_args(args: argparse.Namespace):
     changes = {k: v for k, v in flags.items() if v is not None}
     if args.backend is not None:
         changes["backend"] = args.backend
+    model = MODEL_PRESETS[args.model] if args.model else config.model
+    if args.width is not None:
+        if not isinstance(model, ResNetSpec):
+            raise ConfigError("--width applies to a ResNet: add --model resnet18")
+        model = dataclasses.replace(model, width=args.width)
     if args.no_cbam:
-        changes["model"] = dataclasses.replace(config.model, cbam=False)
+        model = dataclasses.replace(model, **({"attention": "none"} if isinstance(model, ResNetSpec) else {"cbam": False}))
+    if model != config.model:
+        changes["model"] = model
     if args.resume:
         changes["resume"] = True
     if args.no_progress:
         changes["progress"] = False
+    if args.tensorboard:
+        changes["tensorboard"] = True
     if args.out is not None:
         changes["out"] = args.out
     elif not args.config:
-        nocbam = not changes.get("model", config.model).cbam
-        changes["out"] = "runs/mnist-{backend}" + ("-nocbam" if nocbam else "")
+        name = f"resnet{model.depth}" if isinstance(model, ResNetSpec) else "mnist"
+        nocbam = model.attention == "none" if isinstance(model, ResNetSpec) else not model.cbam
+        changes["out"] = f"runs/{name}-{{backend}}" + ("-nocbam" if nocbam else "")
     config = config.replace(**changes)
     if config.data_dir is None:
         config = config.replace(data_dir=_default_data_dir(config.dataset))
@@ -225,7 +293,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             from cbam_multi.torch import distributed
 
             distributed.shutdown()
-    if not main_process:
+    if not main_process or metrics.get("already_finished"):
         return 0
     ds = metrics["dataset"]
     print(f"{metrics['backend']} on {metrics['device']}; data {ds['name']} ({ds['n_train']} train / {ds['n_test']} test)")
@@ -243,13 +311,16 @@ def add_evaluate_parser(sub) -> None:
     from cbam_multi.training.config import DATASETS
 
     p = sub.add_parser("evaluate", help="evaluate a model checkpoint (written by either framework) on the test split")
-    p.add_argument("--backend", choices=("torch", "jax"), default="torch")
-    p.add_argument("--checkpoint", required=True, help="checkpoint.safetensors or a run directory")
-    p.add_argument("--dataset", choices=DATASETS, default="auto")
-    p.add_argument("--data-dir")
-    p.add_argument("--n-test", type=int)
-    p.add_argument("--batch-size", type=int, default=1000)
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--backend", choices=("torch", "jax"), default="torch",
+                   help="framework that runs the model, whichever wrote the checkpoint (default torch)")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint.safetensors, train_state.safetensors or a run directory, e.g. runs/mnist-jax")
+    p.add_argument("--dataset", choices=DATASETS, default="auto",
+                   help="auto (default): full MNIST if found or downloadable, else the 5,000-image sample")
+    p.add_argument("--data-dir", help="folder with the MNIST IDX files (" + DATA_DIR_HELP + ")")
+    p.add_argument("--n-test", type=_positive_int, help="evaluate on the first N test images (default: all)")
+    p.add_argument("--batch-size", type=_positive_int, default=1000, help="evaluation batch size (default 1000)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="precision of the evaluation (default float32)")
     p.add_argument("--json", action="store_true", help="print the result as JSON (predictions included)")
     p.set_defaults(func=cmd_evaluate)
 
@@ -284,9 +355,10 @@ def add_plot_parser(sub) -> None:
     p = sub.add_parser("plot", help="PNGs: both backends' training curves overlaid; digits with attention maps")
     p.add_argument("runs", nargs="+", help="run directories (or metrics.json files) to overlay, e.g. runs/mnist-*")
     p.add_argument("--checkpoint", help="model checkpoint for the attention grid (default: the first run's)")
-    p.add_argument("--n-images", type=int, default=8)
-    p.add_argument("--dataset", choices=("auto", "mnist", "sample"), default="auto")
-    p.add_argument("--data-dir")
+    p.add_argument("--n-images", type=_positive_int, default=8, help="test digits in the attention grid (default 8)")
+    p.add_argument("--dataset", choices=("auto", "mnist", "sample"), default="auto",
+                   help="where the digits come from: auto (default) = full MNIST if found, else the sample")
+    p.add_argument("--data-dir", help="folder with the MNIST IDX files (" + DATA_DIR_HELP + ")")
     p.add_argument("--out", default="runs/plots", help="folder for curves.png and attention.png")
     p.set_defaults(func=cmd_plot)
 
@@ -332,23 +404,19 @@ def add_convert_parser(sub) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from cbam_multi.errors import CBAMError
     from cbam_multi.models import resnet_convert as rc
 
-    try:
-        if args.list:
-            blocks = rc.list_cbam_blocks(args.input)
-            for b in blocks:
-                print(f"{b['prefix']:<24} {b['format']:<10} channels {b['channels']:>5}  hidden {b['hidden']:>4}  preset {b['preset']}")
-            print(f"{len(blocks)} CBAM block(s)")
-            return 0
-        if not (args.output and args.src and args.dst):
-            print("cbam-multi convert: give INPUT OUTPUT --from FORMAT --to FORMAT (or INPUT --list)", file=sys.stderr)
-            return 2
-        report = rc.convert(args.input, args.output, args.src, args.dst, add_cbam_preset=args.add_cbam, seed=args.seed, init=args.init)
-    except CBAMError as e:
-        print(f"cbam-multi convert: {e}", file=sys.stderr)
-        return 1
+    if args.list:
+        blocks = rc.list_cbam_blocks(args.input)
+        for b in blocks:
+            print(f"{b['prefix']:<24} {b['format']:<10} channels {b['channels']:>5}  hidden {b['hidden']:>4}  preset {b['preset']}")
+        print(f"{len(blocks)} CBAM block(s)")
+        return 0
+    if not (args.output and args.src and args.dst):
+        print("cbam-multi convert: error: give INPUT OUTPUT --from FORMAT --to FORMAT (or INPUT --list)", file=sys.stderr)
+        return 2
+    # user errors (CBAMError, missing files) are reported by `main`: one line, exit 2
+    report = rc.convert(args.input, args.output, args.src, args.dst, add_cbam_preset=args.add_cbam, seed=args.seed, init=args.init)
     print(f"wrote {report['out']}: {report['tensors']} tensors, {report['spec']}")
     if report["initialised"]:
         print(f"initialised {len(report['initialised'])} CBAM tensors: {', '.join(report['initialised'][:6])} ...")
@@ -356,8 +424,46 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. A user error (a `CBAMError`: bad config, spec, checkpoint or data; a missing or
+    unreadable file) prints ONE line and exits 2; ``--debug`` or ``$CBAM_MULTI_DEBUG`` adds the traceback."""
+    from cbam_multi.errors import CBAMError
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    with warnings.catch_warnings():  # restores the caller's filters and showwarning afterwards
+        warnings.simplefilter("default")  # each distinct warning once
+        warnings.showwarning = _show_one_line
+        try:
+            return args.func(args)
+        except (CBAMError, OSError) as e:
+            user_os_errors = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+            if isinstance(e, OSError) and not isinstance(e, user_os_errors):
+                raise  # not a user error: a real I/O failure keeps its traceback
+            if debug:
+                import traceback
+
+                traceback.print_exc()
+            print(f"cbam-multi {args.command}: error: {_one_line(e)}", file=sys.stderr)
+            return 2
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.filename is not None:
+        what = "permission denied" if isinstance(e, PermissionError) else (e.strerror or str(e)).lower()
+        return f"{e.filename}: {what}"
+    return " ".join(str(e).split())
+
+
+_SHOWN: set[str] = set()
+
+
+def _show_one_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as the CLI prints them: one line, no source excerpt (it is the library's, not the user's),
+    each distinct one once per process."""
+    text = f"warning: {message}"
+    if text not in _SHOWN:
+        _SHOWN.add(text)
+        print(text, file=file or sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

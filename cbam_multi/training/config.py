@@ -32,7 +32,8 @@ from pathlib import Path
 
 from cbam_multi.errors import CBAMError, SpecError
 from cbam_multi.jsondata import JsonData
-from cbam_multi.models import MNISTNetSpec
+from cbam_multi.models import MNISTNetSpec, ResNetSpec
+from cbam_multi.spec import check_field_types
 
 BACKENDS = ("torch", "jax")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -65,6 +66,15 @@ RESUME_MUST_MATCH = (
 )
 
 
+# the model families a run can train: the JSON "format" tag of a model dict -> its spec class
+MODEL_SPECS = {cls.JSON_FORMAT: cls for cls in (MNISTNetSpec, ResNetSpec)}
+# CLI presets (``cbam-multi train --model NAME``); ``--width`` overrides a ResNet's width
+MODEL_PRESETS = {
+    "mnist": MNISTNetSpec(),
+    "resnet18": ResNetSpec(18, stem="cifar", in_channels=1, num_classes=10),
+}
+
+
 class ConfigError(CBAMError):
     """A TrainConfig field is invalid, or a checkpoint's config is incompatible with the requested run."""
 
@@ -78,7 +88,7 @@ class TrainConfig(JsonData):
     JSON_ERROR = ConfigError
 
     backend: str = "torch"
-    model: MNISTNetSpec = field(default_factory=MNISTNetSpec)
+    model: MNISTNetSpec | ResNetSpec = field(default_factory=MNISTNetSpec)
     # ------------------------------------------------------------------ schedule of the run
     epochs: int = 5
     batch_size: int = 64
@@ -111,10 +121,12 @@ class TrainConfig(JsonData):
     resume: bool = False  # continue from <out>/train_state.safetensors (bit-identically)
     init_from: str | None = None  # model checkpoint (either framework) to start from; fresh optimizer
     progress: bool = True  # tqdm bars
+    tensorboard: bool = False  # also log to <out>/tensorboard/ (TensorBoard event files; the `tensorboard` extra)
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
             object.__setattr__(self, "model", _spec_from_dict(self.model))
+        check_field_types(self, ConfigError)  # a string for a number etc.: ConfigError naming the field
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
         for name in ("lr", "eps", "weight_decay", "momentum", "warmup_frac", "final_lr_frac"):
             value = getattr(self, name)
@@ -130,7 +142,8 @@ class TrainConfig(JsonData):
                 problems.append(msg)
 
         need(self.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        need(isinstance(self.model, MNISTNetSpec), f"model must be a MNISTNetSpec, got {type(self.model).__name__}")
+        kinds = tuple(c.__name__ for c in MODEL_SPECS.values())
+        need(isinstance(self.model, tuple(MODEL_SPECS.values())), f"model must be one of {kinds}, got {type(self.model).__name__}")
         need(_pos_int(self.epochs), f"epochs must be an int >= 1, got {self.epochs!r}")
         need(_pos_int(self.batch_size), f"batch_size must be an int >= 1, got {self.batch_size!r}")
         need(_pos_int(self.eval_batch_size), f"eval_batch_size must be an int >= 1, got {self.eval_batch_size!r}")
@@ -164,6 +177,7 @@ class TrainConfig(JsonData):
             v = getattr(self, name)
             need(v is None or _pos_int(v), f"{name} must be None or an int >= 1, got {v!r}")
         need(isinstance(self.resume, bool) and isinstance(self.progress, bool), "resume and progress must be bools")
+        need(isinstance(self.tensorboard, bool), "tensorboard must be a bool")
         need(not (self.resume and self.init_from), "resume and init_from are exclusive (resume restores the weights too)")
         if problems:
             raise ConfigError("invalid TrainConfig: " + "; ".join(problems))
@@ -203,14 +217,18 @@ class TrainConfig(JsonData):
         return cls(**fields)
 
 
-def _spec_from_dict(d) -> MNISTNetSpec:
-    """A MNISTNetSpec from its ``to_dict()`` (format/version keys optional, for hand-written JSON)."""
-    if isinstance(d, MNISTNetSpec):
+def _spec_from_dict(d) -> MNISTNetSpec | ResNetSpec:
+    """A model spec from its ``to_dict()``: the ``"format"`` tag names the family (MNISTNetSpec when absent,
+    for hand-written JSON; the version key is optional too)."""
+    if isinstance(d, tuple(MODEL_SPECS.values())):
         return d
     if not isinstance(d, dict):
-        raise ConfigError(f"model must be a MNISTNetSpec or its dict, got {type(d).__name__}")
+        raise ConfigError(f"model must be a model spec or its dict, got {type(d).__name__}")
+    cls = MODEL_SPECS.get(d.get("format", MNISTNetSpec.JSON_FORMAT))
+    if cls is None:
+        raise ConfigError(f"model format {d['format']!r} is not trainable: use one of {sorted(MODEL_SPECS)}")
     try:
-        return MNISTNetSpec.from_dict(d)
+        return cls.from_dict(d)
     except (SpecError, TypeError) as e:
         raise ConfigError(f"invalid model spec in TrainConfig: {e}") from None
 

@@ -17,6 +17,8 @@ batches with the same learning rates, and their files are interchangeable:
 
 from __future__ import annotations
 
+import contextlib
+import json
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -32,6 +34,7 @@ from cbam_multi.training.data import Dataset, batches_per_epoch, iterate_batches
 from cbam_multi.training.evaluation import evaluate_arrays, resolve_checkpoint
 from cbam_multi.training.inputs import augment_rng, prepare_data, random_shift
 from cbam_multi.training.progress import bar as progress_bar
+from cbam_multi.training.rundir import check_out_dir, run_lock
 from cbam_multi.training.schedule import lr_schedule
 from cbam_multi.training.state import CHECKPOINT_FILE, METRICS_FILE, TRAIN_STATE_FILE, ResumeState
 from cbam_multi.weights import load_weights, save_weights
@@ -77,16 +80,36 @@ def fit(
     ``resume=True`` continues bit-identically. Returns the metrics dict also written to metrics.json.
     """
     out = config.out_dir
+    if stop_after_epoch is not None and not (isinstance(stop_after_epoch, int) and stop_after_epoch >= 1):
+        raise ConfigError(f"--stop-after-epoch must be an int >= 1 (1 = stop after the first epoch), got {stop_after_epoch!r}")
+    check_out_dir(out)  # before any work: a file in the way or no permission fails now, not after an epoch
     prepared = prepare_data(config, data)
+    _check_labels(config, prepared)
     n = len(prepared.y_train)
     steps_per_epoch = batches_per_epoch(n, config.batch_size)  # drop_last: static shapes, no recompiles
     if steps_per_epoch == 0:
         raise ConfigError(f"batch_size {config.batch_size} is larger than the {n} training examples")
-    total_steps = steps_per_epoch * config.epochs
-    schedule = lr_schedule(config, steps_per_epoch)
 
     trainer = make_trainer(config)
     is_main = bool(getattr(trainer, "is_main", True))  # data parallel: only process 0 writes and prints
+    with run_lock(out) if is_main else contextlib.nullcontext():  # one run per directory
+        return _fit(config, trainer, prepared, steps_per_epoch, is_main, stop_after_epoch)
+
+
+def _check_labels(config: TrainConfig, prepared) -> None:
+    top = int(max(prepared.y_train.max(initial=0), prepared.y_test.max(initial=0)))
+    k = config.model.num_classes
+    if top >= k:
+        raise ConfigError(
+            f"model num_classes={k}, but the {prepared.name} labels go up to {top}: set num_classes to at least {top + 1}"
+        )
+
+
+def _fit(config: TrainConfig, trainer: Trainer, prepared, steps_per_epoch: int, is_main: bool, stop_after_epoch) -> dict:
+    out = config.out_dir
+    n = len(prepared.y_train)
+    total_steps = steps_per_epoch * config.epochs
+    schedule = lr_schedule(config, steps_per_epoch)
     show = config.progress and is_main
     history: list[dict] = []
     start_epoch, step, started = 0, 0, {"how": "fresh", "seed": config.seed}
@@ -98,11 +121,20 @@ def fit(
         problems = config.resume_mismatches(state.config)
         if problems:
             raise ConfigError(f"--resume: {state_path} was written with a different config: " + "; ".join(problems))
+        _check_same_dataset(state, prepared, state_path)
         if state.step != state.epoch * steps_per_epoch:
             raise CheckpointError(
                 f"{state_path}: step {state.step} != epoch {state.epoch} x {steps_per_epoch} steps per epoch "
                 f"(different data size?)"
             )
+        if state.epoch >= config.epochs and state.history:
+            if is_main:
+                print(
+                    f"note: --resume: {state_path} already finished {state.epoch} of {config.epochs} epochs; nothing "
+                    f"trained, nothing written (raise --epochs to train further)",
+                    file=sys.stderr,
+                )
+            return _finished_metrics(out, trainer, prepared, state)
         if config.epochs != state.config.epochs and config.schedule != "constant" and is_main:
             print(
                 f"note: resuming with epochs={config.epochs} (checkpoint planned {state.config.epochs}): the lr "
@@ -143,6 +175,13 @@ def fit(
         "train_state": str(out / TRAIN_STATE_FILE),
     }
     metrics = _metrics(base, history)
+    # TensorBoard events: opened before training, so a missing package fails now and not after epoch 1;
+    # flushed after every epoch, so an interrupted run keeps what it logged.
+    events = None
+    if config.tensorboard and is_main:
+        from cbam_multi.training.tensorboard import SUBDIR, EventLog
+
+        events = EventLog(out / SUBDIR)
     for epoch in range(start_epoch, config.epochs):
         handles, lrs = [], []
         aug = augment_rng(config, epoch)
@@ -183,8 +222,11 @@ def fit(
         if is_main:  # atomic writes, by one process only
             written = {"cbam_multi.written_by": trainer.backend, "cbam_multi.epoch": str(epoch + 1)}
             save_weights(out / CHECKPOINT_FILE, weights, config.model, extra_metadata=written)
-            ResumeState(config, weights, opt_state, step, epoch + 1, history, trainer.backend).save(out / TRAIN_STATE_FILE)
+            state = ResumeState(config, weights, opt_state, step, epoch + 1, history, trainer.backend, prepared.info())
+            state.save(out / TRAIN_STATE_FILE)
             write_json_atomic(out / METRICS_FILE, metrics)
+            if events is not None:
+                events.epoch(step - len(losses), record, lrs)
         if show:
             print(
                 f"[{trainer.backend}] epoch {epoch + 1}/{config.epochs}: train loss {record['train_loss']:.4f}, "
@@ -195,9 +237,35 @@ def fit(
             )
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
             break
+    if events is not None:
+        events.close()
     if not history:
         raise ConfigError(f"nothing to do: the checkpoint in {out} already finished {start_epoch} epochs")
     return metrics
+
+
+def _finished_metrics(out, trainer, prepared, state: ResumeState) -> dict:
+    """The finished run's metrics (its metrics.json when present), flagged ``already_finished``."""
+    try:
+        metrics = json.loads((out / METRICS_FILE).read_text())
+    except (OSError, ValueError):
+        metrics = {"backend": trainer.backend, "dataset": prepared.info(), "epochs": list(state.history),
+                   "checkpoint": str(out / CHECKPOINT_FILE)}
+    return {**metrics, "already_finished": True}
+
+
+def _check_same_dataset(state: ResumeState, prepared, state_path) -> None:
+    """A resume trains on exactly the data the run started with (name and content digest)."""
+    was, now = state.dataset, prepared.info()
+    if was is None:  # written before the dataset was recorded: nothing to compare
+        print(f"note: {state_path} predates dataset records; the resumed data is not checked against it", file=sys.stderr)
+        return
+    if (was.get("name"), was.get("sha256")) != (now["name"], now["sha256"]):
+        raise ConfigError(
+            f"--resume: {state_path} was trained on dataset {was.get('name')} ({was.get('n_train')} train images, sha256 "
+            f"{str(was.get('sha256'))[:12]}...), but this run would use {now['name']} ({now['n_train']} train images, sha256 "
+            f"{now['sha256'][:12]}...); resume with the same --dataset/--data-dir, or start a new run in another --out"
+        )
 
 
 def _metrics(base: dict, history: list[dict]) -> dict:

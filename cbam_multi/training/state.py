@@ -15,7 +15,7 @@ import numpy as np
 
 from cbam_multi.errors import CheckpointError
 from cbam_multi.training.config import TrainConfig
-from cbam_multi.weights import atomic_write_bytes, read_checkpoint, validate_weights
+from cbam_multi.weights import atomic_write_bytes, encode_checkpoint, read_checkpoint, validate_weights
 
 __all__ = ["CHECKPOINT_FILE", "TRAIN_STATE_FILE", "METRICS_FILE", "ResumeState", "optimizer_slots"]
 
@@ -44,10 +44,9 @@ class ResumeState:
     epoch: int  # completed epochs
     history: list[dict]  # per-epoch metrics so far
     written_by: str = ""
+    dataset: dict | None = None  # {"name", "source", "n_train", "n_test", "sha256"}: what the run trained on
 
     def save(self, path) -> Path:
-        from safetensors.numpy import save
-
         spec = self.config.model
         validate_weights(self.weights, spec)
         tensors = {f"model.{n}": np.ascontiguousarray(self.weights[n]) for n in spec.param_shapes()}
@@ -67,7 +66,9 @@ class ResumeState:
             "history": json.dumps(self.history),
             "written_by": self.written_by,
         }
-        return atomic_write_bytes(path, save(tensors, metadata=meta))
+        if self.dataset is not None:
+            meta["dataset"] = json.dumps(self.dataset, sort_keys=True)
+        return atomic_write_bytes(path, encode_checkpoint(tensors, meta))
 
     @classmethod
     def load(cls, path) -> ResumeState:
@@ -77,6 +78,7 @@ class ResumeState:
         try:
             config = TrainConfig.from_json(meta["config"])
             step, epoch, history = int(meta["step"]), int(meta["epoch"]), json.loads(meta["history"])
+            dataset = json.loads(meta["dataset"]) if "dataset" in meta else None  # absent in older files
         except (KeyError, ValueError) as e:
             raise CheckpointError(f"{path}: corrupt train-state metadata: {e}") from None
         weights = {n[len("model.") :]: a for n, a in tensors.items() if n.startswith("model.")}
@@ -95,5 +97,5 @@ class ResumeState:
         for slot, arrays in opt.items():
             if sorted(arrays) != sorted(trainable):
                 raise CheckpointError(f"{path}: optimizer slot {slot!r} does not cover the trainable parameters")
-        return cls(config, weights, opt, step, epoch, history, meta.get("written_by", ""))
+        return cls(config, weights, opt, step, epoch, history, meta.get("written_by", ""), dataset)
 

@@ -3,14 +3,13 @@ step by step, with THE tolerance table of training parity (measurements: benchma
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from cbam_multi.training.backends import evaluate, train_and_evaluate
-from cbam_multi.training.config import TrainConfig
+from cbam_multi.training.config import ConfigError, TrainConfig
 from cbam_multi.training.data import Dataset
 from cbam_multi.training.state import CHECKPOINT_FILE
 from cbam_multi.weights import load_weights
@@ -56,16 +55,20 @@ def trajectory_tolerance(dtype: str, steps: int) -> dict[str, float | None]:
     for horizon, tol in rows:
         if steps <= horizon:
             return tol
-    raise ValueError(f"no trajectory tolerance stated for {steps} steps in {dtype} (longest: {rows[-1][0] if rows else None})")
+    longest = rows[-1][0] if rows else None
+    raise ConfigError(
+        f"no trajectory tolerance stated for {steps} steps in {dtype}: the longest measured horizon is {longest} steps; "
+        f"use --steps {longest} or fewer" if rows else f"no trajectory tolerance stated for kind {dtype!r}"
+    )
 
 
 def default_mnist_dir() -> Path | None:
-    """``$CBAM_MNIST_DIR``, else ``../shared/mnist`` next to the repository root, if it exists."""
-    env = os.environ.get("CBAM_MNIST_DIR")
-    if env:
-        return Path(env)
-    shared = Path(__file__).resolve().parents[1].parent / "shared" / "mnist"
-    return shared if shared.is_dir() else None
+    """The full-MNIST folder the library would use: `cbam_multi.training.data.find_mnist_dir`'s search
+    ($CBAM_MNIST_DIR, the cache, torchvision-style folders), or None. The one policy of the library, the
+    CLI and the tests; CI points $CBAM_MNIST_DIR at its copy."""
+    from cbam_multi.training.data import find_mnist_dir
+
+    return find_mnist_dir()
 
 
 def trajectory_parity(
@@ -94,6 +97,9 @@ def trajectory_parity(
     """
     import tempfile
 
+    if not (isinstance(steps, int) and steps >= 1):
+        raise ConfigError(f"steps must be an int >= 1, got {steps!r}")
+    trajectory_tolerance(tolerance or dtype, steps)  # no tolerance for this length: say so before training
     base = base or TrainConfig()
     root = Path(out_root) if out_root is not None else Path(tempfile.mkdtemp(prefix="cbam-trajectory-"))
     pair = list(runs) if runs is not None else [("torch", dtype), ("jax", dtype)]

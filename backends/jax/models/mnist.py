@@ -12,26 +12,21 @@ running statistics are ``nnx.BatchStat`` and update in train mode).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cbam_multi.errors import InputError, WeightsError, expect_instance
+from cbam_multi.errors import InputError, expect_instance
 from cbam_multi.models import MNISTNetSpec
-from cbam_multi.weights import init_weights, validate_weights
+from cbam_multi.weights import init_weights
 
 from ..modules import CBAM
+from .common import import_model_weights
 
 __all__ = [
     "MNISTNet",
     "max_pool_2x2",
-    "model_variables",
-    "export_model_weights",
-    "import_model_weights",
-    "export_model_grads",
     "attention_maps",
 ]
 
@@ -134,49 +129,6 @@ class MNISTNet(nnx.Module):
         h = jax.nn.relu(self.head.fc1(h.reshape(h.shape[0], -1)))  # NHWC flatten = canonical row order
         return self.head.fc2(h)
 
-
-
-def model_variables(model: MNISTNet) -> dict[str, nnx.Variable]:
-    """Canonical name -> the model's Variable, in spec order (names = '.'-joined state paths)."""
-    spec = expect_instance(model, MNISTNet, "a cbam_multi.jax MNISTNet").spec
-    flat = {".".join(map(str, path)): var for path, var in nnx.to_flat_state(nnx.state(model))}
-    names = list(spec.param_shapes())
-    if sorted(flat) != sorted(names):
-        raise WeightsError(
-            f"MNISTNet variables do not match the spec: extra {sorted(set(flat) - set(names))}, "
-            f"missing {sorted(set(names) - set(flat))}"
-        )
-    # nnx.state returns detached Variables; look the live ones up on the module for writing.
-    out = {}
-    for name in names:
-        node = model
-        for part in name.split("."):
-            node = getattr(node, part)
-        out[name] = node
-    return out
-
-
-def export_model_weights(model: MNISTNet) -> dict[str, np.ndarray]:
-    """Canonical weights of the whole model (NumPy copies, spec order)."""
-    return {name: np.array(var[...]) for name, var in model_variables(model).items()}
-
-
-def import_model_weights(model: MNISTNet, weights: Mapping[str, np.ndarray]) -> MNISTNet:
-    """Set the model's variables from canonical ``weights`` in place (validated and converted first)."""
-    variables = model_variables(model)
-    arrays = {n: np.asarray(a) for n, a in weights.items()}
-    validate_weights(arrays, model.spec)
-    new = {name: jnp.asarray(arrays[name], dtype=var[...].dtype) for name, var in variables.items()}
-    for name, var in variables.items():
-        var.set_value(new[name])
-    return model
-
-
-def export_model_grads(grads) -> dict[str, np.ndarray]:
-    """Canonical names -> gradients, from the ``nnx.State`` that ``nnx.grad`` returns for a MNISTNet."""
-    if not isinstance(grads, nnx.State):
-        raise TypeError(f"expected the nnx.State from nnx.grad, got {type(grads).__name__}")
-    return {".".join(map(str, path)): np.asarray(v[...] if isinstance(v, nnx.Variable) else v) for path, v in nnx.to_flat_state(grads)}
 
 
 class _RecordInput(nnx.Module):

@@ -22,13 +22,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cbam_multi.errors import InputError, WeightsError
+from cbam_multi.errors import InputError
 from cbam_multi.models.resnet import ResNetSpec
-from cbam_multi.weights import init_weights, validate_weights
+from cbam_multi.weights import init_weights
 
 from .. import functional as F
+from .common import model_variables
 
-__all__ = ["ResNet", "forward", "init_params", "export_weights", "import_weights", "model_variables", "split_params"]
+__all__ = ["ResNet", "forward", "init_params", "split_params"]
 
 
 def _conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
@@ -132,41 +133,3 @@ class ResNet(nnx.Module):
             variables[name][...] = value
         return logits
 
-
-def model_variables(model: ResNet) -> dict[str, nnx.Variable]:
-    """Canonical name -> the model's live Variable, in spec order."""
-    if not isinstance(model, ResNet):
-        raise TypeError(f"expected a cbam_multi.jax ResNet, got {type(model).__name__}")
-    out = {}
-    for name in model.spec.param_shapes():
-        node = model
-        for part in name.split("."):
-            node = getattr(node, part)
-        out[name] = node
-    return out
-
-
-def export_weights(model: ResNet) -> dict[str, np.ndarray]:
-    """Canonical weights of the whole network (NumPy copies, spec order)."""
-    return {name: np.array(var[...]) for name, var in model_variables(model).items()}
-
-
-def import_weights(model: ResNet, weights: Mapping[str, np.ndarray]) -> ResNet:
-    """Set the model's variables from canonical ``weights`` in place (validated and converted first:
-    a failed import changes nothing); values are cast to each variable's dtype."""
-    variables = model_variables(model)
-    arrays = {n: np.asarray(a) for n, a in weights.items()}
-    validate_weights(arrays, model.spec)
-    new = {name: jnp.asarray(arrays[name], dtype=var[...].dtype) for name, var in variables.items()}
-    for name, var in variables.items():
-        var.set_value(new[name])
-    return model
-
-
-def export_grads(grads) -> dict[str, np.ndarray]:
-    """Canonical names -> gradients, from the ``nnx.State`` of ``nnx.grad`` on a ResNet (or a flat dict)."""
-    if isinstance(grads, nnx.State):
-        return {".".join(map(str, p)): np.asarray(v[...] if isinstance(v, nnx.Variable) else v) for p, v in nnx.to_flat_state(grads)}
-    if isinstance(grads, Mapping):
-        return {n: np.asarray(v) for n, v in grads.items()}
-    raise WeightsError(f"expected an nnx.State or a canonical dict of gradients, got {type(grads).__name__}")

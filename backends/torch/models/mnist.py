@@ -3,7 +3,7 @@
 Parameters start from the canonical seeded weights (`cbam_multi.weights.init_weights(spec, seed)`),
 so ``MNISTNet(spec, seed=s)`` here and in `cbam_multi.jax.models.mnist` are the same function.
 
-Canonical <-> torch (`model_layouts`, the one table used by every import/export here):
+Canonical <-> torch (`model_layouts`, the one table `cbam_multi.torch.models.common` moves weights with):
 
 * ``block{i}.conv{j}.kernel`` HWIO <-> ``block{i}.conv{j}.weight`` OIHW; biases unchanged;
 * ``block{i}.cbam.*`` <-> the CBAM module's own table (`cbam_multi.torch.weights.torch_layouts`);
@@ -14,27 +14,23 @@ Canonical <-> torch (`model_layouts`, the one table used by every import/export 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import skip_init
 
-from cbam_multi.errors import InputError, WeightsError, expect_instance
+from cbam_multi.errors import InputError, expect_instance
 from cbam_multi.models import MNISTNetSpec
-from cbam_multi.weights import init_weights, validate_weights
+from cbam_multi.weights import init_weights
 
 from ..modules import CBAM
-from ..weights import TRANSFORMS, Layout, copy_canonical, module_tensors, to_numpy, torch_layouts
+from ..weights import TRANSFORMS, Layout, torch_layouts
+from .common import import_model_weights
 
 __all__ = [
     "MNISTNet",
     "model_layouts",
-    "export_model_weights",
-    "import_model_weights",
-    "export_model_grads",
     "fc1_to_torch",
     "fc1_to_canonical",
     "attention_maps",
@@ -128,6 +124,10 @@ class MNISTNet(nn.Module):
         h = F.relu(self.head.fc1(h.flatten(1)))
         return self.head.fc2(h)
 
+    def layouts(self) -> dict[str, Layout]:
+        """This network's canonical <-> torch table (used by `cbam_multi.torch.models.export_model_weights` etc.)."""
+        return model_layouts(self.spec)
+
 
 def _max_pool_2x2(h: torch.Tensor, tie_rule: str) -> torch.Tensor:
     """2x2 max-pool, stride 2: ``F.max_pool2d`` ("first": a tie's gradient to the first in row-major
@@ -136,44 +136,6 @@ def _max_pool_2x2(h: torch.Tensor, tie_rule: str) -> torch.Tensor:
         return F.max_pool2d(h, 2)
     return h.unflatten(3, (h.shape[3] // 2, 2)).unflatten(2, (h.shape[2] // 2, 2)).amax((3, 5))
 
-
-
-def export_model_weights(model: MNISTNet) -> dict[str, np.ndarray]:
-    """Canonical weights (fresh C-contiguous NumPy copies, spec order) of the whole model."""
-    spec = expect_instance(model, MNISTNet, "a cbam_multi.torch MNISTNet").spec
-    tensors = module_tensors(model)
-    return {
-        name: np.array(lay.to_canonical(to_numpy(tensors[lay.torch_name])), order="C", copy=True)
-        for name, lay in model_layouts(spec).items()
-    }
-
-
-def import_model_weights(model: MNISTNet, weights: Mapping[str, np.ndarray]) -> MNISTNet:
-    """Copy canonical ``weights`` into ``model`` in place (validated and converted first: all or nothing)."""
-    spec = expect_instance(model, MNISTNet, "a cbam_multi.torch MNISTNet").spec
-    arrays = {n: to_numpy(a) for n, a in weights.items()}
-    validate_weights(arrays, spec)
-    tensors = module_tensors(model)
-    copy_canonical(arrays, {name: (lay, tensors[lay.torch_name]) for name, lay in model_layouts(spec).items()})
-    return model
-
-
-def export_model_grads(model: MNISTNet) -> dict[str, np.ndarray]:
-    """``.grad`` of every trainable parameter in canonical names/layouts (after ``loss.backward()``)."""
-    spec = expect_instance(model, MNISTNet, "a cbam_multi.torch MNISTNet").spec
-    tensors = module_tensors(model)
-    out, missing = {}, []
-    for name, lay in model_layouts(spec).items():
-        if not lay.trainable:
-            continue
-        grad = tensors[lay.torch_name].grad
-        if grad is None:
-            missing.append(name)
-            continue
-        out[name] = np.array(lay.to_canonical(to_numpy(grad)), order="C", copy=True)
-    if missing:
-        raise WeightsError(f"no gradient for {missing}: run a forward pass and loss.backward() first")
-    return out
 
 
 @torch.no_grad()

@@ -12,8 +12,6 @@ for the same seed.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -21,14 +19,15 @@ from torch import nn
 from torch.nn.utils import skip_init
 
 from cbam_multi.checkpoint_keys import resnet_backbone_keys, to_canonical_layout, to_torch_layout
-from cbam_multi.errors import InputError, WeightsError
+from cbam_multi.errors import InputError
 from cbam_multi.models.resnet import ResNetSpec
-from cbam_multi.weights import init_weights, validate_weights
+from cbam_multi.weights import init_weights
 
 from ..modules import CBAM
-from ..weights import Layout, copy_canonical, module_tensors, to_numpy, torch_layouts
+from ..weights import Layout, torch_layouts
+from .common import import_model_weights
 
-__all__ = ["ResNet", "ResidualBlock", "model_layouts", "export_weights", "import_weights", "export_grads"]
+__all__ = ["ResNet", "ResidualBlock", "model_layouts"]
 
 
 def _bn(c: int, spec: ResNetSpec, dtype) -> nn.BatchNorm2d:
@@ -92,7 +91,7 @@ class ResNet(nn.Module):
         for name, blocks in stages.items():
             setattr(self, name, nn.Sequential(*blocks))
         self.fc = skip_init(nn.Linear, spec.features, spec.num_classes, dtype=dtype)
-        import_weights(self, init_weights(spec, seed, np.float64, scheme=init))
+        import_model_weights(self, init_weights(spec, seed, np.float64, scheme=init))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The layer4 feature map (B, features, H', W')."""
@@ -106,6 +105,10 @@ class ResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.forward_features(x).mean(dim=(2, 3)))
+
+    def layouts(self) -> dict[str, Layout]:
+        """This network's canonical <-> torch table (used by `cbam_multi.torch.models.export_model_weights` etc.)."""
+        return model_layouts(self.spec)
 
 
 # ------------------------------------------------------------------ canonical weights
@@ -127,46 +130,3 @@ def model_layouts(spec: ResNetSpec) -> dict[str, Layout]:
             out[c] = Layout(c, f"{prefix}.{lay.torch_name}", lay.to_torch, lay.to_canonical, lay.trainable)
     return {name: out[name] for name in spec.param_shapes()}
 
-
-def _check_model(model) -> ResNetSpec:
-    if not isinstance(model, ResNet):
-        raise TypeError(f"expected a cbam_multi.torch ResNet, got {type(model).__name__}")
-    return model.spec
-
-
-def export_weights(model: ResNet) -> dict[str, np.ndarray]:
-    """Canonical weights (fresh C-contiguous NumPy copies, spec order) of the whole network."""
-    spec = _check_model(model)
-    tensors = module_tensors(model)
-    return {
-        name: np.array(lay.to_canonical(to_numpy(tensors[lay.torch_name])), order="C", copy=True)
-        for name, lay in model_layouts(spec).items()
-    }
-
-
-def import_weights(model: ResNet, weights: Mapping[str, np.ndarray]) -> ResNet:
-    """Copy canonical ``weights`` into ``model`` in place (validated and converted first: all or nothing)."""
-    spec = _check_model(model)
-    arrays = {n: to_numpy(a) for n, a in weights.items()}
-    validate_weights(arrays, spec)
-    tensors = module_tensors(model)
-    copy_canonical(arrays, {name: (lay, tensors[lay.torch_name]) for name, lay in model_layouts(spec).items()})
-    return model
-
-
-def export_grads(model: ResNet) -> dict[str, np.ndarray]:
-    """``.grad`` of every trainable parameter in canonical names/layouts (after ``loss.backward()``)."""
-    spec = _check_model(model)
-    tensors = module_tensors(model)
-    out, missing = {}, []
-    for name, lay in model_layouts(spec).items():
-        if not lay.trainable:
-            continue
-        grad = tensors[lay.torch_name].grad
-        if grad is None:
-            missing.append(name)
-            continue
-        out[name] = np.array(lay.to_canonical(to_numpy(grad)), order="C", copy=True)
-    if missing:
-        raise WeightsError(f"no gradient for {missing[:10]}{' ...' if len(missing) > 10 else ''}: run loss.backward() first")
-    return out

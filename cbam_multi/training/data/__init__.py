@@ -140,6 +140,11 @@ class _NotAvailable(Exception):
     """Full MNIST is neither on disk nor downloadable (the one case ``auto`` falls back on)."""
 
 
+# (cache dir, mirrors) -> why the download failed: a download is tried once per process, so a command
+# that loads the data twice (or a notebook that calls load_mnist in a loop) waits on dead mirrors once.
+_FAILED_DOWNLOADS: dict[tuple[str, tuple[str, ...]], str] = {}
+
+
 def _load_full(data_dir: str | os.PathLike | None, download: bool, verify: bool) -> Dataset:
     """Find or download full MNIST and read it; raise _NotAvailable only if it is absent."""
     folder = find_mnist_dir(data_dir)
@@ -147,17 +152,21 @@ def _load_full(data_dir: str | os.PathLike | None, download: bool, verify: bool)
         return _read_mnist_dir(folder, verify, source=str(folder))
     hint = (
         f"full MNIST not found (looked in ${ENV_VAR}, {DEFAULT_CACHE_DIR}, their MNIST/raw subfolders "
-        "and ./data/MNIST/raw). Point at a folder holding train-images-idx3-ubyte, train-labels-idx1-ubyte, "
+        "and ./data/MNIST/raw; see find_mnist_dir). Point at a folder holding train-images-idx3-ubyte, train-labels-idx1-ubyte, "
         f"t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte (raw or .gz) with --data-dir DIR or {ENV_VAR}=DIR"
     )
     if not download:
         raise _NotAvailable(hint + ", or allow downloading.")
     cache = Path(DEFAULT_CACHE_DIR)
+    key = (str(cache), tuple(MIRRORS))
+    if key in _FAILED_DOWNLOADS:  # tried in this process already: say so again, do not wait on the mirrors again
+        raise _NotAvailable(f"{hint}; download failed: {_FAILED_DOWNLOADS[key]}")
     try:
         # Module globals read at call time, so MIRRORS/SHA256_RAW can be repointed (tests, private mirrors).
         used = _dl.fetch_missing(cache, MIRRORS, 10.0, 2, SHA256_RAW, progress=True)
     except DataError as exc:
-        raise _NotAvailable(f"{hint}; download failed: {exc}") from exc
+        _FAILED_DOWNLOADS[key] = " ".join(str(exc).split())  # one line: the attempts list joined
+        raise _NotAvailable(f"{hint}; download failed: {_FAILED_DOWNLOADS[key]}") from exc
     bases = sorted({url.rsplit("/", 1)[0] + "/" for url in used.values()})
     return _read_mnist_dir(cache, verify, source="download:" + ",".join(bases or [str(cache)]))
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from cbam_multi.errors import DataError
 from cbam_multi.training.data.idx import GZIP_MAGIC, MNIST_FILES, SHA256_RAW, magic_for, read_idx, resolve_files
 from cbam_multi.training.progress import bar as progress_bar
+from cbam_multi.weights import new_file_mode
 
 __all__ = ["MIRRORS", "download_mnist"]
 
@@ -62,16 +63,31 @@ def fetch_missing(
     checksums = SHA256_RAW if checksums is None else checksums
     if not mirrors:
         raise DataError("download_mnist: no mirrors given")
+    created = [d for d in (dest, *dest.parents) if not d.exists()]  # deepest first
     try:
         dest.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DataError(f"{dest}: cannot create download dir: {exc}") from exc
     used: dict[str, str] = {}
-    for name in MNIST_FILES:
-        if _already_valid(dest, name, checksums[name]):
-            continue
-        used[name] = _fetch_one(dest, name, checksums[name], mirrors, timeout, retries, progress)
+    try:
+        for name in MNIST_FILES:
+            if _already_valid(dest, name, checksums[name]):
+                continue
+            used[name] = _fetch_one(dest, name, checksums[name], mirrors, timeout, retries, progress)
+    except BaseException:
+        _remove_empty(created)  # a failed first download leaves no empty cache folders behind
+        raise
     return used
+
+
+def _remove_empty(folders: Sequence[Path]) -> None:
+    """Remove the folders this download created, deepest first, as long as they are empty (files that
+    did verify stay, and so do the folders holding them)."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def _already_valid(dest: Path, name: str, sha256: str) -> bool:
@@ -129,6 +145,7 @@ def _fetch_verified(url: str, dest: Path, name: str, sha256: str, timeout: float
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as out:
+            os.fchmod(out.fileno(), new_file_mode())  # as readable as any file this user writes, not mkstemp's 0600
             _stream(url, out, timeout, progress, desc=f"{name}.gz")
         try:
             read_idx(tmp, expected_sha256=sha256, expected_magic=magic_for(name))

