@@ -300,3 +300,10 @@ def load_weights(path, expected_spec=None, *, allow_spec_mismatch: bool = False)
     except WeightsError as e:
         raise CheckpointError(f"{path}: {e}") from None
     return {n: tensors[n] for n in spec.param_shapes()}, spec
+
+
+def load_block_checkpoint(path, spec, part: str | None = None, *, allow_spec_mismatch: bool = False) -> Weights:
+    """The canonical weights of ``spec``'s ``part`` (None: the whole block) from a checkpoint, its spec checked
+    against ``spec`` as `load_weights` does: what each backend's ``load_checkpoint(module, path)`` imports."""
+    weights, _ = load_weights(path, spec, allow_spec_mismatch=allow_spec_mismatch)
+    return {n: weights[n] for n in spec.param_shapes(part)}

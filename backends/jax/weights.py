@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from cbam_multi.spec import CBAMSpec
-from cbam_multi.weights import validate_weights
+from cbam_multi.weights import load_block_checkpoint, validate_weights
 
 from . import functional as F
 
@@ -143,8 +143,5 @@ def load_checkpoint(module, path, *, allow_spec_mismatch: bool = False):
     ``module`` (its own part of the weights) and return the module. The checkpoint's spec must match
     ``module.spec`` in everything that changes the maths (SpecMismatchError lists the differing fields;
     ``allow_spec_mismatch=True`` loads anyway where names and shapes fit). A failed load changes nothing."""
-    from cbam_multi.weights import load_weights
-
-    weights, _ = load_weights(path, module.spec, allow_spec_mismatch=allow_spec_mismatch)
     part = getattr(module, "part", None)
-    return import_weights(module, {n: weights[n] for n in module.spec.param_shapes(part)})
+    return import_weights(module, load_block_checkpoint(path, module.spec, part, allow_spec_mismatch=allow_spec_mismatch))

@@ -15,7 +15,7 @@ import torch
 
 from cbam_multi.errors import WeightsError
 from cbam_multi.spec import TRAINABLE, CBAMSpec
-from cbam_multi.weights import validate_weights
+from cbam_multi.weights import load_block_checkpoint, validate_weights
 
 __all__ = ["load_checkpoint", "Layout", "TRANSFORMS", "torch_layouts", "export_weights", "import_weights", "export_grads"]
 
@@ -184,8 +184,5 @@ def load_checkpoint(module, path, *, allow_spec_mismatch: bool = False):
     ``module`` (its own part of the weights) and return the module. The checkpoint's spec must match
     ``module.spec`` in everything that changes the maths (SpecMismatchError lists the differing fields;
     ``allow_spec_mismatch=True`` loads anyway where names and shapes fit). A failed load changes nothing."""
-    from cbam_multi.weights import load_weights
-
-    weights, _ = load_weights(path, module.spec, allow_spec_mismatch=allow_spec_mismatch)
     part = getattr(module, "_PART", None)
-    return import_weights(module, {n: weights[n] for n in module.spec.param_shapes(part)})
+    return import_weights(module, load_block_checkpoint(path, module.spec, part, allow_spec_mismatch=allow_spec_mismatch))
