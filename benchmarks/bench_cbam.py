@@ -316,16 +316,12 @@ def _run(args, device) -> dict:
     bf16_ok, bf16_note = common.torch_bf16_supported(device)
     dtypes = args.dtypes.split(",") if args.dtypes else (["float32"] if args.smoke else ["float32"] + (["bfloat16"] if bf16_ok else []))
     modes = args.modes.split(",")
-    pids = args.paths.split(",") if args.paths else list(PATHS)
-    unknown = set(pids) - set(PATHS)
-    if unknown:
-        raise SystemExit(f"unknown --paths {sorted(unknown)}; choose from {list(PATHS)}")
-    if args.smoke:
-        runner = common.Runner(rounds=1, reps_per_round=1, warmup=0, max_case_s=5)
-    elif args.quick:
-        runner = common.Runner(rounds=args.rounds or 3, reps_per_round=args.reps or 4, warmup=2, max_case_s=2.0)
-    else:
-        runner = common.Runner(rounds=args.rounds or 5, reps_per_round=args.reps or 8, warmup=3, max_case_s=6.0)
+    pids = common.chosen_paths(args.paths, PATHS)
+    runner = common.runner_for(
+        args,
+        quick=dict(rounds=3, reps_per_round=4, warmup=2, max_case_s=2.0),
+        full=dict(rounds=5, reps_per_round=8, warmup=3, max_case_s=6.0),
+    )
 
     env = common.environment(device)
     env["malloc"] = args.malloc_record

@@ -170,16 +170,12 @@ def _run(args, device) -> dict:
     batch = args.batch or (2 if args.smoke else 8)
     size = args.size or (32 if args.smoke else 224)
     modes = args.modes.split(",")
-    pids = args.paths.split(",") if args.paths else list(PATHS)
-    unknown = set(pids) - set(PATHS)
-    if unknown:
-        raise SystemExit(f"unknown --paths {sorted(unknown)}; choose from {list(PATHS)}")
-    if args.smoke:
-        runner = common.Runner(rounds=1, reps_per_round=1, warmup=0, max_case_s=5)
-    elif args.quick:
-        runner = common.Runner(rounds=args.rounds or 3, reps_per_round=args.reps or 2, warmup=1, max_case_s=6.0)
-    else:
-        runner = common.Runner(rounds=args.rounds or 5, reps_per_round=args.reps or 3, warmup=2, max_case_s=20.0)
+    pids = common.chosen_paths(args.paths, PATHS)
+    runner = common.runner_for(
+        args,
+        quick=dict(rounds=3, reps_per_round=2, warmup=1, max_case_s=6.0),
+        full=dict(rounds=5, reps_per_round=3, warmup=2, max_case_s=20.0),
+    )
     env = common.environment(device)
     env["malloc"] = args.malloc_record
     log(f"[bench_resnet] {common.device_line(env)}; torch threads {torch.get_num_threads()}; ResNet-{depth}, {batch}x3x{size}x{size}")

@@ -255,6 +255,26 @@ def _minflt() -> int:
         return 0
 
 
+def chosen_paths(requested: str | None, known) -> list[str]:
+    """The ``--paths`` list (comma-separated) checked against ``known``, or every known path."""
+    pids = requested.split(",") if requested else list(known)
+    unknown = set(pids) - set(known)
+    if unknown:
+        raise SystemExit(f"unknown --paths {sorted(unknown)}; choose from {list(known)}")
+    return pids
+
+
+def runner_for(args, quick: dict, full: dict) -> Runner:
+    """The Runner of a benchmark's --smoke / --quick / full mode; ``--rounds`` / ``--reps`` override the
+    ``rounds`` / ``reps_per_round`` of ``quick`` and ``full``."""
+    if args.smoke:
+        return Runner(rounds=1, reps_per_round=1, warmup=0, max_case_s=5)
+    settings = dict(quick if args.quick else full)
+    settings["rounds"] = getattr(args, "rounds", None) or settings["rounds"]
+    settings["reps_per_round"] = getattr(args, "reps", None) or settings["reps_per_round"]
+    return Runner(**settings)
+
+
 def run_group(runner: Runner, cases: list[Case], wait_quiet_s: float = 0.0, retries: int = 2,
               max_foreign: float = 0.3, log: Callable[[str], None] = print) -> tuple[dict[str, dict], dict | None]:
     """`Runner.run` on a shared machine: wait for quiet CPUs first (``wait_quiet_s`` > 0) and time the
