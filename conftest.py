@@ -29,3 +29,13 @@ try:  # property tests (tests/test_properties.py): fixed examples in CI, a longe
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 except ImportError:
     pass
+
+
+def pytest_report_header(config):
+    """Where the parity suites' numbers come from (torch device via CBAM_MULTI_TORCH_DEVICE; JAX's backend)."""
+    try:
+        from cbam_multi.parity import devices
+
+        return f"parity devices: {devices()}"
+    except Exception as exc:  # a header must never stop the run: a torch-only install, a bad device name
+        return f"parity devices: unknown ({exc})"

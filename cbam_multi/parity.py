@@ -13,17 +13,48 @@ For every case and dtype we compare, on the same input and the same fixed random
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from cbam_multi._optional import require
+from cbam_multi.errors import InputError
 from cbam_multi.reference import cbam_forward
 from cbam_multi.spec import STATISTIC, CBAMSpec
 from cbam_multi.weights import init_weights
 
 DTYPES = ("float64", "float32")
+
+# The torch side's device ("cpu", "cuda", "cuda:1", ...): `cbam-multi parity --device` sets it, and so can the
+# parity tests' environment. JAX runs on its default backend (a GPU when jax has its CUDA plugin); `devices()`
+# names both, so a report says where its figures come from.
+TORCH_DEVICE_ENV = "CBAM_MULTI_TORCH_DEVICE"
+
+
+def torch_device() -> str:
+    return os.environ.get(TORCH_DEVICE_ENV, "cpu")
+
+
+def devices(backends=("torch", "jax")) -> str:
+    """'torch on cpu, JAX on cpu' (or the GPU's name): the line a parity report starts with."""
+    parts = []
+    if "torch" in backends:
+        torch = require("torch", "the torch parity runner")
+        try:
+            dev = torch.device(torch_device())
+        except RuntimeError:
+            raise InputError(f"{TORCH_DEVICE_ENV}={torch_device()!r} is no torch device: use cpu, cuda or cuda:N") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise InputError(f"torch device {dev} requested but torch.cuda.is_available() is False: install a CUDA "
+                             "build of torch (README, Install) or use --device cpu")
+        parts.append(f"torch {torch.__version__} on {dev} ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda"
+                     else f"torch {torch.__version__} on {dev}")
+    if "jax" in backends:
+        jax = require("jax", "the JAX parity runner")
+        parts.append(f"JAX {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()})")
+    return ", ".join(parts)
 
 # Tolerances, in one place. Outputs: max abs error. Gradients and BN statistics: max abs error divided
 # by max |reference| (gradients scale with the cotangent and the batch, so absolute bounds mislead).
@@ -134,17 +165,17 @@ def run_torch(spec, weights, x, g, dtype: str, train: bool, compiled: bool = Fal
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    tdtype = getattr(torch, dtype)
+    tdtype, dev = getattr(torch, dtype), torch_device()
     model = ct.CBAM(spec, dtype=tdtype)
     ct.import_weights(model, weights)
     exported = ct.export_weights(model)
-    model.train(train)
+    model.to(dev).train(train)
     fn = torch.compile(model) if compiled else model
-    xt = torch.tensor(x, dtype=tdtype, requires_grad=True)
+    xt = torch.tensor(x, dtype=tdtype, device=dev, requires_grad=True)
     y = fn(xt)
-    (y * torch.tensor(g, dtype=tdtype)).sum().backward()
-    grads = {"input": xt.grad.numpy(), **ct.export_grads(model)}
-    return RunResult(y.detach().numpy(), grads, _stats(spec, ct.export_weights(model), train), exported)
+    (y * torch.tensor(g, dtype=tdtype, device=dev)).sum().backward()
+    grads = {"input": xt.grad.cpu().numpy(), **ct.export_grads(model)}
+    return RunResult(y.detach().cpu().numpy(), grads, _stats(spec, ct.export_weights(model), train), exported)
 
 
 def run_torch_inference(spec, weights, x, dtype: str, channels_last: bool = False) -> RunResult:
@@ -153,15 +184,16 @@ def run_torch_inference(spec, weights, x, dtype: str, channels_last: bool = Fals
     torch = require("torch", "the torch parity runner")
     import cbam_multi.torch as ct
 
-    tdtype = getattr(torch, dtype)
+    tdtype, dev = getattr(torch, dtype), torch_device()
     model = ct.CBAM(spec, dtype=tdtype).eval()
     ct.import_weights(model, weights)
-    xt = torch.tensor(x, dtype=tdtype)
+    model.to(dev)
+    xt = torch.tensor(x, dtype=tdtype, device=dev)
     if channels_last:
         xt = xt.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         y = model(xt)
-    return RunResult(y.numpy(), {}, {})
+    return RunResult(y.cpu().numpy(), {}, {})
 
 
 def run_nnx(spec, weights, x, g, dtype: str, train: bool, jit: bool = False) -> RunResult:

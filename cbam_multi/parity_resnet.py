@@ -21,7 +21,7 @@ import numpy as np
 
 from cbam_multi.models.resnet import ResNetSpec
 from cbam_multi.models.resnet import forward as oracle_forward
-from cbam_multi.parity import RESNET_TOLERANCES, Row, rel_err
+from cbam_multi.parity import RESNET_TOLERANCES, Row, rel_err, torch_device
 from cbam_multi.weights import init_weights
 
 
@@ -80,16 +80,16 @@ def run_torch(spec, weights, x, g, dtype: str, train: bool):
 
     import cbam_multi.torch.models as tr
 
-    td = getattr(torch, dtype)
+    td, dev = getattr(torch, dtype), torch_device()
     model = tr.ResNet(spec, dtype=td)
     tr.import_model_weights(model, weights)
-    model.train(train)
-    logits = model(torch.tensor(x, dtype=td))
-    (logits * torch.tensor(g, dtype=td)).sum().backward()
+    model.to(dev).train(train)
+    logits = model(torch.tensor(x, dtype=td, device=dev))
+    (logits * torch.tensor(g, dtype=td, device=dev)).sum().backward()
     kinds = spec.param_kinds()
     after = tr.export_model_weights(model)
     stats = {n: a for n, a in after.items() if kinds[n] == "stat"} if train else {}
-    return logits.detach().numpy(), tr.export_model_grads(model), stats
+    return logits.detach().cpu().numpy(), tr.export_model_grads(model), stats
 
 
 def run_jax(spec, weights, x, g, dtype: str, train: bool, module: bool = False):
@@ -167,13 +167,13 @@ def trajectory(spec: ResNetSpec, steps: int = 20, batch: int = 8, size: int = 32
     ys = rng.integers(0, spec.num_classes, size=(steps, batch))
     weights = init_weights(spec, seed + 1, np.float64)
 
-    td = getattr(torch, dtype)
-    model = tr.import_model_weights(tr.ResNet(spec, dtype=td), weights).train()
+    td, dev = getattr(torch, dtype), torch_device()
+    model = tr.import_model_weights(tr.ResNet(spec, dtype=td), weights).to(dev).train()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     torch_losses = []
     for x, y in zip(xs, ys):
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(torch.tensor(x, dtype=td)), torch.tensor(y))
+        loss = torch.nn.functional.cross_entropy(model(torch.tensor(x, dtype=td, device=dev)), torch.tensor(y, device=dev))
         loss.backward()
         opt.step()
         torch_losses.append(float(loss.detach()))

@@ -13,7 +13,9 @@ pytest.importorskip("flax", reason="parity needs the jax extra")
 import re
 from pathlib import Path
 
-from cbam_multi.parity import CASES, DTYPES, QUANTITIES, check_case, format_table
+import jax
+
+from cbam_multi.parity import CASES, DTYPES, QUANTITIES, check_case, format_table, torch_device
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -42,8 +44,11 @@ def test_parity(case, dtype):
             "torch-infer~oracle", "torch-infer-cl~oracle"} <= checks
     bad = [r for r in rows if not r.ok]
     assert not bad, "parity failures:\n" + format_table(bad) + "\n\nall rows:\n" + format_table(rows)
-    # README quotes the largest errors; a row above them means README understates them (update its table
-    # from the summary `cbam-multi parity` prints)
+    # README quotes the largest errors on CPU; a row above them means README understates them (update its
+    # table from the summary `cbam-multi parity` prints). GPU runs (CBAM_MULTI_TORCH_DEVICE=cuda, JAX's GPU
+    # backend) are held to the tolerances alone; benchmarks/RESULTS.md records their figures.
+    if torch_device() != "cpu" or jax.default_backend() != "cpu":
+        return
     observed = readme_observed()[dtype]
     above = [r for r in rows if r.quantity in observed and not r.error <= observed[r.quantity]]
     assert not above, "README's observed-error table is exceeded:\n" + format_table(above)

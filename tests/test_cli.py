@@ -125,3 +125,22 @@ def test_help_runs(capsys):
         assert info.value.code == 0
     out = capsys.readouterr().out
     assert "--checkpoint" in out and "--version" in out and np.char.count(out, "default:").item() >= 1
+
+
+@pytest.mark.parametrize(("device", "message"), [("foo", "no torch device"), ("cuda", "torch.cuda.is_available() is False")])
+def test_parity_device_errors_name_the_fix(device, message, capsys, monkeypatch):
+    torch = pytest.importorskip("torch")
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: --device cuda is valid here")
+    monkeypatch.delenv("CBAM_MULTI_TORCH_DEVICE", raising=False)
+    assert cli.main(["parity", "--backends", "torch", "--device", device, "--preset", "seed", "--dtype", "float32"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_parity_report_names_its_devices(capsys, monkeypatch):
+    pytest.importorskip("torch")
+    monkeypatch.delenv("CBAM_MULTI_TORCH_DEVICE", raising=False)
+    assert cli.main(["parity", "--backends", "torch", "--preset", "paper", "--dtype", "float32", "--device", "cpu"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("torch ") and first.endswith(" on cpu"), first

@@ -1,6 +1,6 @@
 """`cbam-multi` command line: a thin layer over the library. Each subcommand lives in one function.
 
-    cbam-multi parity [--preset P ...] [--dtype D ...] [--backends torch jax] [--compile] [--model resnet18|resnet50]
+    cbam-multi parity [--preset P ...] [--dtype D ...] [--backends torch jax] [--compile] [--model resnet18|resnet50] [--device cuda]
     cbam-multi parity --train [--steps 200] [--dtype D ...]       # torch vs JAX training trajectories
     cbam-multi train --backend torch|jax [--epochs N --batch-size B --lr LR --seed S --no-cbam --dataset D
                      --data-dir DIR --n-train N --n-test N --out DIR --resume --init-from CKPT --dtype D ...]
@@ -63,8 +63,11 @@ def cmd_parity(args: argparse.Namespace) -> int:
         # float64 cases need x64; parity is about exact maths, so no reduced-precision matmuls either.
         jax.config.update("jax_enable_x64", True)
         jax.config.update("jax_default_matmul_precision", "highest")
-    from cbam_multi.parity import CASES, check_case, format_table
+    from cbam_multi.parity import CASES, TORCH_DEVICE_ENV, check_case, devices, format_table
 
+    if args.device:
+        os.environ[TORCH_DEVICE_ENV] = args.device
+    print(devices(tuple(args.backends)))
     rows = []
     if args.model != "cbam":  # whole networks: torch vs JAX vs the float64 oracle
         from cbam_multi import parity_resnet
@@ -101,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", choices=("cbam", "resnet18", "resnet50"), default="cbam",
                    help="cbam: the CBAM block cases (default); resnet18 / resnet50: whole ResNet-CBAM networks")
     p.add_argument("--compile", action="store_true", help="compare torch.compile with eager on every case (slow)")
+    p.add_argument("--device", default=None,
+                   help="torch device of the torch side: cpu, cuda or cuda:N (default: $CBAM_MULTI_TORCH_DEVICE, else cpu); "
+                        "JAX runs on its default backend, and the first line printed names both")
     p.add_argument("--train", action="store_true", help="instead: torch vs JAX MNIST training trajectories (loss per step)")
     p.add_argument("--steps", type=_positive_int, default=200, help="with --train: optimizer steps (default 200)")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="with --train: batch size (default 64)")
