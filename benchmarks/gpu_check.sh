@@ -45,6 +45,7 @@ cat "$OUT/logs/env.log"
 
 step parity "${PARITY_LIMIT:-170}" $PY -m pytest -q -p no:cacheprovider -n "$workers" -m "$slow" parity_tests -rA
 step real_anchors "${ANCHORS_LIMIT:-60}" $PY -m pytest -q -p no:cacheprovider tests/test_real_anchors.py -rA
-step bench_resnet "${RESNET_LIMIT:-160}" $PY benchmarks/bench_resnet.py "${bench[@]}" --device "$device" --out "$OUT/results"
-step bench_cbam "${CBAM_LIMIT:-100}" $PY benchmarks/bench_cbam.py "${bench[@]}" --device "$device" --out "$OUT/results"
+# RESNET_ARGS / CBAM_ARGS: extra flags (e.g. CBAM_ARGS="--shapes 64x64x28x28 --dtypes float32")
+step bench_resnet "${RESNET_LIMIT:-160}" $PY benchmarks/bench_resnet.py "${bench[@]}" --device "$device" --out "$OUT/results" ${RESNET_ARGS:-}
+step bench_cbam "${CBAM_LIMIT:-100}" $PY benchmarks/bench_cbam.py "${bench[@]}" --device "$device" --out "$OUT/results" ${CBAM_ARGS:-}
 tar -czf "$OUT/gpu_check.tar.gz" -C "$OUT" logs $( [ -d "$OUT/results" ] && echo results )
