@@ -309,13 +309,13 @@ class TimmLightCbamModule(nn.Module):
 
 # --------------------------------------------------------------------------------------------------
 def real_timm_cbam():
-    """``(timm.layers.CbamModule, timm version)`` or ``(None, "not importable: <reason>")``.
+    """``(timm.layers.cbam.CbamModule, timm version)`` or ``(None, "not importable: <reason>")``.
 
     Any exception counts (on this project's CPU box ``import timm`` fails inside torchvision).
     """
     try:
         import timm
-        from timm.layers import CbamModule
+        from timm.layers.cbam import CbamModule  # timm 1.0.29 does not re-export it from timm.layers (seen on a GPU box)
 
         return CbamModule, getattr(timm, "__version__", "?")
     except BaseException as e:
