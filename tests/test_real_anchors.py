@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-import torch.nn as nn  # noqa: E402
+import torch.nn as nn
 
 
 def _real(name: str):
@@ -48,15 +48,15 @@ def _real(name: str):
 timm = _real("timm")
 torchvision = _real("torchvision")
 
-import torchvision.models as tvm  # noqa: E402
-from timm.layers.cbam import CbamModule, LightCbamModule  # noqa: E402  (timm.layers does not re-export them)
-from timm.layers.helpers import make_divisible  # noqa: E402
+import torchvision.models as tvm
+from timm.layers.cbam import CbamModule, LightCbamModule  # timm.layers does not re-export them
+from timm.layers.helpers import make_divisible
 
-from benchmarks import anchors as A  # noqa: E402
-from benchmarks.anchors_resnet import timm_resnet_cbam  # noqa: E402
-from cbam_multi import CBAMSpec, ResNetSpec  # noqa: E402
-from cbam_multi.models import resnet_convert as rc  # noqa: E402
-from cbam_multi.parity import (  # noqa: E402
+from benchmarks import anchors as A
+from benchmarks.anchors_resnet import timm_resnet_cbam
+from cbam_multi import CBAMSpec, ResNetSpec
+from cbam_multi.models import resnet_convert as rc
+from cbam_multi.parity import (
     RESNET_TOLERANCES,
     TOLERANCES,
     RunResult,
@@ -66,8 +66,8 @@ from cbam_multi.parity import (  # noqa: E402
     run_torch,
     tie_input,
 )
-from cbam_multi.torch import from_timm_state_dict, to_timm_state_dict  # noqa: E402
-from cbam_multi.torch.models import ResNet, export_model_grads, export_model_weights, import_model_weights  # noqa: E402
+from cbam_multi.torch import from_timm_state_dict, to_timm_state_dict
+from cbam_multi.torch.models import ResNet, export_model_grads, export_model_weights, import_model_weights
 
 try:  # the JAX comparisons need flax; the torch ones run without it
     import flax  # noqa: F401
@@ -255,7 +255,8 @@ def test_hidden_width_is_real_make_divisible():
                 assert CBAMSpec.timm(c, reduction=r, hidden_divisor=d).hidden == want, (c, r, d)
                 assert A.timm_make_divisible(c * (1.0 / r), d, round_limit=0.0) == want
     for c, r, d in ((24, 16, 1), (40, 4, 8), (100, 6, 4), (8, 16, 4)):
-        assert CbamModule(c, rd_ratio=1.0 / r, rd_divisor=d).channel.fc1.out_channels == CBAMSpec.timm(c, reduction=r, hidden_divisor=d).hidden
+        real = CbamModule(c, rd_ratio=1.0 / r, rd_divisor=d).channel.fc1.out_channels
+        assert real == CBAMSpec.timm(c, reduction=r, hidden_divisor=d).hidden, (c, r, d)
 
 
 # ------------------------------------------------------------------------------------------ the ResNets
@@ -269,7 +270,8 @@ def _randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):  # timm's BatchNormAct2d (CBAM's spatial BN) included
-                for t, (lo, hi) in ((m.weight, (0.5, 1.5)), (m.bias, (-0.1, 0.1)), (m.running_mean, (-0.1, 0.1)), (m.running_var, (0.5, 1.5))):
+                ranges = ((m.weight, 0.5, 1.5), (m.bias, -0.1, 0.1), (m.running_mean, -0.1, 0.1), (m.running_var, 0.5, 1.5))
+                for t, lo, hi in ranges:
                     t.copy_(torch.rand(t.shape, generator=g, dtype=torch.float64).mul(hi - lo).add(lo).to(t.dtype))
     return model.eval()
 
