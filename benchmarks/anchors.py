@@ -27,6 +27,7 @@ __all__ = [
     "BlogCBAM",
     "load_seed_weights",
     "timm_make_divisible",
+    "timm_gate",
     "TimmConvNormAct",
     "TimmChannelAttn",
     "TimmSpatialAttn",
@@ -217,6 +218,14 @@ def timm_make_divisible(v, divisor=8, min_value=None, round_limit=0.9):
     return new_v
 
 
+def timm_gate(gate_layer):
+    """``create_act_layer(gate_layer)`` for the two gates CBAMSpec has (timm's ``Sigmoid``, ``nn.Hardsigmoid``)."""
+    layers = {"sigmoid": nn.Sigmoid, "hard_sigmoid": nn.Hardsigmoid, "hardsigmoid": nn.Hardsigmoid}
+    if gate_layer not in layers:
+        raise ValueError(f"this copy of timm's CBAM knows gate_layer 'sigmoid' and 'hard_sigmoid', got {gate_layer!r}")
+    return layers[gate_layer]()
+
+
 class TimmConvNormAct(nn.Module):
     def __init__(self, in_channels, out_channels, kernel_size=1, bias=False, apply_act=True):
         super().__init__()
@@ -237,7 +246,7 @@ class TimmChannelAttn(nn.Module):
         self.fc1 = nn.Conv2d(channels, rd_channels, 1, bias=mlp_bias)
         self.act = act_layer(inplace=True)
         self.fc2 = nn.Conv2d(rd_channels, channels, 1, bias=mlp_bias)
-        self.gate = nn.Sigmoid()  # create_act_layer('sigmoid')
+        self.gate = timm_gate(gate_layer)  # create_act_layer(gate_layer)
 
     def forward(self, x):
         x_avg = self.fc2(self.act(self.fc1(x.mean((2, 3), keepdim=True))))
@@ -249,7 +258,7 @@ class TimmSpatialAttn(nn.Module):
     def __init__(self, kernel_size=7, gate_layer="sigmoid"):
         super().__init__()
         self.conv = TimmConvNormAct(2, 1, kernel_size, apply_act=False)
-        self.gate = nn.Sigmoid()
+        self.gate = timm_gate(gate_layer)
 
     def forward(self, x):
         x_attn = torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
@@ -284,7 +293,7 @@ class TimmLightSpatialAttn(nn.Module):
     def __init__(self, kernel_size=7, gate_layer="sigmoid"):
         super().__init__()
         self.conv = TimmConvNormAct(1, 1, kernel_size, apply_act=False)
-        self.gate = nn.Sigmoid()
+        self.gate = timm_gate(gate_layer)
 
     def forward(self, x):
         x_attn = 0.5 * x.mean(dim=1, keepdim=True) + 0.5 * x.amax(dim=1, keepdim=True)

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn import init
 
-from .anchors import TimmCbamModule
+from .anchors import TimmCbamModule, TimmLightCbamModule
 
 __all__ = ["OfficialCBAM", "official_resnet", "timm_resnet_cbam"]
 
@@ -164,7 +164,8 @@ def official_resnet(network_type: str = "ImageNet", depth: int = 50, num_classes
     return model
 
 
-def timm_resnet_cbam(depth: int = 50, num_classes: int = 1000) -> nn.Module:
-    """Structure (keys, CBAM placement) of timm's ``resnet{depth}`` with ``attn_layer='cbam'``; torch's
-    default init (timm's own init differs, irrelevant to checkpoint conversion)."""
-    return _ResNet(depth, "timm", num_classes, ("se", TimmCbamModule))
+def timm_resnet_cbam(depth: int = 50, num_classes: int = 1000, light: bool = False) -> nn.Module:
+    """Structure (keys, CBAM placement) of timm's ``resnet{depth}`` with ``attn_layer='cbam'`` (``'lcbam'``
+    with ``light``: `TimmLightCbamModule`); torch's default init (timm's own init differs, irrelevant to
+    checkpoint conversion)."""
+    return _ResNet(depth, "timm", num_classes, ("se", TimmLightCbamModule if light else TimmCbamModule))

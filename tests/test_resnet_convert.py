@@ -112,6 +112,24 @@ def test_timm_both_directions(tmp_path):
         assert (fresh(x) - anchor(x)).abs().max() < 1e-5
 
 
+def test_timm_light_resnet_reads_as_timm_light():
+    """timm's ``attn_layer='lcbam'`` (LightCbamModule) has the CBAM keys of ``'cbam'`` with a one-map spatial
+    kernel: the spec is inferred as preset timm_light (not a shape error), and it converts both ways."""
+    anchor = _randomise_bn(timm_resnet_cbam(18, 10, light=True))
+    weights, spec = rc.from_state_dict(anchor.state_dict(), "timm")
+    assert spec == ResNetSpec(18, num_classes=10, cbam_preset="timm_light")
+    x = torch.randn(2, 3, 64, 64)
+    ours = import_model_weights(ResNet(spec), weights).eval()
+    with torch.no_grad():
+        assert (ours(x) - anchor(x)).abs().max() < 1e-5
+    fresh = timm_resnet_cbam(18, 10, light=True).eval()
+    fresh.load_state_dict({k: torch.from_numpy(v) for k, v in rc.to_state_dict(weights, spec, "timm").items()}, strict=True)
+    with torch.no_grad():
+        assert (fresh(x) - anchor(x)).abs().max() < 1e-5
+    blocks = rc.list_cbam_blocks(anchor.state_dict())
+    assert len(blocks) == 8 and {b["preset"] for b in blocks} == {"timm_light"}
+
+
 def test_add_cbam_to_a_plain_resnet(tmp_path):
     plain = _randomise_bn(official_resnet("CIFAR10", 18, 10, None))  # torchvision key layout, no CBAM
     torch.save(plain.state_dict(), tmp_path / "plain.pth")

@@ -7,7 +7,8 @@ table per format (`state_dict_keys`: `cbam_multi.checkpoint_keys` for the backbo
   Its training checkpoints are ``torch.save({'epoch', 'arch', 'state_dict', 'best_prec1', 'optimizer'})`` of
   a DataParallel model (keys ``module.``-prefixed): `from_state_dict` unwraps and strips both;
   `official_checkpoint` writes that format back.
-* ``timm``: timm ResNets with ``block_args=dict(attn_layer='cbam')``; CBAM at ``layer{s}.{b}.se.channel.fc1...``.
+* ``timm``: timm ResNets with ``block_args=dict(attn_layer='cbam')``; CBAM at ``layer{s}.{b}.se.channel.fc1...``
+  (``attn_layer='lcbam'``, timm's LightCbamModule, has the same keys and reads as preset ``timm_light``).
 * ``torchvision``: plain ResNets (no CBAM keys); `add_cbam` loads such a backbone into a ResNet-CBAM,
   initialises the CBAM blocks and reports which tensors it initialised.
 
@@ -155,10 +156,18 @@ def infer_spec(state_dict: Mapping, fmt: str) -> ResNetSpec:
         return ResNetSpec(**fields, attention="none")
     hidden, channels = _shape(sd, cbam_key)[:2]
     preset = _PRESET_OF[fmt]
+    if fmt == "timm" and _light_block(sd, cbam_key[: -len(names["channel.fc1.kernel"])]):
+        preset = "timm_light"  # attn_layer='lcbam': LightCbamModule, a (1, 1, k, k) spatial kernel
     spec = ResNetSpec(**fields, attention="cbam", cbam_preset=preset)
     if spec.cbam_spec(channels).hidden != hidden:
         spec = dataclasses.replace(spec, cbam_reduction=max(1, round(channels / hidden)))
     return spec
+
+
+def _light_block(sd: Mapping, prefix: str) -> bool:
+    """Whether the timm CBAM block at ``prefix`` is a ``LightCbamModule`` (its spatial conv sees one map)."""
+    key = prefix + TIMM_CBAM_KEYS["spatial.conv.kernel"]
+    return key in sd and len(_shape(sd, key)) == 4 and _shape(sd, key)[1] == 1
 
 
 def from_state_dict(state_dict: Mapping, fmt: str, spec: ResNetSpec | None = None) -> tuple[dict[str, np.ndarray], ResNetSpec]:
@@ -249,7 +258,7 @@ def add_cbam(state_dict: Mapping, *, preset: str = "official", reduction: int | 
 
 def _block_preset(shapes: Mapping[str, tuple], channels: int, fmt: str) -> str:
     """The preset whose parameter names and shapes this block's tensors have (structure only), or "custom"."""
-    for preset in ("official", "timm", "paper", "seed"):
+    for preset in ("official", "timm", "timm_light", "paper", "seed"):
         cspec = CBAMSpec.preset(preset, channels)
         if fmt == "canonical":
             expected = dict(cspec.param_shapes())
