@@ -113,7 +113,9 @@ def _jax_forward(w, x, train):
     return np.asarray(model(jnp.asarray(x.transpose(0, 2, 3, 1)))), export_model_weights(model)
 
 
-@pytest.mark.parametrize("backend, run", [("torch", _torch_forward), ("jax", _jax_forward)])
+@pytest.mark.parametrize(
+    "backend, run", [pytest.param("torch", _torch_forward, id="torch"), pytest.param("jax", _jax_forward, id="jax")]
+)
 @pytest.mark.parametrize("train", [False, True])
 def test_resnet_matches_oracle(backend, run, train):
     w = _nontrivial(SMALL)
