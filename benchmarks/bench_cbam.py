@@ -23,7 +23,6 @@ also given as a multiple of it. See common.py for the timing method.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -60,13 +59,7 @@ COMPILED = ("torch_compile", "nnx_jit", "nnx_jit_tree", "nnx_split_jit", "linen_
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(common.DEFAULT_OUT), help="output folder (default benchmarks/results/)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--quick", action="store_true", help="fewer rounds and repetitions")
-    g.add_argument("--smoke", action="store_true", help="1 tiny shape, float32, 1 rep, no torch.compile")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p = common.benchmark_parser(__doc__, smoke_help="1 tiny shape, float32, 1 rep, no torch.compile")
     p.add_argument("--shapes", default=None, help="e.g. 64x64x28x28,8x512x7x7 (B x C x H x W)")
     p.add_argument("--dtypes", default=None, help="float32,bfloat16 (default both; smoke: float32)")
     p.add_argument("--modes", default="fwd,fwdbwd")
@@ -74,11 +67,6 @@ def parse_args(argv=None):
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     p.add_argument("--warm-compile-cache", action="store_true",
                    help="let inductor use its on-disk caches (default: disabled, so compile times are cold)")
-    p.add_argument("--rounds", type=int, default=None)
-    p.add_argument("--reps", type=int, default=None, help="timed calls per case per round")
-    p.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
-                   help="before each group, wait up to S seconds until no other process is using the CPUs")
-    common.add_malloc_arg(p)
     return p.parse_args(argv)
 
 
@@ -301,15 +289,12 @@ def main(argv=None) -> dict:
 
 
 def _run(args, device) -> dict:
-    import torch
-
     if not args.warm_compile_cache:  # honest compile times: no FX-graph / autotune cache from earlier runs
         import torch._inductor.config as inductor_config
 
         inductor_config.force_disable_caches = True
 
     log = print
-    stem = "cbam_block" + ("_smoke" if args.smoke else "_quick" if args.quick else "")
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
     if args.shapes:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
@@ -323,9 +308,7 @@ def _run(args, device) -> dict:
         full=dict(rounds=5, reps_per_round=8, warmup=3, max_case_s=6.0),
     )
 
-    env = common.environment(device)
-    env["malloc"] = args.malloc_record
-    log(f"[bench_cbam] {common.device_line(env)}; torch threads {torch.get_num_threads()}")
+    stem, env = common.start_run(args, device, "cbam_block", "bench_cbam", log=log)
     bw = common.copy_bandwidth(device, nbytes=(16 if args.smoke else 512) * 2**20, reps=2 if args.smoke else 10)
     log(f"[bench_cbam] copy bandwidth {bw['gbps']} GB/s ({bw['method']})")
 
@@ -387,8 +370,6 @@ def _run(args, device) -> dict:
                             f"page faults/call {r.get('page_faults_per_call')})")
                     else:
                         log(f"    {cs.name:18s} {r.get('skipped') or r.get('error')}")
-    env["loadavg_end"] = common.loadavg()
-    env["wall_s"] = round(time.perf_counter() - t_start, 1)
     # bandwidth again at the end; the limit uses the higher of the two rates (the stricter limit)
     bw_end = common.copy_bandwidth(device, nbytes=(16 if args.smoke else 512) * 2**20, reps=2 if args.smoke else 10)
     bw = {**bw, "gbps_start": bw["gbps"], "gbps_end": bw_end["gbps"], "gbps": max(bw["gbps"], bw_end["gbps"])}
@@ -406,7 +387,7 @@ def _run(args, device) -> dict:
             row["x_hot_limit"] = round(row["median_ms"] / row["hot_limit_ms"], 2)
     payload = {
         "benchmark": "cbam_block",
-        "mode": "smoke" if args.smoke else "quick" if args.quick else "full",
+        "mode": common.mode_name(args),
         "environment": env,
         "bandwidth": bw,
         "bf16": {"supported": bf16_ok, "note": bf16_note},
@@ -424,9 +405,7 @@ def _run(args, device) -> dict:
         "results": rows,
     }
     payload["goals"] = goals(rows)
-    jpath, mpath = common.write_outputs(args.out, stem, payload, markdown(payload))
-    log(f"[bench_cbam] wrote {jpath} and {mpath}")
-    return payload
+    return common.finish_run(args, stem, "bench_cbam", payload, markdown, t_start, log=log)
 
 
 # ------------------------------------------------------------------ goals + markdown

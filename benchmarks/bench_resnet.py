@@ -16,7 +16,6 @@ ResNet-50 with and without CBAM (`benchmarks.anchors_resnet.official_resnet`, to
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -40,23 +39,12 @@ MODES = ("infer", "train")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(common.DEFAULT_OUT), help="output folder (default benchmarks/results/)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--quick", action="store_true", help="fewer rounds and repetitions")
-    g.add_argument("--smoke", action="store_true", help="ResNet-18, 32x32, batch 2, 1 rep, no torch.compile")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p = common.benchmark_parser(__doc__, smoke_help="ResNet-18, 32x32, batch 2, 1 rep, no torch.compile")
     p.add_argument("--batch", type=int, default=None, help="batch size (default 8; smoke 2)")
     p.add_argument("--size", type=int, default=None, help="image size (default 224; smoke 32)")
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--paths", default=None, help="comma list of path ids: " + ",".join(PATHS))
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
-    p.add_argument("--rounds", type=int, default=None)
-    p.add_argument("--reps", type=int, default=None, help="timed calls per case per round")
-    p.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
-                   help="before each group, wait up to S seconds until no other process is using the CPUs")
-    common.add_malloc_arg(p)
     return p.parse_args(argv)
 
 
@@ -162,10 +150,7 @@ def main(argv=None) -> dict:
 
 
 def _run(args, device) -> dict:
-    import torch
-
     log = print
-    stem = "resnet" + ("_smoke" if args.smoke else "_quick" if args.quick else "")
     depth = 18 if args.smoke else 50
     batch = args.batch or (2 if args.smoke else 8)
     size = args.size or (32 if args.smoke else 224)
@@ -176,9 +161,7 @@ def _run(args, device) -> dict:
         quick=dict(rounds=3, reps_per_round=2, warmup=1, max_case_s=6.0),
         full=dict(rounds=5, reps_per_round=3, warmup=2, max_case_s=20.0),
     )
-    env = common.environment(device)
-    env["malloc"] = args.malloc_record
-    log(f"[bench_resnet] {common.device_line(env)}; torch threads {torch.get_num_threads()}; ResNet-{depth}, {batch}x3x{size}x{size}")
+    stem, env = common.start_run(args, device, "resnet", "bench_resnet", f"; ResNet-{depth}, {batch}x3x{size}x{size}", log=log)
     rows, t_start = [], time.perf_counter()
     for mode in modes:
         log(f"[bench_resnet] {mode}")
@@ -205,11 +188,9 @@ def _run(args, device) -> dict:
 
 def _write(args, stem, env, runner, depth, batch, size, modes, pids, rows, t_start, log) -> dict:
     """JSON + markdown of the rows so far (a long run keeps its finished modes if it is stopped)."""
-    env["loadavg_end"] = common.loadavg()
-    env["wall_s"] = round(time.perf_counter() - t_start, 1)
     payload = {
         "benchmark": "resnet",
-        "mode": "smoke" if args.smoke else "quick" if args.quick else "full",
+        "mode": common.mode_name(args),
         "environment": env,
         "config": {
             "depth": depth, "batch": batch, "size": size, "dtype": "float32", "modes": modes, "paths": pids,
@@ -221,9 +202,7 @@ def _write(args, stem, env, runner, depth, batch, size, modes, pids, rows, t_sta
         "results": rows,
         "ratios": ratios(rows),
     }
-    jpath, mpath = common.write_outputs(args.out, stem, payload, markdown(payload))
-    log(f"[bench_resnet] wrote {jpath} and {mpath}")
-    return payload
+    return common.finish_run(args, stem, "bench_resnet", payload, markdown, t_start, log=log)
 
 
 def ratios(rows) -> dict:

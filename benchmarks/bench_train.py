@@ -20,7 +20,6 @@ Writes ``<out>/train[_quick|_smoke].json`` and ``.md`` (default out: benchmarks/
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -38,20 +37,13 @@ SMOKE_BLOCK_SHAPES = [(2, 8, 6, 6)]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(common.DEFAULT_OUT), help="output folder (default benchmarks/results/)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--quick", action="store_true")
-    g.add_argument("--smoke", action="store_true", help="tiny net and block, 1 sample, no torch.compile")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p = common.benchmark_parser(
+        __doc__, smoke_help="tiny net and block, 1 sample, no torch.compile", quick_help=None, rounds=False
+    )
     p.add_argument("--batch-size", type=int, default=None, help="MNIST batch (default 128, the TrainConfig default)")
     p.add_argument("--steps", type=int, default=None, help="train steps per timed sample")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
     p.add_argument("--parts", default="mnist,block")
-    p.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
-                   help="before each group, wait up to S seconds until no other process is using the CPUs")
-    common.add_malloc_arg(p)
     return p.parse_args(argv)
 
 
@@ -215,7 +207,6 @@ def _run(args, device) -> dict:
 
     inductor_config.force_disable_caches = True  # cold torch.compile times (no on-disk caches of earlier runs)
     log = print
-    stem = "train" + ("_smoke" if args.smoke else "_quick" if args.quick else "")
     parts = args.parts.split(",")
     batch = args.batch_size or (4 if args.smoke else 128)
     steps = args.steps or (1 if args.smoke else 5)
@@ -225,11 +216,9 @@ def _run(args, device) -> dict:
         runner = common.Runner(rounds=3, reps_per_round=2, warmup=1, max_case_s=4)
     else:
         runner = common.Runner(rounds=5, reps_per_round=3, warmup=2, max_case_s=12)
-    env = common.environment(device)
-    env["malloc"] = args.malloc_record
-    log(f"[bench_train] {common.device_line(env)}; torch threads {env['torch_threads']}")
+    stem, env = common.start_run(args, device, "train", "bench_train", log=log)
     t0 = time.perf_counter()
-    payload: dict = {"benchmark": "train", "mode": "smoke" if args.smoke else "quick" if args.quick else "full",
+    payload: dict = {"benchmark": "train", "mode": common.mode_name(args),
                      "environment": env, "mnist": None, "block": []}
     if "mnist" in parts:
         cases, info = mnist_cases(args, batch, steps, log)
@@ -261,12 +250,8 @@ def _run(args, device) -> dict:
                     log(f"    {c.name:22s} {r['median_ms']:9.3f} ms/step ({r['us_per_image']} us/img, first {r['first_call_s']} s, "
                         f"foreign load {r.get('foreign_load')})")
                 payload["block"].append(r)
-    env["loadavg_end"] = common.loadavg()
-    env["wall_s"] = round(time.perf_counter() - t0, 1)
     payload["goals"] = goals(payload)
-    jpath, mpath = common.write_outputs(args.out, stem, payload, markdown(payload))
-    log(f"[bench_train] wrote {jpath} and {mpath}")
-    return payload
+    return common.finish_run(args, stem, "bench_train", payload, markdown, t0, log=log)
 
 
 def _row(rows, name):

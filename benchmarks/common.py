@@ -1,5 +1,5 @@
 """Shared benchmark machinery: device choice, timing, copy bandwidth, foreign-load capture, environment
-capture, JSON + markdown output. Imported by `bench_cbam.py` and `bench_train.py`.
+capture, JSON + markdown output. Imported by the `bench_*.py` scripts.
 
 Timing rules (every figure in RESULTS.md goes through `Runner`):
 
@@ -17,6 +17,7 @@ Timing rules (every figure in RESULTS.md goes through `Runner`):
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -325,6 +326,53 @@ def run_benchmark(args, run: Callable) -> dict:
     finally:
         torch.set_num_threads(prev_threads)
         inductor_config.force_disable_caches = prev_disable
+
+
+def benchmark_parser(description: str, smoke_help: str, quick_help: str | None = "fewer rounds and repetitions",
+                     rounds: bool = True) -> argparse.ArgumentParser:
+    """The options every benchmark script takes: --out, --quick | --smoke, --device, --threads, --wait-quiet,
+    --malloc, and with ``rounds`` the --rounds / --reps overrides that `runner_for` reads; the script adds its own."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default benchmarks/results/)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--quick", action="store_true", help=quick_help)
+    g.add_argument("--smoke", action="store_true", help=smoke_help)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    if rounds:
+        p.add_argument("--rounds", type=int, default=None)
+        p.add_argument("--reps", type=int, default=None, help="timed calls per case per round")
+    p.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
+                   help="before each group, wait up to S seconds until no other process is using the CPUs")
+    add_malloc_arg(p)
+    return p
+
+
+def mode_name(args) -> str:
+    """"smoke", "quick" or "full": the benchmark's ``--smoke`` / ``--quick`` choice (in its JSON and file names)."""
+    return "smoke" if args.smoke else "quick" if args.quick else "full"
+
+
+def start_run(args, device: str, stem: str, tag: str, detail: str = "", log: Callable[[str], None] = print):
+    """What every benchmark's ``run`` starts with: (its output stem, ``stem`` + ``_smoke`` / ``_quick``; the
+    `environment`, with the ``--malloc`` record), the device logged as ``[tag] ...; torch threads N`` + ``detail``."""
+    env = environment(device)
+    env["malloc"] = args.malloc_record
+    log(f"[{tag}] {device_line(env)}; torch threads {env['torch_threads']}{detail}")
+    mode = mode_name(args)
+    return (stem if mode == "full" else f"{stem}_{mode}"), env
+
+
+def finish_run(args, stem: str, tag: str, payload: dict, markdown: Callable[[dict], str], t_start: float,
+               log: Callable[[str], None] = print) -> dict:
+    """What every benchmark's ``run`` ends with (a long one also after each part): the end load and the wall
+    seconds since ``t_start`` into ``payload["environment"]``, the JSON + ``markdown(payload)`` files written."""
+    env = payload["environment"]
+    env["loadavg_end"] = loadavg()
+    env["wall_s"] = round(time.perf_counter() - t_start, 1)
+    jpath, mpath = write_outputs(args.out, stem, payload, markdown(payload))
+    log(f"[{tag}] wrote {jpath} and {mpath}")
+    return payload
 
 
 # ------------------------------------------------------------------ allocator

@@ -302,8 +302,15 @@ def load_weights(path, expected_spec=None, *, allow_spec_mismatch: bool = False)
     return {n: tensors[n] for n in spec.param_shapes()}, spec
 
 
-def load_block_checkpoint(path, spec, part: str | None = None, *, allow_spec_mismatch: bool = False) -> Weights:
-    """The canonical weights of ``spec``'s ``part`` (None: the whole block) from a checkpoint, its spec checked
-    against ``spec`` as `load_weights` does: what each backend's ``load_checkpoint(module, path)`` imports."""
-    weights, _ = load_weights(path, spec, allow_spec_mismatch=allow_spec_mismatch)
-    return {n: weights[n] for n in spec.param_shapes(part)}
+def load_module_checkpoint(module, path, import_weights, *, allow_spec_mismatch: bool = False):
+    """Load a `save_weights` checkpoint into a backend's CBAM / ChannelAttention / SpatialAttention ``module``
+    with that backend's ``import_weights`` and return the module: the one body of both backends'
+    ``load_checkpoint``. The module's own part of the weights is named by ``module._PART`` ("channel",
+    "spatial", or None for the whole block), the attribute both backends' modules define.
+
+    The checkpoint's spec must match ``module.spec`` in everything that changes the maths (SpecMismatchError
+    lists the differing fields; ``allow_spec_mismatch=True`` loads anyway where names and shapes fit), as
+    `load_weights` checks it. A failed load changes nothing (``import_weights`` is all-or-nothing)."""
+    weights, _ = load_weights(path, module.spec, allow_spec_mismatch=allow_spec_mismatch)
+    part = getattr(module, "_PART", None)
+    return import_weights(module, {n: weights[n] for n in module.spec.param_shapes(part)})

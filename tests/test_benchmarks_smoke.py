@@ -23,7 +23,7 @@ def _load(out: Path, stem: str) -> dict:
     md = (out / f"{stem}.md").read_text()
     assert md.startswith("# ") and "Command:" in md and "Versions:" in md
     env = data["environment"]
-    for key in ("device", "cpu", "cores", "torch_threads", "versions", "command", "git"):
+    for key in ("device", "cpu", "cores", "torch_threads", "versions", "command", "git", "malloc", "wall_s", "loadavg_end"):
         assert key in env, key
     assert env["versions"]["torch"] and env["versions"]["jax"]
     return data

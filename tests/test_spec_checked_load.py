@@ -73,6 +73,20 @@ def test_fields_that_do_not_change_the_maths_load(tmp_path):
     assert spec_differences(CBAMSpec.timm(24), CBAMSpec.timm(24, hidden_channels=2)) == []  # same width
 
 
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+@pytest.mark.parametrize("gate, part", [("ChannelAttention", "channel"), ("SpatialAttention", "spatial")])
+def test_a_gate_module_loads_its_own_part(tmp_path, backend, gate, part):
+    # both backends name a module's part the same way (``_PART``), read by the one core load_module_checkpoint
+    spec = CBAMSpec.official(32)
+    w = init_weights(spec, 5, np.float64)
+    path = save_weights(tmp_path / "g.safetensors", w, spec)
+    lib, kw = (ct, {"dtype": torch.float64}) if backend == "torch" else (cj, {"param_dtype": jnp.float64})
+    module = lib.load_checkpoint(getattr(lib, gate)(spec, **kw), path)
+    got = lib.export_weights(module)
+    assert sorted(got) == sorted(spec.param_shapes(part))
+    assert all(np.array_equal(got[n], w[n]) for n in got)
+
+
 def test_core_load_weights_checks_the_expected_spec(tmp_path):
     stored, wanted, _ = MISMATCHES["concat_order"]
     path = save_weights(tmp_path / "c.safetensors", init_weights(stored, 2, np.float64), stored)

@@ -241,21 +241,21 @@ def test_timm_cbam_parity(train, channels, mlp_bias):
         assert err <= 1e-14, f"{attr}: max abs error {err:.3e}"
 
 
-def test_to_official_and_to_timm_load_strictly_and_match():
+@pytest.mark.parametrize(
+    "make_spec, anchor_cls, to_anchor, seed",
+    [
+        pytest.param(CBAMSpec.official, OfficialCBAM, to_official_state_dict, 32, id="official"),
+        pytest.param(CBAMSpec.timm, TimmCbamModule, to_timm_state_dict, 33, id="timm"),
+    ],
+)
+def test_to_anchor_state_dict_loads_strictly_and_matches(make_spec, anchor_cls, to_anchor, seed):
     x = randn((2, 32, 6, 6), seed=31)
-    spec = CBAMSpec.official(32)
-    ours = import_weights(CBAM(spec, dtype=torch.float64), random_weights(spec, 32)).eval()
-    official = OfficialCBAM(32).double().eval()
-    official.load_state_dict(to_official_state_dict(export_weights(ours), spec), strict=True)
-    err = max_err(official(x), ours(x))
-    assert err <= 1e-12, f"to_official: max abs error {err:.3e}"
-
-    spec = CBAMSpec.timm(32)
-    ours = import_weights(CBAM(spec, dtype=torch.float64), random_weights(spec, 33)).eval()
-    timm_mod = TimmCbamModule(32).double().eval()
-    timm_mod.load_state_dict(to_timm_state_dict(export_weights(ours), spec), strict=True)
-    err = max_err(timm_mod(x), ours(x))
-    assert err <= 1e-12, f"to_timm: max abs error {err:.3e}"
+    spec = make_spec(32)
+    ours = import_weights(CBAM(spec, dtype=torch.float64), random_weights(spec, seed)).eval()
+    anchor = anchor_cls(32).double().eval()
+    anchor.load_state_dict(to_anchor(export_weights(ours), spec), strict=True)
+    err = max_err(anchor(x), ours(x))
+    assert err <= 1e-12, f"{to_anchor.__name__}: max abs error {err:.3e}"
 
 
 def test_adapters_reorder_spatial_kernel_for_other_concat_order():

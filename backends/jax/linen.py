@@ -69,27 +69,34 @@ def _layers(spec: CBAMSpec, part: str) -> list[str]:
     return seen
 
 
-class _Gate(nn.Module):
-    """Common setup: one `_Layer` submodule per canonical layer of ``part``."""
+class _Module(nn.Module):
+    """The fields every linen CBAM module takes, in this positional order, and the spec check of its setup."""
 
     spec: CBAMSpec
     seed: int = 0
     dtype: Any = None
     param_dtype: Any = jnp.float32
 
-    part = None  # set by subclasses
+    _PART = None  # its part of the canonical weights (None: all), as on the NNX and torch modules
 
     def setup(self):
         require_spec(self.spec)
-        if self.part == "spatial" and self.spec.no_spatial:
+
+
+class _Gate(_Module):
+    """Common setup: one `_Layer` submodule per canonical layer of ``_PART``."""
+
+    def setup(self):
+        super().setup()
+        if self._PART == "spatial" and self.spec.no_spatial:
             raise ValueError("spec has no_spatial=True: it has no spatial gate to build")
         # Attribute name = canonical layer name ("fc1", "conv", "bn"), hence the variable paths.
-        for layer in _layers(self.spec, self.part):
+        for layer in _layers(self.spec, self._PART):
             setattr(self, layer.split(".")[1], _Layer(self.spec, self.seed, self.param_dtype, layer))
 
     def values(self) -> dict[str, jax.Array]:
         out = {}
-        for layer in _layers(self.spec, self.part):
+        for layer in _layers(self.spec, self._PART):
             out.update(getattr(self, layer.split(".")[1])())
         return out
 
@@ -97,7 +104,7 @@ class _Gate(nn.Module):
 class ChannelAttention(_Gate):
     """CBAM channel gate; ``__call__(x, *, train=False)`` (``train`` is accepted for symmetry)."""
 
-    part = "channel"
+    _PART = "channel"
 
     def __call__(self, x, *, train: bool = False):
         values = self.values()
@@ -107,7 +114,7 @@ class ChannelAttention(_Gate):
 class SpatialAttention(_Gate):
     """CBAM spatial gate; with BatchNorm and ``train=True`` pass ``mutable=["batch_stats"]``."""
 
-    part = "spatial"
+    _PART = "spatial"
 
     def update_stats(self, stats) -> None:
         if stats:
@@ -120,16 +127,11 @@ class SpatialAttention(_Gate):
         return y
 
 
-class CBAM(nn.Module):
+class CBAM(_Module):
     """CBAM block on NHWC input: submodules ``channel`` and ``spatial``, one `F.cbam` call."""
 
-    spec: CBAMSpec
-    seed: int = 0
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-
     def setup(self):
-        require_spec(self.spec)
+        super().setup()
         self.channel = ChannelAttention(self.spec, self.seed, self.dtype, self.param_dtype)
         if not self.spec.no_spatial:
             self.spatial = SpatialAttention(self.spec, self.seed, self.dtype, self.param_dtype)

@@ -63,7 +63,7 @@ def _parts(module: nnx.Module):
         parts = (("channel", module.channel), ("spatial", module.spatial))
         return tuple((p, m) for p, m in parts if m is not None)
     if isinstance(module, (ChannelAttention, SpatialAttention)):
-        return ((module.part, module),)
+        return ((module._PART, module),)
     raise TypeError(f"expected a cbam_multi.jax CBAM/ChannelAttention/SpatialAttention, got {type(module).__name__}")
 
 
@@ -74,12 +74,12 @@ def _values(module: nnx.Module) -> dict[str, jax.Array]:
 class ChannelAttention(nnx.Module):
     """CBAM channel gate. Leaves: ``fc1.kernel`` (C, hidden), ``fc1.bias``, ``fc2.kernel``, ``fc2.bias``."""
 
-    part = "channel"
+    _PART = "channel"  # its part of the canonical weights; the torch modules' attribute name too
 
     def __init__(self, spec: CBAMSpec, *, dtype=None, param_dtype=jnp.float32, seed: int = 0):
         self.spec = spec
         self.dtype, self.param_dtype = dtype, param_dtype
-        _build(self, spec, self.part, param_dtype, seed)
+        _build(self, spec, self._PART, param_dtype, seed)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         values = _values(self)
@@ -90,7 +90,7 @@ class SpatialAttention(nnx.Module):
     """CBAM spatial gate. Leaves: ``conv.kernel`` (k, k, 2, 1) HWIO, ``conv.bias``, and with BatchNorm
     ``bn.scale``/``bn.bias`` (Param) and ``bn.mean``/``bn.var`` (BatchStat)."""
 
-    part = "spatial"
+    _PART = "spatial"
 
     def __init__(
         self, spec: CBAMSpec, *, dtype=None, param_dtype=jnp.float32, seed: int = 0, use_running_average: bool = False
@@ -100,7 +100,7 @@ class SpatialAttention(nnx.Module):
         self.spec = spec
         self.dtype, self.param_dtype = dtype, param_dtype
         self.use_running_average = use_running_average
-        _build(self, spec, self.part, param_dtype, seed)
+        _build(self, spec, self._PART, param_dtype, seed)
 
     def set_view(self, use_running_average: bool | None = None):
         """Used by ``nnx.view(model, use_running_average=...)``."""
@@ -123,7 +123,7 @@ class CBAM(nnx.Module):
     """CBAM block (channel gate, then spatial gate) on NHWC input; submodules ``.channel``, ``.spatial``
     (``.spatial`` is None for a ``no_spatial`` spec)."""
 
-    part = None
+    _PART = None
 
     def __init__(
         self, spec: CBAMSpec, *, dtype=None, param_dtype=jnp.float32, seed: int = 0, use_running_average: bool = False

@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from cbam_multi.spec import CBAMSpec
-from cbam_multi.weights import load_block_checkpoint, validate_weights
+from cbam_multi.weights import load_module_checkpoint, validate_weights
 
 from . import functional as F
 
@@ -53,7 +53,7 @@ def import_weights(module: nnx.Module, weights: Mapping[str, Any]) -> nnx.Module
     from .modules import variables_of
 
     variables = variables_of(module)  # raises TypeError for a foreign object
-    validate_weights(weights, module.spec, part=module.part)
+    validate_weights(weights, module.spec, part=module._PART)
     new = {}
     for name, var in variables.items():
         new[name] = jnp.asarray(np.asarray(weights[name]), dtype=var[...].dtype)
@@ -139,9 +139,7 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def load_checkpoint(module, path, *, allow_spec_mismatch: bool = False):
-    """Load a `cbam_multi.save_weights` checkpoint into a CBAM / ChannelAttention / SpatialAttention
-    ``module`` (its own part of the weights) and return the module. The checkpoint's spec must match
-    ``module.spec`` in everything that changes the maths (SpecMismatchError lists the differing fields;
-    ``allow_spec_mismatch=True`` loads anyway where names and shapes fit). A failed load changes nothing."""
-    part = getattr(module, "part", None)
-    return import_weights(module, load_block_checkpoint(path, module.spec, part, allow_spec_mismatch=allow_spec_mismatch))
+    """Load a `cbam_multi.save_weights` checkpoint into a CBAM / ChannelAttention / SpatialAttention ``module``
+    (spec checked, all-or-nothing) and return it: `cbam_multi.weights.load_module_checkpoint` with this backend's
+    `import_weights`."""
+    return load_module_checkpoint(module, path, import_weights, allow_spec_mismatch=allow_spec_mismatch)

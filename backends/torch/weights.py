@@ -15,7 +15,7 @@ import torch
 
 from cbam_multi.errors import WeightsError
 from cbam_multi.spec import TRAINABLE, CBAMSpec
-from cbam_multi.weights import load_block_checkpoint, validate_weights
+from cbam_multi.weights import load_module_checkpoint, validate_weights
 
 __all__ = ["load_checkpoint", "Layout", "TRANSFORMS", "torch_layouts", "export_weights", "import_weights", "export_grads"]
 
@@ -180,9 +180,7 @@ def export_grads(module: torch.nn.Module) -> dict[str, Array]:
 
 
 def load_checkpoint(module, path, *, allow_spec_mismatch: bool = False):
-    """Load a `cbam_multi.save_weights` checkpoint into a CBAM / ChannelAttention / SpatialAttention
-    ``module`` (its own part of the weights) and return the module. The checkpoint's spec must match
-    ``module.spec`` in everything that changes the maths (SpecMismatchError lists the differing fields;
-    ``allow_spec_mismatch=True`` loads anyway where names and shapes fit). A failed load changes nothing."""
-    part = getattr(module, "_PART", None)
-    return import_weights(module, load_block_checkpoint(path, module.spec, part, allow_spec_mismatch=allow_spec_mismatch))
+    """Load a `cbam_multi.save_weights` checkpoint into a CBAM / ChannelAttention / SpatialAttention ``module``
+    (spec checked, all-or-nothing) and return it: `cbam_multi.weights.load_module_checkpoint` with this backend's
+    `import_weights`."""
+    return load_module_checkpoint(module, path, import_weights, allow_spec_mismatch=allow_spec_mismatch)
