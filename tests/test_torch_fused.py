@@ -151,3 +151,59 @@ def test_double_backward_is_refused_with_a_clear_error():
     with fused.disabled():  # the composed ops support it
         (gx,) = torch.autograd.grad(m(x).sum(), x, create_graph=True)
         gx.sum().backward()
+
+
+# ResNet-50-CBAM's block shapes (batch 2, 64x64 input: layer1..layer4) and how the network uses the block:
+# its output goes into ``out + shortcut`` and a ReLU, its gradient can arrive expanded (the global mean pool's
+# backward) or channels_last, and at::parallel_for splits C up to 2048 planes. This was the first suspect for
+# a float32 ResNet-50 gradient gap with the kernels on (tracked down to one ReLU kink crossing, RESULTS.md).
+RESNET50_SHAPES = [(2, 256, 16, 16), (2, 512, 8, 8), (2, 1024, 4, 4), (2, 2048, 2, 2)]
+
+
+@pytest.mark.parametrize("shape", RESNET50_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("grad_kind", ["dense", "expanded", "channels_last"])
+def test_kernels_on_resnet50_block_shapes(shape, grad_kind):
+    spec = CBAMSpec.preset("official", shape[1])
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    shortcut = torch.randn(shape, generator=g, dtype=torch.float64)
+    ct = torch.randn(shape if grad_kind != "expanded" else (*shape[:2], 1, 1), generator=g, dtype=torch.float64)
+    state = CBAM(spec, dtype=torch.float64, seed=5).state_dict()
+
+    def run(dtype, composed):
+        m = CBAM(spec, dtype=dtype)
+        m.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()})
+        xx = x.to(dtype).requires_grad_()
+        with fused.disabled() if composed else _kernels(True):
+            assert fused.applies(m, xx) == (not composed)
+            out = m(xx)
+            out += shortcut.to(dtype)  # in place on the Function's output, as a residual add may be written
+            y = out.tanh_()  # in place again; smooth (a ReLU here could flip at a kink in float32: not the check)
+            c = ct.to(dtype)
+            c = c.expand(shape) if grad_kind == "expanded" else c
+            c = c.contiguous(memory_format=torch.channels_last) if grad_kind == "channels_last" else c
+            grads = torch.autograd.grad(y, [xx, *m.parameters()], c)
+        return [y.detach(), *grads]
+
+    ref = run(torch.float64, composed=True)
+    got64 = run(torch.float64, composed=False)
+    assert _err(got64, ref) <= TOLERANCES["float64"]["grad"], f"float64 kernels vs composed: {_err(got64, ref):.3e}"
+    got32 = run(torch.float32, composed=False)
+    scale = max(r.abs().max().item() for r in ref[1:])
+    err_y, err_g = _err(got32[:1], ref[:1]), _err(got32[1:], ref[1:]) / scale
+    tol = TOLERANCES["float32"]
+    assert err_y <= tol["y"] and err_g <= tol["grad"], f"float32 kernels: y err {err_y:.3e}, grad rel err {err_g:.3e}"
+
+
+def test_input_changed_in_place_after_the_forward_is_caught():
+    """x is saved with save_for_backward: an in-place change before backward is autograd's version error,
+    not a silently wrong gradient (kernels on and off)."""
+    m = CBAM(CBAMSpec.preset("official", 32), dtype=torch.float64)
+    for on in (True, False):
+        h = torch.randn(2, 32, 4, 4, dtype=torch.float64, requires_grad=True)
+        x = h * 1.0
+        with _kernels(on):
+            y = m(x)
+        x.relu_()
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.sum().backward()
