@@ -207,3 +207,24 @@ def test_input_changed_in_place_after_the_forward_is_caught():
         x.relu_()
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             y.sum().backward()
+
+
+def test_kink_check_separates_kernel_errors_from_relu_kinks():
+    """benchmarks/kink_check.py on the quick ResNet-18-CBAM parity case: with every ReLU mask taken from
+    float64, float32 gradients (kernels on and off) stay within the parity tolerance; a kernel bug would not."""
+    import sys
+    from pathlib import Path
+
+    from cbam_multi.parity import RESNET_TOLERANCES
+
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from benchmarks import kink_check
+
+    out = kink_check.check(0)
+    assert out["relu_calls"] > 0 and [(r["kernels"], r["relu"]) for r in out["runs"]] == [
+        (False, "plain"), (False, "forced"), (True, "plain"), (True, "forced")]
+    for r in out["runs"]:
+        if r["relu"] == "forced":
+            assert r["max_rel_grad_err"] <= RESNET_TOLERANCES["float32"]["grad"], r
