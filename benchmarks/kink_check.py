@@ -61,8 +61,9 @@ def _kernels(on: bool):
         os.environ.pop(fused.KERNEL_ENV_VAR) if old is None else os.environ.__setitem__(fused.KERNEL_ENV_VAR, old)
 
 
-def check(case_index: int = 5) -> dict:
-    """{"case": id, "runs": [{"kernels", "relu", "max_rel_grad_err", "flips"}]} for one parity case."""
+def check(case_index: int = 5, kernels=(False, True)) -> dict:
+    """{"case": id, "runs": [{"kernels", "relu", "max_rel_grad_err", "flips"}]} for one parity case, the CPU
+    kernels off and/or on (``kernels``), each with plain and with float64-forced ReLU masks."""
     from cbam_multi.parity_resnet import RESNET_CASES, case_inputs, run_torch
     from cbam_multi.torch.models import resnet
 
@@ -73,7 +74,7 @@ def check(case_index: int = 5) -> dict:
     try:
         _, ref, _ = run_torch(case.spec, weights, x, g, "float64", case.train)
         runs = []
-        for on in (False, True):
+        for on in kernels:
             for mode in ("plain", "forced"):
                 probe.mode, probe.calls, probe.flips = mode, 0, []
                 with _kernels(on):

@@ -222,9 +222,8 @@ def test_kink_check_separates_kernel_errors_from_relu_kinks():
         sys.path.insert(0, root)
     from benchmarks import kink_check
 
-    out = kink_check.check(0)
-    assert out["relu_calls"] > 0 and [(r["kernels"], r["relu"]) for r in out["runs"]] == [
-        (False, "plain"), (False, "forced"), (True, "plain"), (True, "forced")]
+    out = kink_check.check(0, kernels=(True,))  # kernels on only: the suite's time (each run is a ResNet-18 step)
+    assert out["relu_calls"] > 0 and [(r["kernels"], r["relu"]) for r in out["runs"]] == [(True, "plain"), (True, "forced")]
     for r in out["runs"]:
         if r["relu"] == "forced":
             assert r["max_rel_grad_err"] <= RESNET_TOLERANCES["float32"]["grad"], r
