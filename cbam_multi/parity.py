@@ -159,9 +159,14 @@ class RunResult:
 
 
 # ------------------------------------------------------------------ runners
-def run_torch(spec, weights, x, g, dtype: str, train: bool, compiled: bool = False) -> RunResult:
+def run_torch(spec, weights, x, g, dtype: str, train: bool, compiled: bool = False, composed: bool = False) -> RunResult:
+    """One forward+backward. Eager autograd takes the fused training Function where it applies
+    (`cbam_multi.torch.fused`); ``composed`` turns it off to run the plain ops it is checked against."""
+    import contextlib
+
     torch = require("torch", "the torch parity runner")
     import cbam_multi.torch as ct
+    from cbam_multi.torch import fused
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -172,8 +177,9 @@ def run_torch(spec, weights, x, g, dtype: str, train: bool, compiled: bool = Fal
     model.to(dev).train(train)
     fn = torch.compile(model) if compiled else model
     xt = torch.tensor(x, dtype=tdtype, device=dev, requires_grad=True)
-    y = fn(xt)
-    (y * torch.tensor(g, dtype=tdtype, device=dev)).sum().backward()
+    with fused.disabled() if composed else contextlib.nullcontext():
+        y = fn(xt)
+        (y * torch.tensor(g, dtype=tdtype, device=dev)).sum().backward()
     grads = {"input": xt.grad.cpu().numpy(), **ct.export_grads(model)}
     return RunResult(y.detach().cpu().numpy(), grads, _stats(spec, ct.export_weights(model), train), exported)
 
@@ -332,6 +338,8 @@ def check_case(case: ParityCase, dtype: str, backends=("torch", "jax"), with_com
     results = {name: fn(weights) for name, fn in run.items()}
     for name, res in results.items():
         rows += _compare(cid, dtype, f"{name}~oracle", res, None, oracle)
+    if "torch" in results:  # the fused training Function (where it applies) against the composed ops
+        rows += _compare(cid, dtype, "torch-fused~composed", results["torch"], run["torch"](weights, composed=True))
     if "torch" in backends:  # eager inference (the fused CPU kernel) against the eval-mode oracle
         y_eval = cbam_forward(x, weights, spec, train=False)[0] if train else y_ref
         for layout, cl in (("", False), ("-cl", True)):

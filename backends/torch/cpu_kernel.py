@@ -38,6 +38,8 @@ __all__ = ["available", "applies", "cbam_infer", "disabled", "ENV_VAR", "ARCH_EN
 ENV_VAR = "CBAM_MULTI_CPU_KERNEL"
 ARCH_ENV_VAR = "CBAM_MULTI_CPU_KERNEL_ARCH"  # -march value (default native), e.g. x86-64-v3 for AVX2 only
 _SOURCE = Path(__file__).with_name("csrc") / "cbam_infer.cpp"
+# the training Function's full-size passes (fused.py), built into the same library
+_SOURCES = (_SOURCE, Path(__file__).with_name("csrc") / "cbam_train.cpp")
 _POOL_CODES = {"avg": 0, "max": 1}  # the pools the kernel computes (every preset's)
 _FLOATS = (torch.float32, torch.float64)
 _log = logging.getLogger(__name__)
@@ -54,7 +56,10 @@ def _arch() -> str:
 def _build_key(arch: str) -> str:
     """-march=native compiles for this CPU: key the cached library to its instruction-set flags (and arch)."""
     flags = " ".join(sorted(cpu_flags())) or platform.processor()
-    return hashlib.sha256(f"{platform.machine()} {flags} {arch}".encode()).hexdigest()[:10]
+    h = hashlib.sha256(f"{platform.machine()} {flags} {arch}".encode())
+    for src in _SOURCES:  # the sources too: checkouts with other kernel versions keep separate cached builds
+        h.update(src.read_bytes())
+    return h.hexdigest()[:10]
 
 
 def _build() -> None:
@@ -64,7 +69,7 @@ def _build() -> None:
     _log.info("cbam_multi: building the fused CBAM CPU kernel (once per machine, ~10 s)")
     load(
         name=f"cbam_multi_cpu_{_build_key(arch)}",
-        sources=[str(_SOURCE)],
+        sources=[str(src) for src in _SOURCES],
         extra_cflags=["-O3", f"-march={arch}", "-fopenmp"],  # -fopenmp: at::parallel_for's OpenMP pragmas
         extra_ldflags=["-fopenmp"],
         is_python_module=False,  # the library registers torch.ops.cbam_multi.cbam_infer when loaded

@@ -16,7 +16,7 @@ from cbam_multi.errors import InputError
 from cbam_multi.spec import CBAMSpec
 from cbam_multi.weights import init_weights
 
-from . import cpu_kernel
+from . import cpu_kernel, fused
 from . import functional as CF
 from .guards import functorch_wrapped, has_hooks
 from .weights import import_weights
@@ -227,6 +227,10 @@ class CBAM(_Gate):
         if cpu_kernel.applies(self, x):  # CPU inference: the whole block in one fused kernel
             self.channel._validate(x)
             return cpu_kernel.cbam_infer(self, x)
+        if fused.applies(self, x):  # eager autograd: one Function that saves no full-size intermediate
+            self.channel._validate(x)
+            self.spatial._validate(x, train_bn=self.spatial._has_bn and self.spatial.training)
+            return fused.cbam_train(self, x)
         # the input checks run at the top of self.channel's forward (and self.spatial's)
         y = self.channel(x)
         if _may_overwrite(y, self.spatial):

@@ -1,0 +1,384 @@
+// Full-size passes of the CBAM training Function (fused.py) for CPU, NCHW-contiguous float32/float64.
+//
+// The Function keeps the small maps (pooled vectors, gates, spatial maps) in torch autograd and hands
+// every pass over the full (B, C, H, W) tensor to one of these kernels, each reading its operands once:
+//   forward:  pool_hw (reads x)  maps (reads x)  gate (reads x, writes y)         = the 4-pass floor
+//   backward: grad_s (reads g, x)  grad_ca (reads g, x)  grad_x (reads g, x, writes dx)
+// y1 = x * ca is recomputed (rounded as torch rounds it) instead of saved. Tie rules: "first" routes a max
+// pool's gradient to the recorded lowest index (torch.max / adaptive_max_pool2d), "split" divides it by
+// the tie count (torch.amax's backward); the Python side passes the already-divided cotangent.
+// Sums are accumulated in double, so results agree with the composed ops to float rounding.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+#include <ATen/ops/sum.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+// Reductions written with independent lanes, so -O3 vectorises them without -ffast-math (a single
+// accumulator is a serial dependency chain the compiler may not reorder).
+constexpr int kLanes = 16;
+
+template <typename T>
+inline double sum_lanes(const T* v, int64_t n) {
+  double acc[kLanes] = {0};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) acc[j] += double(v[i + j]);
+  double s = 0;
+  for (; i < n; ++i) s += double(v[i]);
+  for (int j = 0; j < kLanes; ++j) s += acc[j];
+  return s;
+}
+
+template <typename T>
+inline T max_lanes(const T* v, int64_t n) {
+  T acc[kLanes];
+  for (int j = 0; j < kLanes; ++j) acc[j] = v[0];
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) acc[j] = v[i + j] > acc[j] ? v[i + j] : acc[j];
+  T m = v[0];
+  for (; i < n; ++i) m = v[i] > m ? v[i] : m;
+  for (int j = 0; j < kLanes; ++j) m = acc[j] > m ? acc[j] : m;
+  return m;
+}
+
+template <typename T>
+inline int64_t count_eq(const T* v, int64_t n, T m) {
+  int64_t c = 0;
+  for (int64_t i = 0; i < n; ++i) c += (v[i] == m) ? 1 : 0;
+  return c;
+}
+
+void check_x(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 4 && x.is_contiguous() && x.device().is_cpu(), "cbam_train: x must be NCHW-contiguous CPU");
+}
+
+// (B, C): mean, max, first argmax (flat h*W+w) and tie count of each plane
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool_hw(const at::Tensor& x) {
+  check_x(x);
+  const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  auto avg = at::empty({B, C}, x.options());
+  auto mx = at::empty({B, C}, x.options());
+  auto cnt = at::empty({B, C}, x.options());
+  auto idx = at::empty({B, C}, x.options().dtype(at::kLong));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_pool_hw", [&] {
+    const scalar_t* px = x.data_ptr<scalar_t>();
+    scalar_t *pa = avg.data_ptr<scalar_t>(), *pm = mx.data_ptr<scalar_t>(), *pc = cnt.data_ptr<scalar_t>();
+    int64_t* pi = idx.data_ptr<int64_t>();
+    at::parallel_for(0, B * C, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t p = lo; p < hi; ++p) {
+        const scalar_t* v = px + p * HW;
+        const double s = sum_lanes(v, HW);
+        const scalar_t m = max_lanes(v, HW);
+        int64_t am = 0;
+        while (am < HW - 1 && !(v[am] == m)) ++am;  // the first position holding the max
+        const int64_t n = count_eq(v, HW, m);
+        pa[p] = scalar_t(s / double(HW));
+        pm[p] = m;
+        pi[p] = am;
+        pc[p] = scalar_t(n);
+      }
+    });
+  });
+  return {avg, mx, idx, cnt};
+}
+
+// (B, 1, H, W): channel mean, max, first argmax channel and tie count of y1 = x * ca
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> maps(const at::Tensor& x, const at::Tensor& ca) {
+  check_x(x);
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
+  auto cac = ca.contiguous();
+  auto mean = at::empty({B, 1, H, W}, x.options());
+  auto mx = at::empty({B, 1, H, W}, x.options());
+  auto cnt = at::empty({B, 1, H, W}, x.options());
+  auto idx = at::empty({B, 1, H, W}, x.options().dtype(at::kLong));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_maps", [&] {
+    const scalar_t *px = x.data_ptr<scalar_t>(), *pg = cac.data_ptr<scalar_t>();
+    scalar_t *pmean = mean.data_ptr<scalar_t>(), *pmx = mx.data_ptr<scalar_t>(), *pc = cnt.data_ptr<scalar_t>();
+    int64_t* pi = idx.data_ptr<int64_t>();
+    at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<double> sum(HW);
+      std::vector<scalar_t> n(HW);
+      std::vector<int32_t> ai(HW);
+      for (int64_t b = lo; b < hi; ++b) {
+        const scalar_t* xb = px + b * C * HW;
+        scalar_t* m = pmx + b * HW;
+        for (int64_t i = 0; i < HW; ++i) {
+          scalar_t y = xb[i] * pg[b * C];
+          sum[i] = y; m[i] = y; ai[i] = 0; n[i] = 1;
+        }
+        for (int64_t c = 1; c < C; ++c) {
+          const scalar_t* v = xb + c * HW;
+          const scalar_t g = pg[b * C + c];
+          const int32_t c32 = int32_t(c);
+          for (int64_t i = 0; i < HW; ++i) {  // branch-free, so the loop vectorises
+            const scalar_t y = v[i] * g;
+            sum[i] += y;
+            const bool gt = y > m[i], eq = y == m[i];
+            n[i] = gt ? scalar_t(1) : n[i] + (eq ? scalar_t(1) : scalar_t(0));
+            ai[i] = gt ? c32 : ai[i];
+            m[i] = gt ? y : m[i];
+          }
+        }
+        for (int64_t i = 0; i < HW; ++i) {
+          pmean[b * HW + i] = scalar_t(sum[i] / double(C));
+          pc[b * HW + i] = n[i];
+          pi[b * HW + i] = ai[i];
+        }
+      }
+    });
+  });
+  return {mean, mx, idx, cnt};
+}
+
+// y = (x * ca) * s
+at::Tensor gate(const at::Tensor& x, const at::Tensor& ca, const at::Tensor& s) {
+  check_x(x);
+  const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  auto cac = ca.contiguous(), sc = s.contiguous();
+  auto out = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_gate", [&] {
+    const scalar_t *px = x.data_ptr<scalar_t>(), *pg = cac.data_ptr<scalar_t>(), *ps = sc.data_ptr<scalar_t>();
+    scalar_t* po = out.data_ptr<scalar_t>();
+    at::parallel_for(0, B * C, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t p = lo; p < hi; ++p) {
+        const scalar_t g = pg[p];
+        const scalar_t* sb = ps + (p / C) * HW;
+        for (int64_t i = 0; i < HW; ++i) po[p * HW + i] = (px[p * HW + i] * g) * sb[i];
+      }
+    });
+  });
+  return out;
+}
+
+// (B, 1, H, W): dL/ds = sum_c g * (x * ca)
+at::Tensor grad_s(const at::Tensor& g, const at::Tensor& x, const at::Tensor& ca) {
+  check_x(x);
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
+  auto cac = ca.contiguous();
+  auto gs = at::empty({B, 1, H, W}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_grad_s", [&] {
+    const scalar_t *px = x.data_ptr<scalar_t>(), *pgr = g.data_ptr<scalar_t>(), *pg = cac.data_ptr<scalar_t>();
+    scalar_t* po = gs.data_ptr<scalar_t>();
+    at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<double> acc(HW);
+      for (int64_t b = lo; b < hi; ++b) {
+        std::fill(acc.begin(), acc.end(), 0.0);
+        for (int64_t c = 0; c < C; ++c) {
+          const scalar_t* v = px + (b * C + c) * HW;
+          const scalar_t* d = pgr + (b * C + c) * HW;
+          const scalar_t k = pg[b * C + c];
+          for (int64_t i = 0; i < HW; ++i) acc[i] += double(d[i] * (v[i] * k));
+        }
+        for (int64_t i = 0; i < HW; ++i) po[b * HW + i] = scalar_t(acc[i]);
+      }
+    });
+  });
+  return gs;
+}
+
+// dL/dy1 on one plane (b, c): g * s + gm + (channel-max hit ? gr : 0), gm = dL/dmean_c / C, gr = routed
+// dL/dmax_c (split: already / tie count). Pointers set once per plane so the inner loop vectorises.
+template <typename T>
+struct Plane {
+  const T *g, *x, *s, *gm, *gr, *mxc;
+  const int64_t* idxc;
+  T ca;
+  int64_t c;
+  bool first;
+  inline T gy1(int64_t i) const {
+    T v = g[i] * s[i] + gm[i];
+    const bool hit = first ? (idxc[i] == c) : (x[i] * ca == mxc[i]);
+    return hit ? v + gr[i] : v;
+  }
+};
+
+template <typename T>
+struct Gy1 {
+  const T *g, *x, *ca, *s, *gm, *gr, *mxc;
+  const int64_t* idxc;
+  int64_t C, HW;
+  bool first;
+  Plane<T> plane(int64_t p) const {
+    const int64_t b = p / C, q = b * HW;
+    return Plane<T>{g + p * HW, x + p * HW, s + q, gm + q, gr + q, mxc + q, idxc + q, ca[p], p % C, first};
+  }
+};
+
+template <typename T>
+Gy1<T> make_gy1(const at::Tensor& g, const at::Tensor& x, const at::Tensor& ca, const at::Tensor& s,
+                const at::Tensor& gm, const at::Tensor& gr, const at::Tensor& mxc, const at::Tensor& idxc, bool first) {
+  TORCH_CHECK(g.is_contiguous() && ca.is_contiguous() && s.is_contiguous() && gm.is_contiguous() &&
+                  gr.is_contiguous() && mxc.is_contiguous() && idxc.is_contiguous(),
+              "cbam_train: contiguous operands expected");
+  return Gy1<T>{g.data_ptr<T>(), x.data_ptr<T>(), ca.data_ptr<T>(), s.data_ptr<T>(), gm.data_ptr<T>(),
+                gr.data_ptr<T>(), mxc.data_ptr<T>(), idxc.data_ptr<int64_t>(), x.size(1), x.size(2) * x.size(3),
+                first};
+}
+
+// (B, C): dL/dca = sum_hw dL/dy1 * x. gm = dL/dmean_c / C, gr = routed dL/dmax_c (split: / tie count)
+at::Tensor grad_ca(const at::Tensor& g, const at::Tensor& x, const at::Tensor& ca, const at::Tensor& s,
+                   const at::Tensor& gm, const at::Tensor& gr, const at::Tensor& mxc, const at::Tensor& idxc,
+                   bool first) {
+  check_x(x);
+  const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  auto gca = at::empty({B, C}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_grad_ca", [&] {
+    auto f = make_gy1<scalar_t>(g, x, ca, s, gm, gr, mxc, idxc, first);
+    scalar_t* po = gca.data_ptr<scalar_t>();
+    const scalar_t* px = x.data_ptr<scalar_t>();
+    at::parallel_for(0, B * C, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t p = lo; p < hi; ++p) {
+        const auto pl = f.plane(p);
+        const scalar_t* v = px + p * HW;
+        double acc[kLanes] = {0};
+        int64_t i = 0;
+        for (; i + kLanes <= HW; i += kLanes)
+          for (int j = 0; j < kLanes; ++j) acc[j] += double(pl.gy1(i + j) * v[i + j]);
+        double t = 0;
+        for (; i < HW; ++i) t += double(pl.gy1(i) * v[i]);
+        for (int j = 0; j < kLanes; ++j) t += acc[j];
+        po[p] = scalar_t(t);
+      }
+    });
+  });
+  return gca;
+}
+
+// dL/dx = dL/dy1 * ca + gavg (already / HW) + routed HW-max cotangent gmx (split: / tie count)
+at::Tensor grad_x(const at::Tensor& g, const at::Tensor& x, const at::Tensor& ca, const at::Tensor& s,
+                  const at::Tensor& gm, const at::Tensor& gr, const at::Tensor& mxc, const at::Tensor& idxc,
+                  const at::Tensor& gavg, const at::Tensor& gmx, const at::Tensor& mx, const at::Tensor& idx,
+                  bool first) {
+  check_x(x);
+  const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  auto gavgc = gavg.contiguous(), gmxc = gmx.contiguous(), mxcc = mx.contiguous(), idxcc = idx.contiguous();
+  auto gx = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_grad_x", [&] {
+    auto f = make_gy1<scalar_t>(g, x, ca, s, gm, gr, mxc, idxc, first);
+    const scalar_t *px = x.data_ptr<scalar_t>(), *pca = ca.data_ptr<scalar_t>(), *pav = gavgc.data_ptr<scalar_t>(),
+                   *pgm = gmxc.data_ptr<scalar_t>(), *pm = mxcc.data_ptr<scalar_t>();
+    const int64_t* pi = idxcc.data_ptr<int64_t>();
+    scalar_t* po = gx.data_ptr<scalar_t>();
+    at::parallel_for(0, B * C, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t p = lo; p < hi; ++p) {
+        const scalar_t k = pca[p], a = pav[p], r = pgm[p], m = pm[p];
+        scalar_t* o = po + p * HW;
+        const scalar_t* v = px + p * HW;
+        const auto pl = f.plane(p);
+        for (int64_t i = 0; i < HW; ++i) {
+          scalar_t d = pl.gy1(i) * k + a;
+          const bool hit = first ? (i == pi[p]) : (v[i] == m);
+          o[i] = hit ? d + r : d;
+        }
+      }
+    });
+  });
+  return gx;
+}
+
+
+// The spatial gate's k x k 'same' cross-correlation, Ci (1 or 2) maps -> 1 channel, and its backward.
+// oneDNN's general convolution is slow for this shape (64x2x28x28, k=7: ~20 ms forward+backward on one
+// core, where the direct loops below take well under 1 ms): its setup and layout conversions dominate.
+at::Tensor conv_fwd(const at::Tensor& in, const at::Tensor& w) {
+  TORCH_CHECK(in.is_contiguous() && w.is_contiguous() && in.dim() == 4, "cbam_train.conv_fwd: contiguous NCHW");
+  const int64_t B = in.size(0), Ci = in.size(1), H = in.size(2), W = in.size(3), k = w.size(-1), p = k / 2;
+  auto out = at::zeros({B, 1, H, W}, in.options());
+  AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "cbam_conv_fwd", [&] {
+    const scalar_t *pi = in.data_ptr<scalar_t>(), *pw = w.data_ptr<scalar_t>();
+    scalar_t* po = out.data_ptr<scalar_t>();
+    at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t b = lo; b < hi; ++b)
+        for (int64_t c = 0; c < Ci; ++c)
+          for (int64_t dy = 0; dy < k; ++dy)
+            for (int64_t dx = 0; dx < k; ++dx) {
+              const scalar_t wt = pw[(c * k + dy) * k + dx];
+              const int64_t sy = dy - p, sx = dx - p;
+              const int64_t x0 = std::max<int64_t>(0, -sx), x1 = std::min<int64_t>(W, W - sx);
+              for (int64_t y = std::max<int64_t>(0, -sy); y < std::min<int64_t>(H, H - sy); ++y) {
+                scalar_t* o = po + (b * H + y) * W;
+                const scalar_t* src = pi + ((b * Ci + c) * H + y + sy) * W + sx;
+                for (int64_t x = x0; x < x1; ++x) o[x] += wt * src[x];
+              }
+            }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> conv_bwd(const at::Tensor& g, const at::Tensor& in, const at::Tensor& w) {
+  TORCH_CHECK(g.is_contiguous() && in.is_contiguous() && w.is_contiguous(), "cbam_train.conv_bwd: contiguous");
+  const int64_t B = in.size(0), Ci = in.size(1), H = in.size(2), W = in.size(3), k = w.size(-1), p = k / 2;
+  const int64_t K = Ci * k * k;
+  auto gin = at::zeros_like(in);
+  auto part = at::zeros({B, K}, in.options().dtype(at::kDouble));  // per-sample weight gradients, summed below
+  AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "cbam_conv_bwd", [&] {
+    const scalar_t *pi = in.data_ptr<scalar_t>(), *pw = w.data_ptr<scalar_t>(), *pg = g.data_ptr<scalar_t>();
+    scalar_t* pgi = gin.data_ptr<scalar_t>();
+    double* pp = part.data_ptr<double>();
+    at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<scalar_t> row(W);
+      for (int64_t b = lo; b < hi; ++b)
+        for (int64_t c = 0; c < Ci; ++c)
+          for (int64_t dy = 0; dy < k; ++dy)
+            for (int64_t dx = 0; dx < k; ++dx) {
+              const int64_t j = (c * k + dy) * k + dx;
+              const scalar_t wt = pw[j];
+              const int64_t sy = dy - p, sx = dx - p;
+              const int64_t x0 = std::max<int64_t>(0, -sx), x1 = std::min<int64_t>(W, W - sx);
+              std::fill(row.begin(), row.end(), scalar_t(0));  // per-column partial sums: the loops vectorise
+              for (int64_t y = std::max<int64_t>(0, -sy); y < std::min<int64_t>(H, H - sy); ++y) {
+                const scalar_t* gy = pg + (b * H + y) * W;
+                const int64_t off = ((b * Ci + c) * H + y + sy) * W + sx;
+                scalar_t* d = pgi + off;
+                const scalar_t* src = pi + off;
+                for (int64_t x = x0; x < x1; ++x) d[x] += wt * gy[x];
+                for (int64_t x = x0; x < x1; ++x) row[x] += gy[x] * src[x];
+              }
+              double acc = 0;
+              for (int64_t x = x0; x < x1; ++x) acc += double(row[x]);
+              pp[b * K + j] = acc;
+            }
+    });
+  });
+  return {gin, part.sum(0).to(in.scalar_type()).view(w.sizes())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(cbam_multi, m) {
+  m.def("train_pool_hw(Tensor x) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("train_maps(Tensor x, Tensor ca) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("spatial_conv_fwd(Tensor maps, Tensor weight) -> Tensor");
+  m.def("spatial_conv_bwd(Tensor grad, Tensor maps, Tensor weight) -> (Tensor, Tensor)");
+  m.def("train_gate(Tensor x, Tensor ca, Tensor s) -> Tensor");
+  m.def("train_grad_s(Tensor g, Tensor x, Tensor ca) -> Tensor");
+  m.def("train_grad_ca(Tensor g, Tensor x, Tensor ca, Tensor s, Tensor gm, Tensor gr, Tensor mxc, Tensor idxc, "
+        "bool first) -> Tensor");
+  m.def("train_grad_x(Tensor g, Tensor x, Tensor ca, Tensor s, Tensor gm, Tensor gr, Tensor mxc, Tensor idxc, "
+        "Tensor gavg, Tensor gmx, Tensor mx, Tensor idx, bool first) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(cbam_multi, CPU, m) {
+  m.impl("train_pool_hw", &pool_hw);
+  m.impl("train_maps", &maps);
+  m.impl("train_gate", &gate);
+  m.impl("spatial_conv_fwd", &conv_fwd);
+  m.impl("spatial_conv_bwd", &conv_bwd);
+  m.impl("train_grad_s", &grad_s);
+  m.impl("train_grad_ca", &grad_ca);
+  m.impl("train_grad_x", &grad_x);
+}

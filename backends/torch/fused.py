@@ -1,0 +1,289 @@
+"""Eager training path of the CBAM block: one ``autograd.Function`` that keeps no full-size intermediate.
+
+The composed ops let autograd save what each op needs: the channel-gated tensor ``y1 = x * ca``, the
+spatial product's operands, float masks of the max pools, ... and run one backward kernel per op, each a
+full pass over memory (64x64x28x28 float32 on 2 CPU cores: forward+backward ~20 ms, as slow as the seed
+blog's plain code). Here the forward saves only ``x`` (often kept by a neighbouring layer anyway) and the small
+maps: the channel gate ``ca`` (B, C), the spatial gate ``s`` (B, 1, H, W), the pooled maxima and, for
+tie rule "first", their indices. The backward recomputes ``y1`` once and writes the input gradient in
+place through four full-size passes.
+With ``CBAM_MULTI_FUSED_TRAIN_KERNEL=1`` (opt-in, see `_kernel_applies`) the full-size passes and the
+spatial conv run as CPU loops (csrc/cbam_train.cpp) for NCHW-contiguous CPU input.
+
+Only the full-size work is written by hand. The small maps' maths (the shared MLP and its activation,
+the gates, the spatial conv in ``concat_order``, BatchNorm in train or eval mode, biases on or off) runs
+as ordinary autograd ops on detached leaves of the pooled vectors / maps, built in the forward under
+``torch.enable_grad()`` and differentiated in the backward with ``torch.autograd.grad``: the same modules
+and `functional` calls as the composed path, so every one of those options is honoured by construction.
+
+Tie rules (`cbam_multi.spec`): "first" scatters a max pool's gradient to the index ``torch.max`` /
+``F.adaptive_max_pool2d`` return (the lowest flat index); "split" divides it by the tie count among the
+elements equal to the maximum, as ``torch.amax``'s backward does.
+
+`CBAM.forward` takes this path where `applies` holds: eager autograd (not compiling, tracing or under a
+functorch transform), float32/float64 strided NCHW or channels_last input, the standard variant with
+both gates, pools among avg/max, no autocast, no hooks. Everything else (lp/lse pools, the light variant,
+half precision, double backward, which this path does not support) runs the composed ops, which stay
+the reference this path is tested against (tests/test_torch_fused.py). ``disabled()`` turns it off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from . import cpu_kernel
+from . import functional as CF
+from .guards import functorch_wrapped, has_hooks
+
+__all__ = ["applies", "cbam_train", "disabled", "ENV_VAR"]
+
+ENV_VAR = "CBAM_MULTI_FUSED_TRAIN"
+_FLOATS = (torch.float32, torch.float64)
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def disabled():
+    """Run the composed torch ops inside this block (this thread), e.g. to compare or benchmark them."""
+    _local.off = getattr(_local, "off", 0) + 1
+    try:
+        yield
+    finally:
+        _local.off -= 1
+
+
+def _enabled() -> bool:
+    if getattr(_local, "off", 0):
+        return False
+    return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "off", "false", "no")
+
+
+def applies(cbam, x: torch.Tensor) -> bool:
+    """Whether ``cbam(x)`` (autograd recording) may run `cbam_train`. Cheap checks first."""
+    spec = cbam.spec
+    if spec.no_spatial or spec.variant != "standard" or not all(p in ("avg", "max") for p in spec.channel_pools):
+        return False
+    return (
+        torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()  # inductor writes its own fused backward from the composed ops
+        and not torch.jit.is_tracing()
+        and type(x) is torch.Tensor
+        and not functorch_wrapped(x)
+        and x.layout == torch.strided
+        and x.dtype in _FLOATS
+        and x.dim() == 4
+        and cbam.channel.fc1.weight.dtype == x.dtype
+        and (x.requires_grad or any(p.requires_grad for p in cbam.parameters()))
+        and not torch.is_autocast_enabled(x.device.type)
+        and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
+        and not any(has_hooks(m) for m in cbam.modules())
+        and _enabled()
+    )
+
+
+def _max_hw(x: torch.Tensor, tie_rule: str):
+    """(B, C) maximum over H, W and, for "first", the flat h * W + w index torch routes the gradient to."""
+    if tie_rule == "first":
+        v, i = F.adaptive_max_pool2d(x, 1, return_indices=True)
+        return v.flatten(1), i.flatten(1)
+    return x.amax((2, 3)), None
+
+
+def _max_grad_(acc: torch.Tensor, src: torch.Tensor, m: torch.Tensor, idx, g: torch.Tensor, dim) -> None:
+    """acc += d max(src over dim) / d src * g, in place. ``m`` and ``g`` keep the reduced dims (size 1).
+    "first" (``idx`` given): g goes to the recorded index; "split": shared among the tied maxima."""
+    if idx is not None:
+        if dim == 1:
+            acc.scatter_add_(1, idx, g)
+        else:  # dims (2, 3): idx (B, C) is a flat h * W + w index; index_put_ works for any strides
+            b, c = acc.shape[:2]
+            w = acc.shape[3]
+            bi = torch.arange(b, device=acc.device)[:, None].expand(b, c)
+            ci = torch.arange(c, device=acc.device)[None, :].expand(b, c)
+            acc.index_put_((bi, ci, idx // w, idx % w), g.reshape(b, c), accumulate=True)
+        return
+    mask = torch.eq(src, m, out=torch.empty_like(src))
+    count = mask.sum(dim, keepdim=True)
+    acc.addcmul_(mask, g / count)
+
+
+class _CBAMTrain(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cbam, *params):
+        spec = cbam.spec
+        ch, sp = cbam.channel, cbam.spatial
+        tie = spec.tie_rule
+        ctx.tie_first = tie == "first"
+        b, c = x.shape[:2]
+        pools = spec.channel_pools
+        kern = _kernel_applies(x)
+        # -- channel gate: the pools read x; the MLP and gate are a small autograd graph on detached leaves
+        mx = idx_hw = cnt_hw = None
+        if kern:
+            avg, mx, idx_hw, cnt_hw = torch.ops.cbam_multi.train_pool_hw(x)
+            pooled = [avg if kind == "avg" else mx for kind in pools]
+        else:
+            pooled = []
+            for kind in pools:
+                if kind == "avg":
+                    pooled.append(x.mean((2, 3)))
+                else:
+                    mx, idx_hw = _max_hw(x, tie)
+                    pooled.append(mx)
+        with torch.enable_grad():
+            leaves1 = [p.detach().requires_grad_() for p in pooled]
+            stacked = leaves1[0] if len(leaves1) == 1 else torch.cat(leaves1, 0)
+            logits = CF.shared_mlp(stacked, ch.fc1.weight, ch.fc1.bias, ch.fc2.weight, ch.fc2.bias, spec.mlp_act)
+            if len(pools) > 1:
+                logits = logits.view(len(pools), b, c).sum(0)
+            ca = CF.apply_gate(logits, spec.gate)
+        ca4 = ca.detach().contiguous()[:, :, None, None]
+        # -- spatial gate: the maps of y1 = x * ca; conv, BN, gate again a small autograd graph
+        cnt_c = y1 = None
+        if kern:
+            mean_c, max_c, idx_c, cnt_c = torch.ops.cbam_multi.train_maps(x, ca4)
+        else:
+            y1 = x * ca4
+            mean_c = y1.mean(1, keepdim=True)
+            if tie == "first":
+                max_c, idx_c = torch.max(y1, 1, keepdim=True)
+            else:
+                max_c, idx_c = y1.amax(1, keepdim=True), None
+        with torch.enable_grad():
+            leaves2 = {"mean": mean_c.detach().requires_grad_(), "max": max_c.detach().requires_grad_()}
+            maps = torch.cat([leaves2[n] for n in spec.concat_order], dim=1)
+            z = _SpatialConv.apply(maps, sp.conv.weight, sp.conv.bias) if kern else sp.conv(maps)
+            if sp.bn is not None:
+                z = sp.bn(z)
+            s = CF.apply_gate(z, spec.gate)
+        sd = s.detach().contiguous()
+        if kern:
+            out = torch.ops.cbam_multi.train_gate(x, ca4, sd)
+        else:
+            out = y1.mul_(sd)  # y1 is ours: the product is written in place (same values as y1 * s)
+        ctx.save_for_backward(x, ca4, sd, mx, max_c)
+        ctx.graphs = (ca, leaves1, pools, idx_hw, s, leaves2, idx_c, kern, cnt_hw, cnt_c)
+        ctx.param_groups = (list(ch.parameters()), list(sp.parameters()))
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        x, ca4, s, mx, max_c = ctx.saved_tensors
+        ca, leaves1, pools, idx_hw, s_graph, leaves2, idx_c, kern, cnt_hw, cnt_c = ctx.graphs
+        ch_params, sp_params = ctx.param_groups
+        ctx.graphs = None
+        if kern:
+            return _backward_kernel(ctx, g, x, ca4, s, mx, max_c, ca, leaves1, pools, idx_hw, s_graph, leaves2,
+                                    idx_c, cnt_hw, cnt_c, ch_params, sp_params)
+        c, h, w = x.shape[1:]
+        g = g.contiguous(memory_format=_memory_format(x))
+        y1 = x * ca4  # recomputed: one pass instead of a saved full-size tensor
+        # spatial gate: dL/ds = sum_c g * y1, then the small graph gives the maps' and the conv/BN gradients
+        gs = torch.mul(g, y1).sum(1, keepdim=True)
+        sp_train = [p for p in sp_params if p.requires_grad]
+        grads2 = torch.autograd.grad(s_graph, [leaves2["mean"], leaves2["max"], *sp_train], gs, allow_unused=True)
+        g_mean, g_max = grads2[0], grads2[1]
+        # dL/dy1 = g * s + g_mean / C + max-pool routing of g_max (over channels)
+        gy1 = torch.mul(g, s)
+        gy1.add_(g_mean / c)
+        _max_grad_(gy1, y1, max_c, idx_c, g_max, 1)
+        del y1
+        # channel gate: dL/dca = sum_hw dL/dy1 * x, then the small MLP graph
+        gca = torch.mul(gy1, x).sum((2, 3))
+        ch_train = [p for p in ch_params if p.requires_grad]
+        grads1 = torch.autograd.grad(ca, [*leaves1, *ch_train], gca, allow_unused=True)
+        gx = None
+        if ctx.needs_input_grad[0]:
+            gx = gy1.mul_(ca4)
+            for kind, gp in zip(pools, grads1[: len(pools)]):
+                if kind == "avg":
+                    gx.add_((gp / (h * w))[:, :, None, None])
+                else:
+                    _max_grad_(gx, x, mx[:, :, None, None], idx_hw, gp[:, :, None, None], (2, 3))
+        return (gx, None, *_param_grads(ch_params, sp_params, ch_train, sp_train, grads1[len(pools):], grads2[2:]))
+
+
+def _param_grads(ch_params, sp_params, ch_train, sp_train, g1, g2):
+    by_param = dict(zip(map(id, ch_train), g1))
+    by_param.update(zip(map(id, sp_train), g2))
+    return [by_param.get(id(p)) for p in (*ch_params, *sp_params)]
+
+
+def _backward_kernel(ctx, g, x, ca4, s, mx, max_c, ca, leaves1, pools, idx_hw, s_graph, leaves2, idx_c, cnt_hw,
+                     cnt_c, ch_params, sp_params):
+    """The backward through the CPU kernels (csrc/cbam_train.cpp): three passes over g and x."""
+    ops = torch.ops.cbam_multi
+    first = ctx.tie_first
+    c, hw = x.shape[1], x.shape[2] * x.shape[3]
+    g = g.contiguous()
+    gs = ops.train_grad_s(g, x, ca4)
+    sp_train = [p for p in sp_params if p.requires_grad]
+    grads2 = torch.autograd.grad(s_graph, [leaves2["mean"], leaves2["max"], *sp_train], gs, allow_unused=True)
+    gm = (grads2[0] / c).contiguous()
+    gr = (grads2[1] if first else grads2[1] / cnt_c).contiguous()
+    gca = ops.train_grad_ca(g, x, ca4, s, gm, gr, max_c, idx_c, first)
+    ch_train = [p for p in ch_params if p.requires_grad]
+    grads1 = torch.autograd.grad(ca, [*leaves1, *ch_train], gca, allow_unused=True)
+    gx = None
+    if ctx.needs_input_grad[0]:
+        zeros = torch.zeros_like(mx)
+        by_kind = dict(zip(pools, grads1[: len(pools)]))
+        gavg = by_kind["avg"] / hw if "avg" in by_kind else zeros
+        gmx = zeros if "max" not in by_kind else (by_kind["max"] if first else by_kind["max"] / cnt_hw)
+        gx = ops.train_grad_x(g, x, ca4, s, gm, gr, max_c, idx_c, gavg, gmx, mx, idx_hw, first)
+    return (gx, None, *_param_grads(ch_params, sp_params, ch_train, sp_train, grads1[len(pools):], grads2[2:]))
+
+
+class _SpatialConv(torch.autograd.Function):
+    """``F.conv2d(maps, weight, bias, padding=k // 2)`` (the spatial gate's conv) through direct CPU loops
+    (csrc/cbam_train.cpp): oneDNN's general convolution spends far longer on this tiny 2 -> 1 channel
+    shape, most of all in its backward (64x2x28x28, k=7, one core: ~20 ms vs well under 1 ms)."""
+
+    @staticmethod
+    def forward(ctx, maps, weight, bias):
+        maps, weight = maps.contiguous(), weight.contiguous()
+        ctx.save_for_backward(maps, weight)
+        ctx.has_bias = bias is not None
+        out = torch.ops.cbam_multi.spatial_conv_fwd(maps, weight)
+        return out if bias is None else out.add_(bias.view(1, 1, 1, 1))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        maps, weight = ctx.saved_tensors
+        g = g.contiguous()
+        g_maps, g_w = torch.ops.cbam_multi.spatial_conv_bwd(g, maps, weight)
+        return g_maps, g_w, (g.sum().view(1) if ctx.has_bias else None)
+
+
+KERNEL_ENV_VAR = "CBAM_MULTI_FUSED_TRAIN_KERNEL"
+
+
+def _kernel_applies(x: torch.Tensor) -> bool:
+    """The full-size passes run as CPU kernels for NCHW-contiguous CPU input when the library builds and
+    ``CBAM_MULTI_FUSED_TRAIN_KERNEL=1``. Opt-in: the kernels are correct (float64 agrees with the torch ops
+    to 1e-13, whole ResNet-50 networks included), but in the float32 ResNet-50 parity case (official, B2,
+    64x64, train) their rounding puts one pre-activation on the other side of a ReLU's kink, which moves
+    the network's gradients 9e-2 (benchmarks/kink_check.py: 1.4e-4 with float64's ReLU masks)."""
+    return (
+        os.environ.get(KERNEL_ENV_VAR, "0").strip() == "1"
+        and x.device.type == "cpu"
+        and x.is_contiguous()
+        and cpu_kernel.available()
+    )
+
+
+def _memory_format(x: torch.Tensor):
+    return torch.contiguous_format if x.is_contiguous() else torch.channels_last
+
+
+def cbam_train(cbam, x: torch.Tensor) -> torch.Tensor:
+    """The block's forward through `_CBAMTrain` (call only where `applies`)."""
+    return _CBAMTrain.apply(x, cbam, *cbam.channel.parameters(), *cbam.spatial.parameters())
