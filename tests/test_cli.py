@@ -136,6 +136,7 @@ def test_parity_device_errors_name_the_fix(device, message, capsys, monkeypatch)
     assert cli.main(["parity", "--backends", "torch", "--device", device, "--preset", "seed", "--dtype", "float32"]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
+    assert "CBAM_MULTI_TORCH_DEVICE" not in os.environ  # the flag does not leak into later runs in this process
 
 
 def test_parity_report_names_its_devices(capsys, monkeypatch):

@@ -63,10 +63,23 @@ def cmd_parity(args: argparse.Namespace) -> int:
         # float64 cases need x64; parity is about exact maths, so no reduced-precision matmuls either.
         jax.config.update("jax_enable_x64", True)
         jax.config.update("jax_default_matmul_precision", "highest")
-    from cbam_multi.parity import CASES, TORCH_DEVICE_ENV, check_case, devices, format_table
+    from cbam_multi.parity import TORCH_DEVICE_ENV
 
-    if args.device:
+    previous = os.environ.get(TORCH_DEVICE_ENV)
+    if args.device:  # the runners read the device from the environment; put it back afterwards
         os.environ[TORCH_DEVICE_ENV] = args.device
+    try:
+        return _parity_report(args)
+    finally:
+        if previous is None:
+            os.environ.pop(TORCH_DEVICE_ENV, None)
+        else:
+            os.environ[TORCH_DEVICE_ENV] = previous
+
+
+def _parity_report(args: argparse.Namespace) -> int:
+    from cbam_multi.parity import CASES, check_case, devices, format_table
+
     print(devices(tuple(args.backends)))
     rows = []
     if args.model != "cbam":  # whole networks: torch vs JAX vs the float64 oracle
