@@ -241,9 +241,9 @@ def test_bfloat16_torch_autocast_with_float32_master_state(mnist):
 
 
 BF16_STEPS = 30
-# Each report trains two 30-step runs (torch bf16 on CPU is the slowest thing in the suite): one fixture
-# per report, so that under pytest-xdist the three can run on different workers instead of one test
-# paying for all six runs.
+# Three reports from four 30-step runs (torch bf16 on CPU is the slowest thing in the suite): the bf16 run of
+# each backend serves both its float32 comparison and the torch-vs-JAX one (`trajectory_parity`'s cache), so
+# each run trains once; torch-vs-jax goes first so that its output folder holds both bf16 checkpoints.
 BF16_RUNS = {
     "torch-vs-jax": {},
     "torch": {"runs": [("torch", "float32"), ("torch", "bfloat16")], "tolerance": "bfloat16-vs-float32"},
@@ -251,38 +251,30 @@ BF16_RUNS = {
 }
 
 
-def _bf16_report(which, mnist, tmp_path_factory):
-    root = tmp_path_factory.mktemp(f"bf16-{which}")
-    return training.trajectory_parity(
-        BF16_STEPS, "bfloat16", batch_size=64, n_test=N_TEST, data=mnist, out_root=root, **BF16_RUNS[which]
-    )
-
-
 @pytest.fixture(scope="module")
-def bf16_torch_vs_jax(mnist, tmp_path_factory):
-    return _bf16_report("torch-vs-jax", mnist, tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def bf16_torch(mnist, tmp_path_factory):
-    return _bf16_report("torch", mnist, tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def bf16_jax(mnist, tmp_path_factory):
-    return _bf16_report("jax", mnist, tmp_path_factory)
+def bf16_reports(mnist, tmp_path_factory):
+    cache: dict = {}
+    reports = {
+        which: training.trajectory_parity(
+            BF16_STEPS, "bfloat16", batch_size=64, n_test=N_TEST, data=mnist, out_root=tmp_path_factory.mktemp(f"bf16-{which}"),
+            cache=cache, **kw,
+        )
+        for which, kw in BF16_RUNS.items()
+    }
+    assert len(cache) == 4, sorted(cache)  # torch/jax x float32/bfloat16, each trained once
+    return reports
 
 
 @pytest.mark.parametrize("which", list(BF16_RUNS))
-def test_bfloat16_trajectories(request, which):
-    r = request.getfixturevalue("bf16_" + which.replace("-", "_"))
+def test_bfloat16_trajectories(bf16_reports, which):
+    r = bf16_reports[which]
     kind = r["tolerance_row"]
     first = trajectory_tolerance(kind, 1)["loss_rel"]
     assert r["loss_rel"][0] <= first, f"{which}: first-step (forward only) loss rel diff {r['loss_rel'][0]:.3e} > {first:.0e}"
     text = training.format_trajectory(r)
     assert r["ok"], text
     assert all(r["accuracy"][k] > 0.7 for k in r["accuracy"]), text
-    if which == "torch-vs-jax":  # here rather than in a test of its own, which another worker would retrain
+    if which == "torch-vs-jax":
         _bfloat16_checkpoints_are_float32(r)
 
 
