@@ -251,31 +251,24 @@ BF16_RUNS = {
 }
 
 
-@pytest.fixture(scope="module")
-def bf16_reports(mnist, tmp_path_factory):
+def test_bfloat16_trajectories(mnist, tmp_path_factory):
+    # one test, not one per report: under pytest-xdist a fixture shared by parametrized tests is rebuilt on
+    # every worker that runs one of them, which would retrain the runs the cache exists to share
     cache: dict = {}
-    reports = {
-        which: training.trajectory_parity(
+    for which, kw in BF16_RUNS.items():
+        r = training.trajectory_parity(
             BF16_STEPS, "bfloat16", batch_size=64, n_test=N_TEST, data=mnist, out_root=tmp_path_factory.mktemp(f"bf16-{which}"),
             cache=cache, **kw,
         )
-        for which, kw in BF16_RUNS.items()
-    }
+        kind = r["tolerance_row"]
+        first = trajectory_tolerance(kind, 1)["loss_rel"]
+        assert r["loss_rel"][0] <= first, f"{which}: first-step (forward only) loss rel diff {r['loss_rel'][0]:.3e} > {first:.0e}"
+        text = training.format_trajectory(r)
+        assert r["ok"], f"{which}:\n{text}"
+        assert all(r["accuracy"][k] > 0.7 for k in r["accuracy"]), f"{which}:\n{text}"
+        if which == "torch-vs-jax":
+            _bfloat16_checkpoints_are_float32(r)
     assert len(cache) == 4, sorted(cache)  # torch/jax x float32/bfloat16, each trained once
-    return reports
-
-
-@pytest.mark.parametrize("which", list(BF16_RUNS))
-def test_bfloat16_trajectories(bf16_reports, which):
-    r = bf16_reports[which]
-    kind = r["tolerance_row"]
-    first = trajectory_tolerance(kind, 1)["loss_rel"]
-    assert r["loss_rel"][0] <= first, f"{which}: first-step (forward only) loss rel diff {r['loss_rel'][0]:.3e} > {first:.0e}"
-    text = training.format_trajectory(r)
-    assert r["ok"], text
-    assert all(r["accuracy"][k] > 0.7 for k in r["accuracy"]), text
-    if which == "torch-vs-jax":
-        _bfloat16_checkpoints_are_float32(r)
 
 
 def _bfloat16_checkpoints_are_float32(report):
