@@ -1,8 +1,8 @@
 """Whole-network parity: every case of `cbam_multi.parity_resnet.RESNET_CASES` crossed with float64/float32.
 
 Torch and JAX against the float64 NumPy oracle (logits, BN running statistics in train mode), torch vs JAX
-(logits and the gradient of every trainable tensor), and a 20-step SGD-with-momentum trajectory of
-ResNet-18-CBAM (CIFAR stem, batch 8, 32x32) in float64. Tolerances: `cbam_multi.parity.RESNET_TOLERANCES`.
+(logits and the gradient of every trainable tensor), and a 10-step SGD-with-momentum trajectory of
+ResNet-18-CBAM (CIFAR stem, width 16, batch 4, 16x16) in float64. Tolerances: `cbam_multi.parity.RESNET_TOLERANCES`.
 """
 
 import numpy as np
@@ -37,7 +37,10 @@ def test_resnet_parity(case, dtype):
 
 @pytest.mark.slow
 def test_resnet18_cbam_sgd_trajectory_float64():
-    result = trajectory(ResNetSpec(18, "cifar", num_classes=10), steps=20, batch=8, size=32, dtype="float64")
-    assert len(result["torch"]) == 20
+    # width 16 at 16x16 runs the same code as width 64 (stem, all 8 blocks with CBAM, train BN, the jitted
+    # donating step, torch.optim.SGD vs optax.sgd with momentum); layer4 is still 2x2 with batch 4, and 10 steps
+    # let momentum build up over many updates: any divergence in the update rule compounds well past 1e-9.
+    result = trajectory(ResNetSpec(18, "cifar", num_classes=10, width=16), steps=10, batch=4, size=16, dtype="float64")
+    assert len(result["torch"]) == 10
     assert np.isfinite(result["torch"]).all() and np.ptp(result["torch"]) > 0.1  # the weights move (random labels: no trend)
     assert result["max_rel"] <= RESNET_TRAJECTORY_TOLERANCE, (result["max_rel"], result["torch"], result["jax"])

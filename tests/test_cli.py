@@ -132,7 +132,10 @@ def test_parity_device_errors_name_the_fix(device, message, capsys, monkeypatch)
     torch = pytest.importorskip("torch")
     if device == "cuda" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA: --device cuda is valid here")
-    monkeypatch.delenv("CBAM_MULTI_TORCH_DEVICE", raising=False)
+    # setenv (not delenv: deleting an absent variable records nothing to undo) so that the CBAM_MULTI_TORCH_DEVICE
+    # that `parity --device` sets is undone after the test; a leaked "foo" failed every later parity test on
+    # the same xdist worker. --device overrides the variable, so its value here does not matter.
+    monkeypatch.setenv("CBAM_MULTI_TORCH_DEVICE", "cpu")
     assert cli.main(["parity", "--backends", "torch", "--device", device, "--preset", "seed", "--dtype", "float32"]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
@@ -141,7 +144,7 @@ def test_parity_device_errors_name_the_fix(device, message, capsys, monkeypatch)
 
 def test_parity_report_names_its_devices(capsys, monkeypatch):
     pytest.importorskip("torch")
-    monkeypatch.delenv("CBAM_MULTI_TORCH_DEVICE", raising=False)
+    monkeypatch.setenv("CBAM_MULTI_TORCH_DEVICE", "cpu")  # undone after the test (see above)
     assert cli.main(["parity", "--backends", "torch", "--preset", "paper", "--dtype", "float32", "--device", "cpu"]) == 0
     first = capsys.readouterr().out.splitlines()[0]
     assert first.startswith("torch ") and first.endswith(" on cpu"), first

@@ -200,25 +200,31 @@ import sys, json, numpy as np, jax
 jax.config.update("jax_enable_x64", True)
 import optax
 from cbam_multi import ResNetSpec
+from cbam_multi.jax import sharding
 from cbam_multi.jax.models.resnet import init_params, split_params
 from cbam_multi.jax.models.resnet_steps import make_train_step
 spec = ResNetSpec(depth=18, stem="cifar", num_classes=4, width=16, cbam_reduction=4)
-step = make_train_step(spec, optax.sgd(0.05, momentum=0.9))
-params, stats = split_params(init_params(spec, 0, jax.numpy.float64), spec)
-params, stats, opt = step.place(params, stats, step.tx.init(params))
-rng = np.random.default_rng(0)
-losses = []
-for _ in range(3):
-    x, y = rng.normal(size=(8, 16, 16, 3)), rng.integers(0, 4, 8).astype(np.int32)
-    params, stats, opt, loss = step(params, stats, opt, x, y)
-    losses.append(float(loss))
-print(json.dumps({"devices": step.mesh.devices.size, "losses": losses, "var": float(stats["layer4.1.bn2.var"].sum())}))
+runs = {}
+for n in (1, 4):
+    step = make_train_step(spec, optax.sgd(0.05, momentum=0.9), mesh=sharding.data_mesh(jax.devices()[:n]))
+    params, stats = split_params(init_params(spec, 0, jax.numpy.float64), spec)
+    params, stats, opt = step.place(params, stats, step.tx.init(params))
+    rng = np.random.default_rng(0)
+    losses = []
+    for _ in range(3):
+        x, y = rng.normal(size=(8, 16, 16, 3)), rng.integers(0, 4, 8).astype(np.int32)
+        params, stats, opt, loss = step(params, stats, opt, x, y)
+        losses.append(float(loss))
+    runs[n] = {"devices": step.mesh.devices.size, "losses": losses, "var": float(stats["layer4.1.bn2.var"].sum())}
+print(json.dumps(runs))
 """
 
 
 @pytest.mark.slow
 def test_jax_train_step_sharded_over_4_devices_matches_1():
-    """The batch split over 4 forced host devices (BN statistics all-reduced by XLA) gives the 1-device numbers."""
+    """The batch split over 4 forced host devices (BN statistics all-reduced by XLA) gives the 1-device numbers.
+    Both runs in one process with 4 forced host devices (a 1-device mesh and a 4-device mesh): one interpreter
+    start and import instead of two."""
     import json
     import os
     import subprocess
@@ -226,12 +232,10 @@ def test_jax_train_step_sharded_over_4_devices_matches_1():
     from pathlib import Path
 
     root = str(Path(__file__).resolve().parents[1])
-    runs = {}
-    for n in (1, 4):
-        env = {**os.environ, "PYTHONPATH": root, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
-        res = subprocess.run([sys.executable, "-c", _SHARDED], env=env, capture_output=True, text=True, timeout=600, check=False)
-        assert res.returncode == 0, res.stderr[-2000:]
-        runs[n] = json.loads(res.stdout.strip().splitlines()[-1])
+    env = {**os.environ, "PYTHONPATH": root, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    res = subprocess.run([sys.executable, "-c", _SHARDED], env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert res.returncode == 0, res.stderr[-2000:]
+    runs = {int(n): r for n, r in json.loads(res.stdout.strip().splitlines()[-1]).items()}
     assert runs[4]["devices"] == 4 and runs[1]["devices"] == 1
     assert np.allclose(runs[4]["losses"], runs[1]["losses"], rtol=1e-12, atol=0)
     assert abs(runs[4]["var"] - runs[1]["var"]) <= 1e-12 * abs(runs[1]["var"])

@@ -68,32 +68,28 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 
 # ------------------------------------------------------------------ 1. resume keeps its dataset
-def test_resume_refuses_a_different_dataset(tmp_path, sample_available):
+def test_resume_refuses_a_different_dataset_and_the_train_state_records_it(tmp_path, sample_available):
+    # one test for the two properties of the same trained run (the run costs a subprocess training on
+    # real MNIST; two tests trained it twice)
     mnist = _real_mnist()
     out = tmp_path / "r1"
     r = cli("train", *TINY, "--dataset", "mnist", "--data-dir", mnist, "--out", str(out), "--stop-after-epoch", "1")
     assert r.returncode == 0, r.stderr[-3000:]
     before = snapshot(out)
+    # the train state records the dataset's name and content digest
+    from safetensors import safe_open
+
+    with safe_open(str(out / "train_state.safetensors"), framework="numpy") as f:
+        meta = f.metadata()
+    assert any("dataset" in k for k in meta), sorted(meta)
+    recorded = json.loads(next(v for k, v in meta.items() if "dataset" in k))
+    assert recorded["name"] == "mnist" and len(recorded["sha256"]) == 64, recorded
+    # and resume refuses a different one
     line = one_line_error(cli("train", *TINY, "--out", str(out), "--resume", "--dataset", "sample"))
     assert "dataset" in line and "mnist" in line and "sample" in line, line
     # "auto" finding no full set at resume time falls back to the sample: the same refusal (the check compares
     # what the run would load, name and content digest, whatever the flags)
     assert snapshot(out) == before
-
-
-def test_the_train_state_records_the_dataset_name_and_digest(tmp_path, sample_available):
-    mnist = _real_mnist()
-    out = tmp_path / "r1"
-    r = cli("train", *TINY, "--dataset", "mnist", "--data-dir", mnist, "--out", str(out), "--stop-after-epoch", "1")
-    assert r.returncode == 0, r.stderr[-3000:]
-    state = out / "train_state.safetensors"
-    from safetensors import safe_open
-
-    with safe_open(str(state), framework="numpy") as f:
-        meta = f.metadata()
-    assert any("dataset" in k for k in meta), sorted(meta)  # the dataset's name and content digest are recorded
-    recorded = json.loads(next(v for k, v in meta.items() if "dataset" in k))
-    assert recorded["name"] == "mnist" and len(recorded["sha256"]) == 64, recorded
 
 
 # ------------------------------------------------------------------ 2. one run per directory

@@ -84,6 +84,7 @@ def trajectory_parity(
     base: TrainConfig | None = None,
     runs: Sequence[tuple[str, str]] | None = None,
     tolerance: str | None = None,
+    cache: dict | None = None,
 ) -> dict:
     """Train ``steps`` optimizer steps twice from the same init on the same batches and compare the
     per-step losses, the final weights and the final models' test predictions.
@@ -93,7 +94,9 @@ def trajectory_parity(
     float32. ``tolerance`` is the `TRAJECTORY_TOLERANCES` row kind (default ``dtype``). Both runs are
     ordinary `train_and_evaluate` calls (one epoch of ``steps * batch_size`` examples), so everything
     the real runs use is exercised. Returns a report dict (see `format_trajectory`); ``losses_torch`` /
-    ``losses_jax`` hold the first / second run's losses.
+    ``losses_jax`` hold the first / second run's losses. ``cache``: a dict shared by several calls on the
+    same ``data``; a run whose config (all but ``out``) an earlier call trained is taken from it, not retrained
+    (e.g. the bf16 run compared both with the other backend and with float32).
     """
     import tempfile
 
@@ -118,17 +121,20 @@ def trajectory_parity(
         progress=False,
     )
     labels = [f"{b}-{d}" if runs is not None else b for b, d in pair]
-    results, weights, preds = [], [], []
+    cache = {} if cache is None else cache
+    done = []
     for (backend, dt), label in zip(pair, labels):
         c = cfg.replace(backend=backend, dtype=dt, out=str(root / label))
-        results.append(train_and_evaluate(c, data=data))
-        weights.append(load_weights(c.out_dir / CHECKPOINT_FILE)[0])
-    for (backend, dt), label in zip(pair, labels):
-        ev = evaluate(
-            root / label, backend=backend, data=data, dataset=dataset,
-            data_dir=cfg.data_dir, n_test=n_test, batch_size=cfg.eval_batch_size, dtype=dt,
-        )
-        preds.append(ev["predictions"])
+        key = (c.replace(out="").to_json(), id(data))
+        if key not in cache:
+            run = {"result": train_and_evaluate(c, data=data), "weights": load_weights(c.out_dir / CHECKPOINT_FILE)[0]}
+            run["preds"] = evaluate(
+                c.out_dir, backend=backend, data=data, dataset=dataset,
+                data_dir=cfg.data_dir, n_test=n_test, batch_size=cfg.eval_batch_size, dtype=dt,
+            )["predictions"]
+            cache[key] = run
+        done.append(cache[key])
+    results, weights, preds = ([r[k] for r in done] for k in ("result", "weights", "preds"))
     lt = np.asarray(results[0]["epochs"][0]["train_losses"])
     lj = np.asarray(results[1]["epochs"][0]["train_losses"])
     loss_rel = np.abs(lt - lj) / np.abs(lt)
