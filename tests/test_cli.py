@@ -132,14 +132,13 @@ def test_parity_device_errors_name_the_fix(device, message, capsys, monkeypatch)
     torch = pytest.importorskip("torch")
     if device == "cuda" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA: --device cuda is valid here")
-    # setenv (not delenv: deleting an absent variable records nothing to undo) so that the CBAM_MULTI_TORCH_DEVICE
-    # that `parity --device` sets is undone after the test; a leaked "foo" failed every later parity test on
-    # the same xdist worker. --device overrides the variable, so its value here does not matter.
+    # a device the flag overrides; the command must put it back afterwards (a leaked "foo" once failed every
+    # later parity test on the same xdist worker), and monkeypatch restores the environment after the test
     monkeypatch.setenv("CBAM_MULTI_TORCH_DEVICE", "cpu")
     assert cli.main(["parity", "--backends", "torch", "--device", device, "--preset", "seed", "--dtype", "float32"]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
-    assert "CBAM_MULTI_TORCH_DEVICE" not in os.environ  # the flag does not leak into later runs in this process
+    assert os.environ["CBAM_MULTI_TORCH_DEVICE"] == "cpu"  # --device applied to this report only
 
 
 def test_parity_report_names_its_devices(capsys, monkeypatch):
