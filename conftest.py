@@ -5,6 +5,20 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "")  # leave room for callers' flags (e.g. forced host device counts)
 
+# One JAX compilation cache per test run, shared by the xdist workers and the subprocesses tests start (they
+# inherit the environment): many tests compile the same MNIST/CBAM programs in fresh processes (the README
+# commands, CLI runs, resumes). Made here, in the first process, before JAX is imported; empty at the start of
+# every run, so no result depends on an earlier run; removed at exit. A caller's own cache dir is respected.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _jax_cache = tempfile.mkdtemp(prefix="cbam_multi_jax_cache_")
+    atexit.register(shutil.rmtree, _jax_cache, ignore_errors=True)
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=_jax_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
 try:
     import jax
 
@@ -24,7 +38,7 @@ except ImportError:
 try:  # property tests (tests/test_properties.py): fixed examples in CI, a longer random run on request
     from hypothesis import settings
 
-    settings.register_profile("ci", max_examples=200, derandomize=True, deadline=None, database=None)
+    settings.register_profile("ci", max_examples=100, derandomize=True, deadline=None, database=None)
     settings.register_profile("long", max_examples=2000, deadline=None, print_blob=True)
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 except ImportError:

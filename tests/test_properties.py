@@ -2,7 +2,7 @@
 (with ties and NaN) give the same CBAM in torch, JAX and the float64 oracle; random invalid specs and
 spec JSON always raise SpecError, never another exception.
 
-CI runs a fixed seed (``derandomize``) and 200 examples per property (the "ci" profile). A longer,
+CI runs a fixed seed (``derandomize``) and 100 examples per property (the "ci" profile). A longer,
 randomised run: ``HYPOTHESIS_PROFILE=long python -m pytest tests/test_properties.py`` (2,000 examples
 per property, new seeds each run; a failure prints the example and the ``@reproduce_failure`` line).
 The profiles are registered in ``conftest.py``.
@@ -81,7 +81,7 @@ def test_every_field_is_drawn():
 # ------------------------------------------------------------------ inputs
 # (batch, H, W): batch 1, H = 1, W = 1, odd and non-square sizes. A small alphabet of shapes (and of
 # channel counts above), because JAX compiles every primitive once per shape: with few shapes the
-# compiled kernels are reused across examples and 200 examples stay fast; the specs vary freely.
+# compiled kernels are reused across examples and the examples stay fast; the specs vary freely.
 BHW = [(1, 1, 1), (2, 1, 3), (1, 5, 3), (3, 3, 2)]
 
 @st.composite
