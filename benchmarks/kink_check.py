@@ -15,8 +15,6 @@ A kernel bug would leave the forced-mask error large.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import sys
 from pathlib import Path
 
@@ -49,22 +47,11 @@ class _ReluProbe:
         return self._f.relu(t)
 
 
-@contextlib.contextmanager
-def _kernels(on: bool):
-    from cbam_multi.torch import fused
-
-    old = os.environ.get(fused.KERNEL_ENV_VAR)
-    os.environ[fused.KERNEL_ENV_VAR] = "1" if on else "0"
-    try:
-        yield
-    finally:
-        os.environ.pop(fused.KERNEL_ENV_VAR) if old is None else os.environ.__setitem__(fused.KERNEL_ENV_VAR, old)
-
-
 def check(case_index: int = 5, kernels=(False, True)) -> dict:
     """{"case": id, "runs": [{"kernels", "relu", "max_rel_grad_err", "flips"}]} for one parity case, the CPU
     kernels off and/or on (``kernels``), each with plain and with float64-forced ReLU masks."""
     from cbam_multi.parity_resnet import RESNET_CASES, case_inputs, run_torch
+    from cbam_multi.torch import fused
     from cbam_multi.torch.models import resnet
 
     case = RESNET_CASES[case_index]
@@ -77,7 +64,7 @@ def check(case_index: int = 5, kernels=(False, True)) -> dict:
         for on in kernels:
             for mode in ("plain", "forced"):
                 probe.mode, probe.calls, probe.flips = mode, 0, []
-                with _kernels(on):
+                with fused.kernels(on):
                     _, got, _ = run_torch(case.spec, weights, x, g, "float32", case.train)
                 err = max(float(np.abs(got[n] - r).max() / max(np.abs(r).max(), 1e-300)) for n, r in ref.items())
                 runs.append({"kernels": on, "relu": mode, "max_rel_grad_err": err, "flips": list(probe.flips)})

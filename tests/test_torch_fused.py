@@ -9,9 +9,7 @@ compared in parity_tests (the torch rows there run this path; "torch-fused~compo
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import os
 
 import pytest
 
@@ -24,20 +22,6 @@ from cbam_multi.torch import CBAM, cpu_kernel, fused
 CASES = list(itertools.product(["seed", "official", "timm", "paper"], ["split", "first"], [False, True]))
 
 
-@contextlib.contextmanager
-def _kernels(on: bool):
-    """The opt-in CPU kernels of the Function (fused.KERNEL_ENV_VAR) on or off for this block."""
-    old = os.environ.get(fused.KERNEL_ENV_VAR)
-    os.environ[fused.KERNEL_ENV_VAR] = "1" if on else "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[fused.KERNEL_ENV_VAR]
-        else:
-            os.environ[fused.KERNEL_ENV_VAR] = old
-
-
 def _run(spec, state, x, ct, dtype, train, composed, channels_last=False, kernel=True):
     m = CBAM(spec, dtype=dtype)
     m.load_state_dict(state)
@@ -46,7 +30,7 @@ def _run(spec, state, x, ct, dtype, train, composed, channels_last=False, kernel
     if channels_last:
         xx = xx.contiguous(memory_format=torch.channels_last)
     xx.requires_grad_()
-    with fused.disabled() if composed else torch.enable_grad(), cpu_kernel.disabled() if not kernel else _kernels(True):
+    with fused.disabled() if composed else torch.enable_grad(), cpu_kernel.disabled() if not kernel else fused.kernels(True):
         assert fused.applies(m, xx) == (not composed)
         y = m(xx)
         grads = torch.autograd.grad(y, [xx, *m.parameters()], ct.to(dtype))
@@ -174,7 +158,7 @@ def test_kernels_on_resnet50_block_shapes(shape, grad_kind):
         m = CBAM(spec, dtype=dtype)
         m.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()})
         xx = x.to(dtype).requires_grad_()
-        with fused.disabled() if composed else _kernels(True):
+        with fused.disabled() if composed else fused.kernels(True):
             assert fused.applies(m, xx) == (not composed)
             out = m(xx)
             out += shortcut.to(dtype)  # in place on the Function's output, as a residual add may be written
@@ -202,7 +186,7 @@ def test_input_changed_in_place_after_the_forward_is_caught():
     for on in (True, False):
         h = torch.randn(2, 32, 4, 4, dtype=torch.float64, requires_grad=True)
         x = h * 1.0
-        with _kernels(on):
+        with fused.kernels(on):
             y = m(x)
         x.relu_()
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):

@@ -18,7 +18,6 @@ kernel off.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
@@ -31,7 +30,7 @@ import torch
 
 from cbam_multi.machine import cpu_flags
 
-from .guards import functorch_wrapped, has_hooks
+from .guards import FastPathSwitch, functorch_wrapped, has_hooks
 
 __all__ = ["available", "applies", "cbam_infer", "disabled", "ENV_VAR", "ARCH_ENV_VAR"]
 
@@ -46,7 +45,6 @@ _log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _state: dict = {"loaded": None, "error": None}  # loaded: True/False once tried
-_local = threading.local()  # per-thread `disabled()` depth
 
 
 def _arch() -> str:
@@ -77,13 +75,14 @@ def _build() -> None:
     )
 
 
-def _env_enabled() -> bool:
-    return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "off", "false", "no")
+_switch = FastPathSwitch(ENV_VAR)
+_env_enabled = _switch.env_enabled
+disabled = _switch.disabled  # `with cpu_kernel.disabled():` composed ops inside the block (this thread)
 
 
 def available() -> bool:
     """Whether the kernel is on and built (builds it on the first call; a failed build warns once)."""
-    if not _env_enabled() or getattr(_local, "off", 0):
+    if not _switch.enabled():
         return False
     if _state["loaded"] is None:
         with _lock:
@@ -107,16 +106,6 @@ def _reason(e: Exception) -> str:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     errors = [line for line in lines if "error" in line.lower() and not line.startswith("Error building")]
     return f"{type(e).__name__}: {(errors or lines or [''])[0 if errors else -1]}"
-
-
-@contextlib.contextmanager
-def disabled():
-    """Run the composed torch ops inside this block (this thread), e.g. to compare or benchmark them."""
-    _local.off = getattr(_local, "off", 0) + 1
-    try:
-        yield
-    finally:
-        _local.off -= 1
 
 
 def applies(cbam, x: torch.Tensor) -> bool:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 
 import torch
 import torch.nn.functional as F
@@ -39,29 +38,15 @@ from torch.autograd.function import once_differentiable
 
 from . import cpu_kernel
 from . import functional as CF
-from .guards import functorch_wrapped, has_hooks
+from .guards import FastPathSwitch, functorch_wrapped, has_hooks
 
 __all__ = ["applies", "cbam_train", "disabled", "ENV_VAR"]
 
 ENV_VAR = "CBAM_MULTI_FUSED_TRAIN"
 _FLOATS = (torch.float32, torch.float64)
-_local = threading.local()
-
-
-@contextlib.contextmanager
-def disabled():
-    """Run the composed torch ops inside this block (this thread), e.g. to compare or benchmark them."""
-    _local.off = getattr(_local, "off", 0) + 1
-    try:
-        yield
-    finally:
-        _local.off -= 1
-
-
-def _enabled() -> bool:
-    if getattr(_local, "off", 0):
-        return False
-    return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "off", "false", "no")
+_switch = FastPathSwitch(ENV_VAR)
+_enabled = _switch.enabled
+disabled = _switch.disabled  # `with fused.disabled():` composed ops inside the block (this thread)
 
 
 def applies(cbam, x: torch.Tensor) -> bool:
@@ -264,6 +249,20 @@ class _SpatialConv(torch.autograd.Function):
 
 
 KERNEL_ENV_VAR = "CBAM_MULTI_FUSED_TRAIN_KERNEL"
+
+
+@contextlib.contextmanager
+def kernels(on: bool):
+    """The opt-in CPU kernels (``KERNEL_ENV_VAR``) on or off inside this block; the variable is put back after."""
+    old = os.environ.get(KERNEL_ENV_VAR)
+    os.environ[KERNEL_ENV_VAR] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[KERNEL_ENV_VAR]
+        else:
+            os.environ[KERNEL_ENV_VAR] = old
 
 
 def _kernel_applies(x: torch.Tensor) -> bool:
