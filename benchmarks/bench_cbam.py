@@ -26,6 +26,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -39,22 +40,34 @@ SHAPES = [(64, 64, 28, 28), (32, 256, 14, 14), (8, 512, 7, 7), (16, 64, 56, 56)]
 SMOKE_SHAPES = [(2, 8, 6, 6)]
 GOAL_SHAPE = (64, 64, 28, 28)
 
-# path id -> (label, framework, preset, layout)
+
+class BenchPath(NamedTuple):
+    """What a path id times: its label, framework, CBAM preset and memory layout."""
+
+    label: str
+    framework: str = "torch"
+    preset: str = "seed"
+    layout: str = "NCHW"
+
+
 PATHS = {
-    "torch_eager": ("torch eager", "torch", "seed", "NCHW"),
-    "torch_eager_cl": ("torch eager channels_last", "torch", "seed", "NHWC (channels_last)"),
-    "torch_eager_ops": ("torch eager, composed ops (fused CPU kernel off)", "torch", "seed", "NCHW"),
-    "torch_compile": ("torch.compile", "torch", "seed", "NCHW"),
-    "nnx_jit": ("Flax NNX, nnx.jit", "jax", "seed", "NHWC"),
-    "nnx_jit_tree": ("Flax NNX, nnx.jit(graph=False)", "jax", "seed", "NHWC"),
-    "nnx_split_jit": ("Flax NNX, nnx.split once + jax.jit", "jax", "seed", "NHWC"),
-    "linen_jit": ("Flax linen, jax.jit", "jax", "seed", "NHWC"),
-    "numpy_ref": ("NumPy reference (computes in float64)", "numpy", "seed", "NCHW"),
-    "blog": ("blog CBAM (plain PyTorch, anchor)", "torch", "seed", "NCHW"),
-    "torch_eager_timm": ("torch eager, timm preset", "torch", "timm", "NCHW"),
-    "timm_copy": ("timm CbamModule (faithful copy of timm/layers/cbam.py)", "torch", "timm", "NCHW"),
-    "timm_real": ("timm CbamModule (timm package)", "torch", "timm", "NCHW"),
+    "torch_eager": BenchPath("torch eager"),
+    "torch_eager_cl": BenchPath("torch eager channels_last", layout="NHWC (channels_last)"),
+    "torch_eager_ops": BenchPath("torch eager, composed ops (fused CPU kernel off)"),
+    "torch_compile": BenchPath("torch.compile"),
+    "nnx_jit": BenchPath("Flax NNX, nnx.jit", "jax", layout="NHWC"),
+    "nnx_jit_tree": BenchPath("Flax NNX, nnx.jit(graph=False)", "jax", layout="NHWC"),
+    "nnx_split_jit": BenchPath("Flax NNX, nnx.split once + jax.jit", "jax", layout="NHWC"),
+    "linen_jit": BenchPath("Flax linen, jax.jit", "jax", layout="NHWC"),
+    "numpy_ref": BenchPath("NumPy reference (computes in float64)", "numpy"),
+    "blog": BenchPath("blog CBAM (plain PyTorch, anchor)"),
+    "torch_eager_timm": BenchPath("torch eager, timm preset", preset="timm"),
+    "timm_copy": BenchPath("timm CbamModule (faithful copy of timm/layers/cbam.py)", preset="timm"),
+    "timm_real": BenchPath("timm CbamModule (timm package)", preset="timm"),
 }
+# timing settings of --quick and of a full run
+QUICK = dict(rounds=3, reps_per_round=4, warmup=2, max_case_s=2.0)
+FULL = dict(rounds=5, reps_per_round=8, warmup=3, max_case_s=6.0)
 COMPILED = ("torch_compile", "nnx_jit", "nnx_jit_tree", "nnx_split_jit", "linen_jit")
 
 
@@ -133,7 +146,7 @@ def torch_cases(pids, shape, dtype_name, mode, device, args, log) -> list[Case]:
         return m.train(mode == "fwdbwd")
 
     def add(pid, model, xin=None, dyin=None, meta=None, composed=False):
-        label = PATHS[pid][0]
+        label = PATHS[pid].label
         xin = x if xin is None else xin
         dyin = dy if dyin is None else dyin
         fn = _torch_fwd(model, xin, sync, composed) if mode == "fwd" else _torch_fwdbwd(model, xin, dyin, sync)
@@ -153,7 +166,8 @@ def torch_cases(pids, shape, dtype_name, mode, device, args, log) -> list[Case]:
         add("torch_eager_ops", ours(seed_spec), composed=True)
     if "torch_compile" in pids:
         if args.no_compile or args.smoke:
-            cases.append(Case("torch_compile", None, {"label": PATHS["torch_compile"][0], "skipped": "no compile (--smoke/--no-compile)"}))
+            skipped = "no compile (--smoke/--no-compile)"
+            cases.append(Case("torch_compile", None, {"label": PATHS["torch_compile"].label, "skipped": skipped}))
         else:
             import torch._dynamo
 
@@ -187,7 +201,7 @@ def torch_cases(pids, shape, dtype_name, mode, device, args, log) -> list[Case]:
     if "timm_real" in pids:
         cls, info = anchors.real_timm_cbam()
         if cls is None:
-            cases.append(Case("timm_real", None, {"label": PATHS["timm_real"][0], "skipped": info}))
+            cases.append(Case("timm_real", None, {"label": PATHS["timm_real"].label, "skipped": info}))
         else:
             timm_like("timm_real", cls, info)
     return cases
@@ -237,7 +251,7 @@ def jax_cases(pids, shape, dtype_name, mode, args, log) -> list[Case]:
 
             nnx_fb = nnx.jit(_fb, **jit_kw)
             fn = lambda nnx_fb=nnx_fb, model=model: jax.block_until_ready(nnx_fb(model, x, dy))
-        cases.append(Case(pid, fn, {"label": PATHS[pid][0]}))
+        cases.append(Case(pid, fn, {"label": PATHS[pid].label}))
     if "nnx_split_jit" in pids:
         # the same NNX module, split once into (graphdef, state) outside the jitted function: no per-call
         # NNX graph traversal (nnx.jit's Python overhead, cf. flax#3551)
@@ -256,7 +270,7 @@ def jax_cases(pids, shape, dtype_name, mode, args, log) -> list[Case]:
 
             split_fb = jax.jit(jax.grad(_split_loss, argnums=(0, 1)))
             fn = lambda: jax.block_until_ready(split_fb(params, x, rest, dy))
-        cases.append(Case("nnx_split_jit", fn, {"label": PATHS["nnx_split_jit"][0]}))
+        cases.append(Case("nnx_split_jit", fn, {"label": PATHS["nnx_split_jit"].label}))
     if "linen_jit" in pids:
         mod = linen.CBAM(spec, seed=0, param_dtype=dt)
         variables = init_variables(spec, 0, dt)
@@ -266,7 +280,7 @@ def jax_cases(pids, shape, dtype_name, mode, args, log) -> list[Case]:
         else:
             linen_fb = jax.jit(jax.grad(lambda v, x, dy: jnp.sum(mod.apply(v, x) * dy), argnums=(0, 1)))
             fn = lambda: jax.block_until_ready(linen_fb(variables, x, dy))
-        cases.append(Case("linen_jit", fn, {"label": PATHS["linen_jit"][0]}))
+        cases.append(Case("linen_jit", fn, {"label": PATHS["linen_jit"].label}))
     return cases
 
 
@@ -274,7 +288,7 @@ def numpy_case(shape, dtype_name, mode) -> list[Case]:
     from cbam_multi import CBAMSpec, init_weights
     from cbam_multi.reference import cbam_forward
 
-    label = PATHS["numpy_ref"][0]
+    label = PATHS["numpy_ref"].label
     if mode != "fwd" or dtype_name != "float32":
         return [Case("numpy_ref", None, {"label": label, "skipped": "forward only, float64 oracle"})]
     spec = CBAMSpec.seed(shape[1])
@@ -300,13 +314,7 @@ def _run(args, device) -> dict:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     bf16_ok, bf16_note = common.torch_bf16_supported(device)
     dtypes = args.dtypes.split(",") if args.dtypes else (["float32"] if args.smoke else ["float32"] + (["bfloat16"] if bf16_ok else []))
-    modes = args.modes.split(",")
-    pids = common.chosen_paths(args.paths, PATHS)
-    runner = common.runner_for(
-        args,
-        quick=dict(rounds=3, reps_per_round=4, warmup=2, max_case_s=2.0),
-        full=dict(rounds=5, reps_per_round=8, warmup=3, max_case_s=6.0),
-    )
+    modes, pids, runner = common.selection(args, PATHS, QUICK, FULL)
 
     stem, env = common.start_run(args, device, "cbam_block", "bench_cbam", log=log)
     bw = common.copy_bandwidth(device, nbytes=(16 if args.smoke else 512) * 2**20, reps=2 if args.smoke else 10)
@@ -336,7 +344,7 @@ def _run(args, device) -> dict:
                 if jax_ok:
                     cases += jax_cases(pids, shape, dtype_name, mode, args, log)
                 else:
-                    cases += [Case(p, None, {"label": PATHS[p][0], "skipped": f"jax unavailable: {jax_err}"})
+                    cases += [Case(p, None, {"label": PATHS[p].label, "skipped": f"jax unavailable: {jax_err}"})
                               for p in ("nnx_jit", "nnx_jit_tree", "nnx_split_jit", "linen_jit") if p in pids]
                 if "numpy_ref" in pids:
                     cases += numpy_case(shape, dtype_name, mode)
@@ -529,7 +537,7 @@ def markdown(payload) -> str:
                         r = _find(rows, pid, s, dtype, mode)
                         cells.append(f"{r['compile_s']:.2f}" if r and "compile_s" in r else "")
                     if any(cells):
-                        table.append([PATHS[pid][0], dtype, mode] + cells)
+                        table.append([PATHS[pid].label, dtype, mode] + cells)
         out.append(common.md_table(headers, table))
         out.append("")
     loads = [r["foreign_load"] for r in rows if r.get("foreign_load") is not None]

@@ -36,6 +36,9 @@ PATHS = {
     "official_eager": "official code (anchor), torch eager",
 }
 MODES = ("infer", "train")
+# timing settings of --quick and of a full run
+QUICK = dict(rounds=3, reps_per_round=2, warmup=1, max_case_s=6.0)
+FULL = dict(rounds=5, reps_per_round=3, warmup=2, max_case_s=20.0)
 
 
 def parse_args(argv=None):
@@ -154,13 +157,7 @@ def _run(args, device) -> dict:
     depth = 18 if args.smoke else 50
     batch = args.batch or (2 if args.smoke else 8)
     size = args.size or (32 if args.smoke else 224)
-    modes = args.modes.split(",")
-    pids = common.chosen_paths(args.paths, PATHS)
-    runner = common.runner_for(
-        args,
-        quick=dict(rounds=3, reps_per_round=2, warmup=1, max_case_s=6.0),
-        full=dict(rounds=5, reps_per_round=3, warmup=2, max_case_s=20.0),
-    )
+    modes, pids, runner = common.selection(args, PATHS, QUICK, FULL)
     stem, env = common.start_run(args, device, "resnet", "bench_resnet", f"; ResNet-{depth}, {batch}x3x{size}x{size}", log=log)
     rows, t_start = [], time.perf_counter()
     for mode in modes:

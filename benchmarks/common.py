@@ -256,24 +256,22 @@ def _minflt() -> int:
         return 0
 
 
-def chosen_paths(requested: str | None, known) -> list[str]:
-    """The ``--paths`` list (comma-separated) checked against ``known``, or every known path."""
-    pids = requested.split(",") if requested else list(known)
+def selection(args, known, quick: dict, full: dict) -> tuple[list[str], list[str], Runner]:
+    """What a run measures: (the ``--modes`` list, the ``--paths`` list checked against ``known`` or every
+    known path, the Runner of its --smoke / --quick / full mode). ``--rounds`` / ``--reps`` override the
+    ``rounds`` / ``reps_per_round`` of ``quick`` and ``full``."""
+    pids = args.paths.split(",") if args.paths else list(known)
     unknown = set(pids) - set(known)
     if unknown:
         raise SystemExit(f"unknown --paths {sorted(unknown)}; choose from {list(known)}")
-    return pids
-
-
-def runner_for(args, quick: dict, full: dict) -> Runner:
-    """The Runner of a benchmark's --smoke / --quick / full mode; ``--rounds`` / ``--reps`` override the
-    ``rounds`` / ``reps_per_round`` of ``quick`` and ``full``."""
     if args.smoke:
-        return Runner(rounds=1, reps_per_round=1, warmup=0, max_case_s=5)
-    settings = dict(quick if args.quick else full)
-    settings["rounds"] = getattr(args, "rounds", None) or settings["rounds"]
-    settings["reps_per_round"] = getattr(args, "reps", None) or settings["reps_per_round"]
-    return Runner(**settings)
+        runner = Runner(rounds=1, reps_per_round=1, warmup=0, max_case_s=5)
+    else:
+        settings = dict(quick if args.quick else full)
+        settings["rounds"] = getattr(args, "rounds", None) or settings["rounds"]
+        settings["reps_per_round"] = getattr(args, "reps", None) or settings["reps_per_round"]
+        runner = Runner(**settings)
+    return args.modes.split(","), pids, runner
 
 
 def run_group(runner: Runner, cases: list[Case], wait_quiet_s: float = 0.0, retries: int = 2,
@@ -331,7 +329,7 @@ def run_benchmark(args, run: Callable) -> dict:
 def benchmark_parser(description: str, smoke_help: str, quick_help: str | None = "fewer rounds and repetitions",
                      rounds: bool = True) -> argparse.ArgumentParser:
     """The options every benchmark script takes: --out, --quick | --smoke, --device, --threads, --wait-quiet,
-    --malloc, and with ``rounds`` the --rounds / --reps overrides that `runner_for` reads; the script adds its own."""
+    --malloc, and with ``rounds`` the --rounds / --reps overrides that `selection` reads; the script adds its own."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default benchmarks/results/)")
     g = p.add_mutually_exclusive_group()

@@ -16,14 +16,20 @@ __all__ = ["JsonData", "json_object", "plain_data_fields", "json_default", "writ
 class JsonData:
     """``to_dict`` / ``to_json`` / ``from_dict`` / ``from_json`` for a frozen dataclass, written once.
 
-    A subclass sets ``JSON_FORMAT`` (the ``format`` tag), ``JSON_VERSION`` and ``JSON_ERROR`` (the
-    `cbam_multi.errors` class its bad files raise), and may override ``_from_fields`` to check or convert
-    fields before construction. Tuples are written as lists; nested `JsonData` values as their dicts.
+    A subclass names its ``format`` tag, format version and the `cbam_multi.errors` class its bad files
+    raise as class keywords (``class CBAMSpec(JsonData, json_format=..., json_version=1,
+    json_error=SpecError)``; read back as ``JSON_FORMAT``, ``JSON_VERSION``, ``JSON_ERROR``), and may override
+    ``_from_fields`` to check or convert fields before construction. Tuples are written as lists; nested
+    `JsonData` values as their dicts.
     """
 
     JSON_FORMAT = ""
     JSON_VERSION = 1
     JSON_ERROR: type[Exception] = ValueError
+
+    def __init_subclass__(cls, *, json_format: str, json_version: int, json_error: type[Exception], **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.JSON_FORMAT, cls.JSON_VERSION, cls.JSON_ERROR = json_format, json_version, json_error
 
     def to_dict(self) -> dict:
         d = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}

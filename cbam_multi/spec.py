@@ -72,12 +72,8 @@ SPEC_FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True)
-class CBAMSpec(JsonData):
+class CBAMSpec(JsonData, json_format="cbam_multi.CBAMSpec", json_version=SPEC_FORMAT_VERSION, json_error=SpecError):
     """One CBAM block, fully specified. Defaults follow the seed blog (r=4, k=3, MLP bias)."""
-
-    JSON_FORMAT = "cbam_multi.CBAMSpec"
-    JSON_VERSION = SPEC_FORMAT_VERSION
-    JSON_ERROR = SpecError
 
     channels: int
     reduction: int = 4

@@ -32,11 +32,7 @@ MODEL_FORMAT_VERSION = 1
 
 @register_spec_type
 @dataclass(frozen=True)
-class MNISTNetSpec(JsonData):
-    JSON_FORMAT = "cbam_multi.MNISTNetSpec"
-    JSON_VERSION = MODEL_FORMAT_VERSION
-    JSON_ERROR = SpecError
-
+class MNISTNetSpec(JsonData, json_format="cbam_multi.MNISTNetSpec", json_version=MODEL_FORMAT_VERSION, json_error=SpecError):
     conv_channels: tuple[int, ...] = (32, 64)
     convs_per_block: int = 1
     kernel: int = 3

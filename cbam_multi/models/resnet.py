@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
@@ -33,7 +33,7 @@ from cbam_multi.jsondata import JsonData
 from cbam_multi.spec import TRAINABLE, CBAMSpec, check_field_types
 from cbam_multi.weights import register_spec_type, validate_weights
 
-__all__ = ["ResNetSpec", "Block", "forward", "DEPTHS", "STEMS", "INIT_SCHEMES"]
+__all__ = ["ResNetSpec", "Block", "LayerOps", "walk", "forward", "DEPTHS", "STEMS", "INIT_SCHEMES"]
 
 RESNET_FORMAT_VERSION = 1
 
@@ -64,11 +64,7 @@ class Block(NamedTuple):
 
 @register_spec_type
 @dataclass(frozen=True)
-class ResNetSpec(JsonData):
-    JSON_FORMAT = "cbam_multi.ResNetSpec"
-    JSON_VERSION = RESNET_FORMAT_VERSION
-    JSON_ERROR = SpecError
-
+class ResNetSpec(JsonData, json_format="cbam_multi.ResNetSpec", json_version=RESNET_FORMAT_VERSION, json_error=SpecError):
     depth: int = 50
     stem: str = "imagenet"  # 7x7/2 conv, BN, ReLU, 3x3/2 max-pool; "cifar": 3x3/1 conv, BN, ReLU
     in_channels: int = 3
@@ -240,26 +236,81 @@ class ResNetSpec(JsonData):
         CBAMSpec(self.in_channels, reduction=1).check_input(shape, dtype_name, layout)  # the dtype message
 
 
+# ------------------------------------------------------------ the network, once
+class LayerOps(Protocol):
+    """What a backend that computes ResNet op by op (the NumPy oracle, JAX) provides to `walk`. Weights are
+    named by canonical prefix (``conv(x, "layer1.0.conv1", 1)`` uses ``layer1.0.conv1.kernel``); ``bn`` and
+    ``cbam`` keep their own updated running statistics."""
+
+    def conv(self, x, prefix: str, stride: int): ...  # "same" padding: kernel size // 2
+    def bn(self, x, prefix: str): ...
+    def relu(self, x): ...
+    def max_pool_3x3_s2(self, x): ...  # padding 1, like torch's MaxPool2d(3, 2, 1)
+    def cbam(self, x, prefix: str, spec: CBAMSpec): ...
+    def head(self, x): ...  # global average pool, then fc
+
+
+def walk(spec: ResNetSpec, x, ops: LayerOps):
+    """The logits of ``x`` through the network ``spec`` describes, computed by ``ops``: the order of the
+    layers written once for every op-by-op backend (the torch modules are built independently of it)."""
+    h = ops.relu(ops.bn(ops.conv(x, "stem.conv", 2 if spec.stem == "imagenet" else 1), "stem.bn"))
+    if spec.stem == "imagenet":
+        h = ops.max_pool_3x3_s2(h)
+    for block in spec.blocks():
+        out = h
+        convs = spec.block_convs(block)
+        for i, (conv, _, _, _, stride) in enumerate(convs, 1):
+            out = ops.bn(ops.conv(out, f"{block.name}.{conv}", stride), f"{block.name}.bn{i}")
+            if i < len(convs):
+                out = ops.relu(out)
+        if spec.has_cbam:
+            out = ops.cbam(out, f"{block.name}.cbam", spec.cbam_spec(block.out_channels))
+        shortcut = h
+        if block.downsample:
+            shortcut = ops.bn(ops.conv(h, f"{block.name}.downsample.conv", block.stride), f"{block.name}.downsample.bn")
+        h = ops.relu(out + shortcut)
+    return ops.head(h)
+
+
 # ------------------------------------------------------------ NumPy oracle (float64, NCHW)
-def _batch_norm(z: np.ndarray, w: Mapping[str, np.ndarray], prefix: str, spec: ResNetSpec, train: bool, stats: dict):
-    if train:
-        n = z.shape[0] * z.shape[2] * z.shape[3]
-        if n < 2:
-            raise InputError(f"BatchNorm in train mode needs more than 1 value per channel at {prefix} (got shape {z.shape})")
-        mean, var = z.mean(axis=(0, 2, 3)), z.var(axis=(0, 2, 3))
-        m = spec.bn_momentum
-        stats[f"{prefix}.mean"] = (1 - m) * w[f"{prefix}.mean"] + m * mean
-        stats[f"{prefix}.var"] = (1 - m) * w[f"{prefix}.var"] + m * var * n / (n - 1)  # unbiased, as torch
-    else:
-        mean, var = w[f"{prefix}.mean"], w[f"{prefix}.var"]
-    inv = w[f"{prefix}.scale"] / np.sqrt(var + spec.bn_eps)
-    return (z - mean[None, :, None, None]) * inv[None, :, None, None] + w[f"{prefix}.bias"][None, :, None, None]
+class _NumpyOps:
+    def __init__(self, w: Mapping[str, np.ndarray], spec: ResNetSpec, train: bool):
+        self.w, self.spec, self.train, self.stats = w, spec, train, {}
 
+    def conv(self, x, prefix, stride):
+        kernel = self.w[f"{prefix}.kernel"]
+        return reference.conv2d(x, kernel, stride=stride, padding=kernel.shape[0] // 2)
 
-def _max_pool_3x3_s2(x: np.ndarray) -> np.ndarray:
-    xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)), constant_values=-np.inf)
-    h, w = (x.shape[2] - 1) // 2 + 1, (x.shape[3] - 1) // 2 + 1
-    return np.max([xp[:, :, i : i + 2 * h - 1 : 2, j : j + 2 * w - 1 : 2] for i in range(3) for j in range(3)], axis=0)
+    def bn(self, z, prefix):
+        w, m = self.w, self.spec.bn_momentum
+        if self.train:
+            n = z.shape[0] * z.shape[2] * z.shape[3]
+            if n < 2:
+                raise InputError(f"BatchNorm in train mode needs more than 1 value per channel at {prefix} (got shape {z.shape})")
+            mean, var = z.mean(axis=(0, 2, 3)), z.var(axis=(0, 2, 3))
+            self.stats[f"{prefix}.mean"] = (1 - m) * w[f"{prefix}.mean"] + m * mean
+            self.stats[f"{prefix}.var"] = (1 - m) * w[f"{prefix}.var"] + m * var * n / (n - 1)  # unbiased, as torch
+        else:
+            mean, var = w[f"{prefix}.mean"], w[f"{prefix}.var"]
+        inv = w[f"{prefix}.scale"] / np.sqrt(var + self.spec.bn_eps)
+        return (z - mean[None, :, None, None]) * inv[None, :, None, None] + w[f"{prefix}.bias"][None, :, None, None]
+
+    def relu(self, x):
+        return np.maximum(x, 0.0)
+
+    def max_pool_3x3_s2(self, x):
+        xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)), constant_values=-np.inf)
+        h, w = (x.shape[2] - 1) // 2 + 1, (x.shape[3] - 1) // 2 + 1
+        return np.max([xp[:, :, i : i + 2 * h - 1 : 2, j : j + 2 * w - 1 : 2] for i in range(3) for j in range(3)], axis=0)
+
+    def cbam(self, x, prefix, spec):
+        sub = {n: self.w[f"{prefix}.{n}"] for n in spec.param_shapes()}
+        out, new = reference.cbam_forward(x, sub, spec, train=self.train)
+        self.stats.update({f"{prefix}.{n}": a for n, a in new.items()})
+        return out
+
+    def head(self, x):
+        return x.mean(axis=(2, 3)) @ self.w["fc.kernel"] + self.w["fc.bias"]
 
 
 def forward(x, weights: Mapping[str, np.ndarray], spec: ResNetSpec, train: bool = False):
@@ -267,30 +318,5 @@ def forward(x, weights: Mapping[str, np.ndarray], spec: ResNetSpec, train: bool 
     x = np.asarray(x)
     spec.check_input(x.shape, str(x.dtype), "NCHW")
     validate_weights(weights, spec)
-    w = {n: np.asarray(a, np.float64) for n, a in weights.items()}
-    stats: dict[str, np.ndarray] = {}
-    k = w["stem.conv.kernel"].shape[0]
-    h = reference.conv2d(x.astype(np.float64), w["stem.conv.kernel"], stride=2 if spec.stem == "imagenet" else 1, padding=k // 2)
-    h = np.maximum(_batch_norm(h, w, "stem.bn", spec, train, stats), 0.0)
-    if spec.stem == "imagenet":
-        h = _max_pool_3x3_s2(h)
-    for block in spec.blocks():
-        out = h
-        convs = spec.block_convs(block)
-        for i, (conv, ks, _, _, stride) in enumerate(convs, 1):
-            out = reference.conv2d(out, w[f"{block.name}.{conv}.kernel"], stride=stride, padding=ks // 2)
-            out = _batch_norm(out, w, f"{block.name}.bn{i}", spec, train, stats)
-            if i < len(convs):
-                out = np.maximum(out, 0.0)
-        if spec.has_cbam:
-            prefix = f"{block.name}.cbam."
-            sub = {n[len(prefix) :]: a for n, a in w.items() if n.startswith(prefix)}
-            out, new = reference.cbam_forward(out, sub, spec.cbam_spec(block.out_channels), train=train)
-            stats.update({prefix + n: a for n, a in new.items()})
-        shortcut = h
-        if block.downsample:
-            shortcut = reference.conv2d(h, w[f"{block.name}.downsample.conv.kernel"], stride=block.stride)
-            shortcut = _batch_norm(shortcut, w, f"{block.name}.downsample.bn", spec, train, stats)
-        h = np.maximum(out + shortcut, 0.0)
-    pooled = h.mean(axis=(2, 3))
-    return pooled @ w["fc.kernel"] + w["fc.bias"], stats
+    ops = _NumpyOps({n: np.asarray(a, np.float64) for n, a in weights.items()}, spec, train)
+    return walk(spec, x.astype(np.float64), ops), ops.stats

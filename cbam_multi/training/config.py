@@ -80,12 +80,8 @@ class ConfigError(CBAMError):
 
 
 @dataclass(frozen=True)
-class TrainConfig(JsonData):
+class TrainConfig(JsonData, json_format="cbam_multi.TrainConfig", json_version=CONFIG_FORMAT_VERSION, json_error=ConfigError):
     """Everything `train_and_evaluate` needs, in one place. ``out`` may contain ``{backend}``."""
-
-    JSON_FORMAT = "cbam_multi.TrainConfig"
-    JSON_VERSION = CONFIG_FORMAT_VERSION
-    JSON_ERROR = ConfigError
 
     backend: str = "torch"
     model: MNISTNetSpec | ResNetSpec = field(default_factory=MNISTNetSpec)

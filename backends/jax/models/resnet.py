@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from cbam_multi.errors import InputError
-from cbam_multi.models.resnet import ResNetSpec
+from cbam_multi.models.resnet import ResNetSpec, walk
 from cbam_multi.weights import init_weights
 
 from .. import functional as F
@@ -32,54 +32,52 @@ from .common import model_variables
 __all__ = ["ResNet", "forward", "init_params", "split_params"]
 
 
-def _conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
-    p = kernel.shape[0] // 2
-    return jax.lax.conv_general_dilated(
-        x, kernel.astype(x.dtype), (stride, stride), ((p, p), (p, p)), dimension_numbers=("NHWC", "HWIO", "NHWC")
-    )
+class _JaxOps:
+    """`cbam_multi.models.resnet.LayerOps` in JAX, NHWC, computing in the input's dtype."""
 
+    def __init__(self, params: Mapping[str, jax.Array], spec: ResNetSpec, train: bool):
+        self.params, self.spec, self.train, self.stats = params, spec, train, {}
 
-def _max_pool_3x3_s2(x: jax.Array) -> jax.Array:
-    # a Python -inf init makes this lax's differentiable reduce_window_max (a traced init would not be)
-    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    def conv(self, x, prefix, stride):
+        kernel = self.params[f"{prefix}.kernel"]
+        p = kernel.shape[0] // 2
+        return jax.lax.conv_general_dilated(
+            x, kernel.astype(x.dtype), (stride, stride), ((p, p), (p, p)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+
+    def bn(self, z, prefix):
+        p = self.params
+        out, new = F.batch_norm(
+            z, p[f"{prefix}.scale"], p[f"{prefix}.bias"], p[f"{prefix}.mean"], p[f"{prefix}.var"],
+            momentum=self.spec.bn_momentum, eps=self.spec.bn_eps, train=self.train,
+        )
+        if new is not None:
+            self.stats[f"{prefix}.mean"], self.stats[f"{prefix}.var"] = new
+        return out
+
+    def relu(self, x):
+        return jax.nn.relu(x)
+
+    def max_pool_3x3_s2(self, x):
+        # a Python -inf init makes this lax's differentiable reduce_window_max (a traced init would not be)
+        return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), ((0, 0), (1, 1), (1, 1), (0, 0)))
+
+    def cbam(self, x, prefix, spec):
+        out, new = F.cbam({n: self.params[f"{prefix}.{n}"] for n in spec.param_shapes()}, x, spec, train=self.train)
+        self.stats.update({f"{prefix}.{n}": v for n, v in new.items()})
+        return out
+
+    def head(self, x):
+        pooled = jnp.mean(x.astype(F._acc_dtype(x.dtype)), axis=(1, 2)).astype(x.dtype)
+        return pooled @ self.params["fc.kernel"].astype(x.dtype) + self.params["fc.bias"].astype(x.dtype)
 
 
 def forward(params: Mapping[str, jax.Array], x: jax.Array, spec: ResNetSpec, *, train: bool = False):
     """Logits of NHWC images ``x`` (computed in ``x.dtype``) and, in train mode, the updated running
     statistics of every BatchNorm (canonical names; ``{}`` in eval mode). jit with ``spec``/``train`` static."""
     spec.check_input(x.shape, str(x.dtype), "NHWC")
-    stats: dict[str, jax.Array] = {}
-
-    def bn(z, prefix):
-        out, new = F.batch_norm(
-            z, params[f"{prefix}.scale"], params[f"{prefix}.bias"], params[f"{prefix}.mean"], params[f"{prefix}.var"],
-            momentum=spec.bn_momentum, eps=spec.bn_eps, train=train,
-        )
-        if new is not None:
-            stats[f"{prefix}.mean"], stats[f"{prefix}.var"] = new
-        return out
-
-    h = jax.nn.relu(bn(_conv(x, params["stem.conv.kernel"], 2 if spec.stem == "imagenet" else 1), "stem.bn"))
-    if spec.stem == "imagenet":
-        h = _max_pool_3x3_s2(h)
-    for block in spec.blocks():
-        out = h
-        convs = spec.block_convs(block)
-        for i, (conv, _, _, _, stride) in enumerate(convs, 1):
-            out = bn(_conv(out, params[f"{block.name}.{conv}.kernel"], stride), f"{block.name}.bn{i}")
-            if i < len(convs):
-                out = jax.nn.relu(out)
-        if spec.has_cbam:
-            prefix = f"{block.name}.cbam."
-            cspec = spec.cbam_spec(block.out_channels)
-            out, new = F.cbam({n: params[prefix + n] for n in cspec.param_shapes()}, out, cspec, train=train)
-            stats.update({prefix + n: v for n, v in new.items()})
-        shortcut = h
-        if block.downsample:
-            shortcut = bn(_conv(h, params[f"{block.name}.downsample.conv.kernel"], block.stride), f"{block.name}.downsample.bn")
-        h = jax.nn.relu(out + shortcut)
-    pooled = jnp.mean(h.astype(F._acc_dtype(h.dtype)), axis=(1, 2)).astype(h.dtype)
-    return pooled @ params["fc.kernel"].astype(h.dtype) + params["fc.bias"].astype(h.dtype), stats
+    ops = _JaxOps(params, spec, train)
+    return walk(spec, x, ops), ops.stats
 
 
 def init_params(spec: ResNetSpec, seed: int = 0, dtype=jnp.float32, init: str = "canonical") -> dict[str, jax.Array]:
