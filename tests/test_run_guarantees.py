@@ -179,6 +179,7 @@ def test_stop_after_epoch_must_be_positive(tmp_path, value, sample_available):
 
 
 # ------------------------------------------------------------------ 9, 11: finished runs, train-state files
+@pytest.mark.slow
 def test_resuming_a_finished_run_says_so_and_writes_nothing(tmp_path, sample_available):
     out = tmp_path / "run"
     r = cli("train", *TINY, "--epochs", "1", "--dataset", "sample", "--out", str(out))

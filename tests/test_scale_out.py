@@ -251,6 +251,7 @@ BF16_RUNS = {
 }
 
 
+@pytest.mark.slow
 def test_bfloat16_trajectories(mnist, tmp_path_factory):
     # one test, not one per report: under pytest-xdist a fixture shared by parametrized tests is rebuilt on
     # every worker that runs one of them, which would retrain the runs the cache exists to share
@@ -333,6 +334,7 @@ SHARDED_SCRIPT = textwrap.dedent(
 ) % (SHARDED_RUNS,)
 
 
+@pytest.mark.slow
 def test_jax_sharded_four_devices_match_one(mnist_dir, tmp_path):
     script = tmp_path / "sharded.py"
     script.write_text(SHARDED_SCRIPT)
@@ -354,6 +356,7 @@ def _train_flags(dtype, n_train=320, batch=32):
             "--eval-batch-size", "100", "--dtype", dtype, "--no-progress"]
 
 
+@pytest.mark.slow
 def test_jax_multi_process_matches_single_device(mnist_dir, mnist, tmp_path):
     """Two JAX processes (2 CPU devices each) joined by ``jax.distributed`` through the CLI's environment
     variables; each feeds its half of every global batch. Same losses as one device, float64."""
@@ -383,6 +386,7 @@ def _torchrun() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "torch.distributed.run"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_torch_ddp_matches_single_process(mnist_dir, tmp_path, dtype):
     out = tmp_path / "ddp"

