@@ -95,3 +95,11 @@ def test_bench_resnet_smoke(tmp_path):
         assert _timed(rows[name]) and rows[name]["images_per_s"] > 0
     assert set(loaded["ratios"]) == {"torch_eager/infer", "jax_jit/infer", "official_eager/infer"}
     assert all(v > 0 for v in loaded["ratios"].values())
+
+
+def test_eager_jax_smoke():
+    from benchmarks import eager_jax
+
+    rows = eager_jax.main(["--shapes", "1x16x3x3"])
+    assert [r["variant"] for r in rows] == ["one jitted program", "op by op"]
+    assert all(r["first_s"] > 0 and r["later_ms"] > 0 for r in rows)

@@ -304,8 +304,8 @@ def cbam(params: Params, x, spec: CBAMSpec, *, train: bool = False):
 
 
 # Jitted so that an eager call (an NNX or linen module outside jit, a debugging session) runs one compiled
-# program instead of ~150 op-by-op dispatches, each compiled on its first use (~2 s per new shape on CPU,
-# against ~0.3 s for the whole block); under an outer jit or grad it is traced inline like any function.
+# program instead of ~150 op-by-op dispatches, each compiled on its first use (benchmarks/RESULTS.md, "Eager
+# JAX"); under an outer jit or grad it is traced inline like any function.
 @functools.partial(jax.jit, static_argnames=("spec", "train"))
 def _cbam(params: Params, x, spec: CBAMSpec, train: bool):
     g = _channel_gate(params, x, spec)
