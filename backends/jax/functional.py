@@ -86,13 +86,19 @@ def _acc_dtype(dtype) -> jnp.dtype:
 # ------------------------------------------------------------------ pieces
 def _first_onehot(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     """Boolean mask, shaped like ``x``, of the maximum of lowest flat (row-major) index over the
-    contiguous ``axes``: what torch's ``max(dim)`` / ``max_pool2d`` record as the argmax."""
+    contiguous ``axes``: what torch's ``max(dim)`` / ``max_pool2d`` record as the argmax (a NaN, the
+    first one, where there is one: ``max`` propagates it).
+
+    The lowest index among the maxima is a min-reduction of integers, not ``jnp.argmax``: XLA:CPU runs
+    argmax's paired (value, index) reduction unvectorised, several times slower than max + min
+    (benchmarks/RESULTS.md, "JAX tie rule")."""
     a0, a1 = axes[0], axes[-1] + 1
     n = int(np.prod(x.shape[a0:a1]))
     flat = x.reshape(x.shape[:a0] + (n,) + x.shape[a1:])
-    idx = jnp.expand_dims(jnp.argmax(flat, axis=a0), a0)  # argmax returns the first maximum
-    iota = jax.lax.broadcasted_iota(idx.dtype, flat.shape, a0)
-    return (iota == idx).reshape(x.shape)
+    iota = jax.lax.broadcasted_iota(jnp.int32, flat.shape, a0)
+    hit = (flat == jnp.max(flat, axis=a0, keepdims=True)) | jnp.isnan(flat)
+    first = jnp.min(jnp.where(hit, iota, n), axis=a0, keepdims=True)
+    return (iota == first).reshape(x.shape)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
