@@ -244,6 +244,43 @@ def _channel_mean(x: jax.Array, gated_from=None) -> jax.Array:
     return jnp.mean(x.astype(_acc_dtype(dt)), axis=3).astype(dt)
 
 
+def _lax_conv(m: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
+    # precision follows jax_default_matmul_precision
+    return jax.lax.conv_general_dilated(
+        m, kernel, window_strides=(1, 1), padding=((padding, padding), (padding, padding)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _spatial_conv(m: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
+    """The k x k "same" convolution of the (B, H, W, 1 or 2) pooled maps with an HWIO kernel (k, k, 1 or 2, 1).
+
+    Its value is k * k * (1 or 2) shifted multiply-adds, accumulated in at least float32: one fused loop,
+    where XLA:CPU's convolution with 1-2 input channels and one output channel is several times slower
+    (benchmarks/RESULTS.md, "JAX spatial conv"). Its derivative is the convolution's own (`_lax_conv` is
+    linear in each argument), so reverse and forward mode run XLA's convolution gradients, as before."""
+    dt = m.dtype
+    acc = _acc_dtype(dt)
+    k_h, k_w, c_in, _ = kernel.shape
+    h, w = m.shape[1], m.shape[2]
+    mp = jnp.pad(m.astype(acc), ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    kernel = kernel.astype(acc)
+    out = None
+    for i in range(k_h):
+        for j in range(k_w):
+            for c in range(c_in):
+                term = mp[:, i : i + h, j : j + w, c : c + 1] * kernel[i, j, c, 0]
+                out = term if out is None else out + term
+    return out.astype(dt)
+
+
+@_spatial_conv.defjvp
+def _spatial_conv_jvp(padding, primals, tangents):
+    (m, kernel), (m_dot, kernel_dot) = primals, tangents
+    return _spatial_conv(m, kernel, padding), _lax_conv(m_dot, kernel, padding) + _lax_conv(m, kernel_dot, padding)
+
+
 def _spatial(params: Params, x: jax.Array, spec: CBAMSpec, train: bool, gated_from=None):
     s, stats = _spatial_gate(params, x, spec, train, gated_from)
     return x * s, stats
@@ -260,14 +297,7 @@ def _spatial_gate(params: Params, x: jax.Array, spec: CBAMSpec, train: bool, gat
         m = (0.5 * maps["mean"] + 0.5 * maps["max"])[..., None]
     else:
         m = jnp.stack([maps[k] for k in spec.concat_order], axis=-1)  # (B, H, W, 2)
-    p = spec.padding
-    z = jax.lax.conv_general_dilated(
-        m,
-        params["spatial.conv.kernel"].astype(dt),
-        window_strides=(1, 1),
-        padding=((p, p), (p, p)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-    )  # (B, H, W, 1); precision follows jax_default_matmul_precision
+    z = _spatial_conv(m, params["spatial.conv.kernel"].astype(dt), spec.padding)  # (B, H, W, 1)
     if spec.spatial_bias:
         z = z + params["spatial.conv.bias"].astype(dt)
     stats = {}
