@@ -408,3 +408,27 @@ def test_public_api():
         assert name in cj.__all__ and hasattr(cj, name)
     assert cj.functional is F and cj.linen is L
     assert "NHWC" in cj.__doc__ and "jax_enable_x64" in cj.__doc__
+
+
+@pytest.mark.parametrize("k", [1, 3, 7])
+def test_spatial_conv_value_and_derivatives_are_the_convolutions(k):
+    # _spatial_conv computes its value by shifted multiply-adds and its derivative by XLA's convolution
+    rng = np.random.default_rng(k)
+    m = jnp.asarray(rng.normal(size=(2, 6, 5, 2)))
+    kernel = jnp.asarray(rng.normal(size=(k, k, 2, 1)))
+    t_m, t_k = jnp.asarray(rng.normal(size=m.shape)), jnp.asarray(rng.normal(size=kernel.shape))
+    want = F._lax_conv(m, kernel, k // 2)
+    assert float(jnp.abs(F._spatial_conv(m, kernel, k // 2) - want).max()) <= 1e-13
+    _, tangent = jax.jvp(lambda a, b: F._spatial_conv(a, b, k // 2), (m, kernel), (t_m, t_k))
+    _, want_tangent = jax.jvp(lambda a, b: F._lax_conv(a, b, k // 2), (m, kernel), (t_m, t_k))
+    assert float(jnp.abs(tangent - want_tangent).max()) <= 1e-13
+
+
+def test_forward_mode_through_cbam_agrees_with_reverse_mode():
+    spec = CBAMSpec.official(32)  # BatchNorm, 7x7 spatial conv, tie rule "first"
+    params = F.init_params(spec, 0, jnp.float64)
+    rng = np.random.default_rng(0)
+    x, t, g = (jnp.asarray(rng.normal(size=(2, 5, 4, 32))) for _ in range(3))
+    _, tangent = jax.jvp(lambda v: F.cbam(params, v, spec, train=True)[0], (x,), (t,))
+    grad = jax.grad(lambda v: (F.cbam(params, v, spec, train=True)[0] * g).sum())(x)
+    assert abs(float((tangent * g).sum() - (grad * t).sum())) <= 1e-10 * float(jnp.abs(grad * t).sum())
