@@ -256,13 +256,17 @@ def _lax_conv(m: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
 def _spatial_conv(m: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
     """The k x k "same" convolution of the (B, H, W, 1 or 2) pooled maps with an HWIO kernel (k, k, 1 or 2, 1).
 
-    Its value is k * k * (1 or 2) shifted multiply-adds, accumulated in at least float32: one fused loop,
-    where XLA:CPU's convolution with 1-2 input channels and one output channel is several times slower
-    (benchmarks/RESULTS.md, "JAX spatial conv"). Its derivative is the convolution's own (`_lax_conv` is
-    linear in each argument), so reverse and forward mode run XLA's convolution gradients, as before."""
+    Up to 3 x 3, its value is k * k * (1 or 2) shifted multiply-adds, accumulated in at least float32: one
+    fused loop, where XLA:CPU's convolution with 1-2 input channels and one output channel is several times
+    slower (benchmarks/RESULTS.md, "JAX spatial conv"). Larger kernels keep the convolution: their unrolled
+    sums (98 terms at 7 x 7) more than double the compile time of every program holding a CBAM block. The
+    derivative is the convolution's own (`_lax_conv` is linear in each argument), so reverse and forward
+    mode run XLA's convolution gradients either way."""
+    k_h, k_w, c_in, _ = kernel.shape
+    if k_h * k_w > 9:
+        return _lax_conv(m, kernel, padding)
     dt = m.dtype
     acc = _acc_dtype(dt)
-    k_h, k_w, c_in, _ = kernel.shape
     h, w = m.shape[1], m.shape[2]
     mp = jnp.pad(m.astype(acc), ((0, 0), (padding, padding), (padding, padding), (0, 0)))
     kernel = kernel.astype(acc)
