@@ -58,7 +58,7 @@ COMMANDS: dict[str, tuple] = {
     "cbam-multi evaluate --backend jax --checkpoint runs/mnist-torch": (RUN, ["--n-test", "100"]),
     "cbam-multi evaluate --backend torch --checkpoint runs/mnist-jax": (RUN, ["--n-test", "100"]),
     "cbam-multi plot runs/mnist-torch runs/mnist-jax": (RUN, ["--n-images", "2", "--out", "runs/plots"]),
-    "cbam-multi parity --train --steps 200": (RUN, ["--steps", "3", "--dtype", "float64"], FULL_MNIST),
+    "cbam-multi parity --train --steps 200": (RUN, ["--steps", "3", "--dtype", "float64", "--n-test", "100"], FULL_MNIST),
     "cbam-multi train --backend jax --tensorboard --out runs/mnist-jax-tb": (RUN, ["--epochs", "1", *SMALL]),
     "tensorboard --logdir runs": (SKIP, "serves a web UI; tests/test_tensorboard.py reads the events back"),
     # ResNet-CBAM

@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", action="store_true", help="instead: torch vs JAX MNIST training trajectories (loss per step)")
     p.add_argument("--steps", type=_positive_int, default=200, help="with --train: optimizer steps (default 200)")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="with --train: batch size (default 64)")
+    p.add_argument("--n-test", type=_positive_int, default=1000,
+                   help="with --train: test images both trained models are evaluated and compared on (default 1000)")
     p.add_argument("--data-dir", default=None, help="with --train: folder with the full MNIST IDX files (" + DATA_DIR_HELP + ")")
     p.set_defaults(func=cmd_parity)
 
@@ -171,7 +173,8 @@ def cmd_parity_train(args: argparse.Namespace) -> int:
     failed = 0
     for dtype in args.dtype:
         with tempfile.TemporaryDirectory(prefix="cbam-trajectory-") as tmp:
-            report = trajectory_parity(args.steps, dtype, batch_size=args.batch_size, data_dir=data_dir, out_root=tmp)
+            report = trajectory_parity(args.steps, dtype, batch_size=args.batch_size, n_test=args.n_test, data_dir=data_dir,
+                                       out_root=tmp)
         print(format_trajectory(report, every=max(1, args.steps // 20)) + "\n")
         failed += not report["ok"]
     return 1 if failed else 0
