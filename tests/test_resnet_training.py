@@ -79,6 +79,7 @@ def test_resume_is_bit_identical(tmp_path):
     assert all(np.array_equal(a[n], b[n]) for n in a)
 
 
+@pytest.mark.slow  # collected right after the JAX fit test, whose float64 step compilation it then reuses
 def test_torch_and_jax_same_init_and_first_step_float64(tmp_path):
     from cbam_multi.jax.train import JaxTrainer
     from cbam_multi.torch.train import TorchTrainer
