@@ -100,6 +100,6 @@ def test_bench_resnet_smoke(tmp_path):
 def test_eager_jax_smoke():
     from benchmarks import eager_jax
 
-    rows = eager_jax.main(["--shapes", "1x16x3x3"])
+    rows = eager_jax.main(["--shapes", "1x16x3x3", "--rounds", "1"])
     assert [r["variant"] for r in rows] == ["one jitted program", "op by op"]
     assert all(r["first_s"] > 0 and r["later_ms"] > 0 for r in rows)
