@@ -7,7 +7,7 @@ os.environ.setdefault("XLA_FLAGS", "")  # leave room for callers' flags (e.g. fo
 
 # Under pytest-xdist every worker is a process of its own: one OpenMP thread each (torch's intra-op pool;
 # inherited by the subprocesses tests start), or N workers x N threads oversubscribe the cores and the
-# threads spin in OpenMP barriers (a third of the torch-heavy tests' CPU time on 2 cores). Set before torch
+# threads spin in OpenMP barriers, burning CPU the other worker needs. Set before torch
 # is imported; a caller's own OMP_NUM_THREADS is respected.
 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
     os.environ.setdefault("OMP_NUM_THREADS", "1")

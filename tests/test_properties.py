@@ -142,7 +142,7 @@ def run_jax(spec, w, x, dtype, train, grads):
         y, stats = F.cbam(params, xin, spec, train=train)
         return y.sum(), (y, stats)
 
-    # jitted, as JAX code runs in practice (and 3x cheaper here than eager per-op dispatch over ~100 shapes);
+    # jitted, as JAX code runs in practice (and much cheaper here than eager per-op dispatch over ~100 shapes);
     # eager JAX is checked against the oracle by the parity suite's NNX rows
     if grads:
         (_, (y, stats)), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(xj)
