@@ -3,14 +3,9 @@ matmuls anywhere (TF32 off in torch, 'highest' matmul precision in JAX)."""
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "")  # leave room for callers' flags (e.g. forced host device counts)
+import pytest
 
-# Under pytest-xdist every worker is a process of its own: one OpenMP thread each (torch's intra-op pool;
-# inherited by the subprocesses tests start), or N workers x N threads oversubscribe the cores and the
-# threads spin in OpenMP barriers, burning CPU the other worker needs. Set before torch
-# is imported; a caller's own OMP_NUM_THREADS is respected.
-if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("XLA_FLAGS", "")  # leave room for callers' flags (e.g. forced host device counts)
 
 # One JAX compilation cache per test run, shared by the xdist workers and the subprocesses tests start (they
 # inherit the environment): many tests compile the same MNIST/CBAM programs in fresh processes (the README
@@ -34,13 +29,25 @@ try:
 except ImportError:  # the torch-only install still runs the framework-free and torch tests
     pass
 
+# Under pytest-xdist every worker is a process of its own: one torch (OpenMP) thread each, and one in the
+# subprocesses tests start (OMP_NUM_THREADS, which they inherit), or N workers x N threads oversubscribe the
+# cores and the threads spin in OpenMP barriers, burning CPU the other worker needs. A caller's own
+# OMP_NUM_THREADS is respected. CLI_TORCH_THREADS: the count a plain process uses (the `cli_torch_threads`
+# fixture), read before the limit.
+_ONE_THREAD = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1 and "OMP_NUM_THREADS" not in os.environ
+CLI_TORCH_THREADS = None
 try:
     import torch
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
+    CLI_TORCH_THREADS = torch.get_num_threads()
+    if _ONE_THREAD:
+        torch.set_num_threads(1)
 except ImportError:
     pass
+if _ONE_THREAD:
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 try:  # property tests (tests/test_properties.py): fixed examples in CI, a longer random run on request
     from hypothesis import settings
@@ -66,3 +73,9 @@ def pytest_collection_modifyitems(config, items):
     """Tests marked ``slow`` first (a stable sort): pytest-xdist hands tests out in this order, so the long
     runs start early and the short tests fill in around them, instead of a long test running alone at the end."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+@pytest.fixture(scope="session")
+def cli_torch_threads() -> int | None:
+    """torch's thread count in a plain process (None without torch): what `cbam-multi parity` runs with."""
+    return CLI_TORCH_THREADS

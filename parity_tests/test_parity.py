@@ -10,11 +10,7 @@ import pytest
 pytest.importorskip("torch", reason="parity needs the torch extra")
 pytest.importorskip("flax", reason="parity needs the jax extra")
 
-import functools
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -24,23 +20,15 @@ from cbam_multi.parity import CASES, DTYPES, QUANTITIES, check_case, format_tabl
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-@functools.cache
-def _cli_torch_threads() -> int:
-    """torch's thread count in a plain process (no OMP_NUM_THREADS): what `cbam-multi parity` runs with."""
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    code = "import torch; print(torch.get_num_threads())"
-    return int(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout)
-
-
 @pytest.fixture(autouse=True)
-def torch_threads_of_the_cli():
-    # conftest gives each pytest-xdist worker one OpenMP thread; float32 rounding of some torch kernels
+def torch_threads_of_the_cli(cli_torch_threads):
+    # conftest gives each pytest-xdist worker one torch thread; float32 rounding of some torch kernels
     # depends on the thread count, and README's table quotes `cbam-multi parity`, so these cases run with
     # the CLI's count (torch is a small part of their time)
     import torch
 
     before = torch.get_num_threads()
-    torch.set_num_threads(_cli_torch_threads())
+    torch.set_num_threads(cli_torch_threads)
     yield
     torch.set_num_threads(before)
 
