@@ -103,3 +103,17 @@ def test_eager_jax_smoke():
     rows = eager_jax.main(["--shapes", "1x16x3x3", "--rounds", "1"])
     assert [r["variant"] for r in rows] == ["one jitted program", "op by op"]
     assert all(r["first_s"] > 0 and r["later_ms"] > 0 for r in rows)
+
+
+def test_train_memory_smoke(tmp_path):
+    from benchmarks import train_memory
+
+    train_memory.main(["--smoke", "--out", str(tmp_path)])
+    loaded = _load(tmp_path, "train_memory_smoke")
+    rows = loaded["results"]
+    assert set(rows) == {"plain", "cbam", "cbam_composed"}
+    for r in rows.values():
+        assert r["saved_activation_mb"] > 0 and r["train_peak_rss_mb"] > 0 and r["peak_ratio"] > 0
+    assert rows["cbam"]["params_m"] > rows["plain"]["params_m"]
+    # the composed ops save two full-size tensors per CBAM block that the BN+CBAM Function does not
+    assert rows["cbam_composed"]["saved_activation_mb"] > rows["cbam"]["saved_activation_mb"]

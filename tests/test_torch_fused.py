@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 
 from cbam_multi import CBAMSpec
 from cbam_multi.parity import TOLERANCES
-from cbam_multi.torch import CBAM, cpu_kernel, fused
+from cbam_multi.torch import CBAM, fused
 
 CASES = list(itertools.product(["seed", "official", "timm", "paper"], ["split", "first"], [False, True]))
 
@@ -30,7 +30,7 @@ def _run(spec, state, x, ct, dtype, train, composed, channels_last=False, kernel
     if channels_last:
         xx = xx.contiguous(memory_format=torch.channels_last)
     xx.requires_grad_()
-    with fused.disabled() if composed else torch.enable_grad(), cpu_kernel.disabled() if not kernel else fused.kernels(True):
+    with fused.disabled() if composed else torch.enable_grad(), fused.kernels(kernel):
         assert fused.applies(m, xx) == (not composed)
         y = m(xx)
         grads = torch.autograd.grad(y, [xx, *m.parameters()], ct.to(dtype))
@@ -200,13 +200,14 @@ def test_kink_check_separates_kernel_errors_from_relu_kinks():
     from pathlib import Path
 
     from cbam_multi.parity import RESNET_TOLERANCES
+    from cbam_multi.parity_resnet import RESNET_CASES
 
     root = str(Path(__file__).resolve().parents[1])
     if root not in sys.path:
         sys.path.insert(0, root)
     from benchmarks import kink_check
 
-    out = kink_check.check(0, kernels=(True,))  # kernels on only: the suite's time (each run is a ResNet-18 step)
+    out = kink_check.check(RESNET_CASES[0], kernels=(True,))  # kernels on only: the suite's time (each run is a ResNet-18 step)
     assert out["relu_calls"] > 0 and [(r["kernels"], r["relu"]) for r in out["runs"]] == [(True, "plain"), (True, "forced")]
     for r in out["runs"]:
         if r["relu"] == "forced":

@@ -7,8 +7,8 @@ blog's plain code). Here the forward saves only ``x`` (often kept by a neighbour
 maps: the channel gate ``ca`` (B, C), the spatial gate ``s`` (B, 1, H, W), the pooled maxima and, for
 tie rule "first", their indices. The backward recomputes ``y1`` once and writes the input gradient in
 place through four full-size passes.
-With ``CBAM_MULTI_FUSED_TRAIN_KERNEL=1`` (opt-in, see `_kernel_applies`) the full-size passes and the
-spatial conv run as CPU loops (csrc/cbam_train.cpp) for NCHW-contiguous CPU input.
+For NCHW-contiguous CPU input the full-size passes and the spatial conv run as CPU loops
+(csrc/cbam_train.cpp; ``CBAM_MULTI_FUSED_TRAIN_KERNEL=0`` runs them as torch ops, see `_kernel_applies`).
 
 Only the full-size work is written by hand. The small maps' maths (the shared MLP and its activation,
 the gates, the spatial conv in ``concat_order``, BatchNorm in train or eval mode, biases on or off) runs
@@ -101,98 +101,114 @@ def _max_grad_(acc: torch.Tensor, src: torch.Tensor, m: torch.Tensor, idx, g: to
 class _CBAMTrain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cbam, *params):
-        spec = cbam.spec
-        ch, sp = cbam.channel, cbam.spatial
-        tie = spec.tie_rule
-        ctx.tie_first = tie == "first"
-        b, c = x.shape[:2]
-        pools = spec.channel_pools
-        kern = _kernel_applies(x)
-        # -- channel gate: the pools read x; the MLP and gate are a small autograd graph on detached leaves
-        mx = idx_hw = cnt_hw = None
-        if kern:
-            avg, mx, idx_hw, cnt_hw = torch.ops.cbam_multi.train_pool_hw(x)
-            pooled = [avg if kind == "avg" else mx for kind in pools]
-        else:
-            pooled = []
-            for kind in pools:
-                if kind == "avg":
-                    pooled.append(x.mean((2, 3)))
-                else:
-                    mx, idx_hw = _max_hw(x, tie)
-                    pooled.append(mx)
-        with torch.enable_grad():
-            leaves1 = [p.detach().requires_grad_() for p in pooled]
-            stacked = leaves1[0] if len(leaves1) == 1 else torch.cat(leaves1, 0)
-            logits = CF.shared_mlp(stacked, ch.fc1.weight, ch.fc1.bias, ch.fc2.weight, ch.fc2.bias, spec.mlp_act)
-            if len(pools) > 1:
-                logits = logits.view(len(pools), b, c).sum(0)
-            ca = CF.apply_gate(logits, spec.gate)
-        ca4 = ca.detach().contiguous()[:, :, None, None]
-        # -- spatial gate: the maps of y1 = x * ca; conv, BN, gate again a small autograd graph
-        cnt_c = y1 = None
-        if kern:
-            mean_c, max_c, idx_c, cnt_c = torch.ops.cbam_multi.train_maps(x, ca4)
-        else:
-            y1 = x * ca4
-            mean_c = y1.mean(1, keepdim=True)
-            if tie == "first":
-                max_c, idx_c = torch.max(y1, 1, keepdim=True)
-            else:
-                max_c, idx_c = y1.amax(1, keepdim=True), None
-        with torch.enable_grad():
-            leaves2 = {"mean": mean_c.detach().requires_grad_(), "max": max_c.detach().requires_grad_()}
-            maps = torch.cat([leaves2[n] for n in spec.concat_order], dim=1)
-            z = _SpatialConv.apply(maps, sp.conv.weight, sp.conv.bias) if kern else sp.conv(maps)
-            if sp.bn is not None:
-                z = sp.bn(z)
-            s = CF.apply_gate(z, spec.gate)
-        sd = s.detach().contiguous()
-        if kern:
-            out = torch.ops.cbam_multi.train_gate(x, ca4, sd)
-        else:
-            out = y1.mul_(sd)  # y1 is ours: the product is written in place (same values as y1 * s)
-        ctx.save_for_backward(x, ca4, sd, mx, max_c)
-        ctx.graphs = (ca, leaves1, pools, idx_hw, s, leaves2, idx_c, kern, cnt_hw, cnt_c)
-        ctx.param_groups = (list(ch.parameters()), list(sp.parameters()))
+        out, small = block_forward(ctx, x, cbam)
+        ctx.save_for_backward(x, *small)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
-        x, ca4, s, mx, max_c = ctx.saved_tensors
-        ca, leaves1, pools, idx_hw, s_graph, leaves2, idx_c, kern, cnt_hw, cnt_c = ctx.graphs
-        ch_params, sp_params = ctx.param_groups
-        ctx.graphs = None
-        if kern:
-            return _backward_kernel(ctx, g, x, ca4, s, mx, max_c, ca, leaves1, pools, idx_hw, s_graph, leaves2,
-                                    idx_c, cnt_hw, cnt_c, ch_params, sp_params)
-        c, h, w = x.shape[1:]
-        g = g.contiguous(memory_format=_memory_format(x))
-        y1 = x * ca4  # recomputed: one pass instead of a saved full-size tensor
-        # spatial gate: dL/ds = sum_c g * y1, then the small graph gives the maps' and the conv/BN gradients
-        gs = torch.mul(g, y1).sum(1, keepdim=True)
-        sp_train = [p for p in sp_params if p.requires_grad]
-        grads2 = torch.autograd.grad(s_graph, [leaves2["mean"], leaves2["max"], *sp_train], gs, allow_unused=True)
-        g_mean, g_max = grads2[0], grads2[1]
-        # dL/dy1 = g * s + g_mean / C + max-pool routing of g_max (over channels)
-        gy1 = torch.mul(g, s)
-        gy1.add_(g_mean / c)
-        _max_grad_(gy1, y1, max_c, idx_c, g_max, 1)
-        del y1
-        # channel gate: dL/dca = sum_hw dL/dy1 * x, then the small MLP graph
-        gca = torch.mul(gy1, x).sum((2, 3))
-        ch_train = [p for p in ch_params if p.requires_grad]
-        grads1 = torch.autograd.grad(ca, [*leaves1, *ch_train], gca, allow_unused=True)
-        gx = None
-        if ctx.needs_input_grad[0]:
-            gx = gy1.mul_(ca4)
-            for kind, gp in zip(pools, grads1[: len(pools)]):
-                if kind == "avg":
-                    gx.add_((gp / (h * w))[:, :, None, None])
-                else:
-                    _max_grad_(gx, x, mx[:, :, None, None], idx_hw, gp[:, :, None, None], (2, 3))
-        return (gx, None, *_param_grads(ch_params, sp_params, ch_train, sp_train, grads1[len(pools):], grads2[2:]))
+        x, *small = ctx.saved_tensors
+        return (block_backward(ctx, g, x, small, ctx.needs_input_grad[0]), None, *ctx.param_grads)
+
+
+def block_forward(ctx, x: torch.Tensor, cbam):
+    """The block's forward on ``x`` -> (output, small tensors to save). The caller saves ``x``, or what it
+    recomputes ``x`` from bit for bit (the max-pool masks of tie rule "split" compare against x), and hands
+    both back to `block_backward`."""
+    spec = cbam.spec
+    ch, sp = cbam.channel, cbam.spatial
+    tie = spec.tie_rule
+    ctx.tie_first = tie == "first"
+    b, c = x.shape[:2]
+    pools = spec.channel_pools
+    kern = _kernel_applies(x)
+    # -- channel gate: the pools read x; the MLP and gate are a small autograd graph on detached leaves
+    mx = idx_hw = cnt_hw = None
+    if kern:
+        avg, mx, idx_hw, cnt_hw = torch.ops.cbam_multi.train_pool_hw(x)
+        pooled = [avg if kind == "avg" else mx for kind in pools]
+    else:
+        pooled = []
+        for kind in pools:
+            if kind == "avg":
+                pooled.append(x.mean((2, 3)))
+            else:
+                mx, idx_hw = _max_hw(x, tie)
+                pooled.append(mx)
+    with torch.enable_grad():
+        leaves1 = [p.detach().requires_grad_() for p in pooled]
+        stacked = leaves1[0] if len(leaves1) == 1 else torch.cat(leaves1, 0)
+        logits = CF.shared_mlp(stacked, ch.fc1.weight, ch.fc1.bias, ch.fc2.weight, ch.fc2.bias, spec.mlp_act)
+        if len(pools) > 1:
+            logits = logits.view(len(pools), b, c).sum(0)
+        ca = CF.apply_gate(logits, spec.gate)
+    ca4 = ca.detach().contiguous()[:, :, None, None]
+    # -- spatial gate: the maps of y1 = x * ca; conv, BN, gate again a small autograd graph
+    cnt_c = y1 = None
+    if kern:
+        mean_c, max_c, idx_c, cnt_c = torch.ops.cbam_multi.train_maps(x, ca4)
+    else:
+        y1 = x * ca4
+        mean_c = y1.mean(1, keepdim=True)
+        if tie == "first":
+            max_c, idx_c = torch.max(y1, 1, keepdim=True)
+        else:
+            max_c, idx_c = y1.amax(1, keepdim=True), None
+    with torch.enable_grad():
+        leaves2 = {"mean": mean_c.detach().requires_grad_(), "max": max_c.detach().requires_grad_()}
+        maps = torch.cat([leaves2[n] for n in spec.concat_order], dim=1)
+        z = _SpatialConv.apply(maps, sp.conv.weight, sp.conv.bias) if kern else sp.conv(maps)
+        if sp.bn is not None:
+            z = sp.bn(z)
+        s = CF.apply_gate(z, spec.gate)
+    sd = s.detach().contiguous()
+    if kern:
+        out = torch.ops.cbam_multi.train_gate(x, ca4, sd)
+    else:
+        out = y1.mul_(sd)  # y1 is ours: the product is written in place (same values as y1 * s)
+    ctx.graphs = (ca, leaves1, pools, idx_hw, s, leaves2, idx_c, kern, cnt_hw, cnt_c)
+    ctx.param_groups = (list(ch.parameters()), list(sp.parameters()))
+    return out, (ca4, sd, mx, max_c)
+
+
+def block_backward(ctx, g: torch.Tensor, x: torch.Tensor, small, need_input_grad: bool):
+    """dL/dx (None unless ``need_input_grad``) from the cotangent ``g`` of the block's output; the gradients
+    of the block's parameters (channel MLP, then spatial conv / BN) are left in ``ctx.param_grads``."""
+    ca4, s, mx, max_c = small
+    ca, leaves1, pools, idx_hw, s_graph, leaves2, idx_c, kern, cnt_hw, cnt_c = ctx.graphs
+    ch_params, sp_params = ctx.param_groups
+    ctx.graphs = None
+    if kern:
+        return _backward_kernel(ctx, g, x, ca4, s, mx, max_c, ca, leaves1, pools, idx_hw, s_graph, leaves2,
+                                idx_c, cnt_hw, cnt_c, ch_params, sp_params, need_input_grad)
+    c, h, w = x.shape[1:]
+    g = g.contiguous(memory_format=_memory_format(x))
+    y1 = x * ca4  # recomputed: one pass instead of a saved full-size tensor
+    # spatial gate: dL/ds = sum_c g * y1, then the small graph gives the maps' and the conv/BN gradients
+    gs = torch.mul(g, y1).sum(1, keepdim=True)
+    sp_train = [p for p in sp_params if p.requires_grad]
+    grads2 = torch.autograd.grad(s_graph, [leaves2["mean"], leaves2["max"], *sp_train], gs, allow_unused=True)
+    g_mean, g_max = grads2[0], grads2[1]
+    # dL/dy1 = g * s + g_mean / C + max-pool routing of g_max (over channels)
+    gy1 = torch.mul(g, s)
+    gy1.add_(g_mean / c)
+    _max_grad_(gy1, y1, max_c, idx_c, g_max, 1)
+    del y1
+    # channel gate: dL/dca = sum_hw dL/dy1 * x, then the small MLP graph
+    gca = torch.mul(gy1, x).sum((2, 3))
+    ch_train = [p for p in ch_params if p.requires_grad]
+    grads1 = torch.autograd.grad(ca, [*leaves1, *ch_train], gca, allow_unused=True)
+    gx = None
+    if need_input_grad:
+        gx = gy1.mul_(ca4)
+        for kind, gp in zip(pools, grads1[: len(pools)]):
+            if kind == "avg":
+                gx.add_((gp / (h * w))[:, :, None, None])
+            else:
+                _max_grad_(gx, x, mx[:, :, None, None], idx_hw, gp[:, :, None, None], (2, 3))
+    ctx.param_grads = _param_grads(ch_params, sp_params, ch_train, sp_train, grads1[len(pools):], grads2[2:])
+    return gx
 
 
 def _param_grads(ch_params, sp_params, ch_train, sp_train, g1, g2):
@@ -202,7 +218,7 @@ def _param_grads(ch_params, sp_params, ch_train, sp_train, g1, g2):
 
 
 def _backward_kernel(ctx, g, x, ca4, s, mx, max_c, ca, leaves1, pools, idx_hw, s_graph, leaves2, idx_c, cnt_hw,
-                     cnt_c, ch_params, sp_params):
+                     cnt_c, ch_params, sp_params, need_input_grad):
     """The backward through the CPU kernels (csrc/cbam_train.cpp): three passes over g and x."""
     ops = torch.ops.cbam_multi
     first = ctx.tie_first
@@ -217,13 +233,14 @@ def _backward_kernel(ctx, g, x, ca4, s, mx, max_c, ca, leaves1, pools, idx_hw, s
     ch_train = [p for p in ch_params if p.requires_grad]
     grads1 = torch.autograd.grad(ca, [*leaves1, *ch_train], gca, allow_unused=True)
     gx = None
-    if ctx.needs_input_grad[0]:
+    if need_input_grad:
         zeros = torch.zeros_like(mx)
         by_kind = dict(zip(pools, grads1[: len(pools)]))
         gavg = by_kind["avg"] / hw if "avg" in by_kind else zeros
         gmx = zeros if "max" not in by_kind else (by_kind["max"] if first else by_kind["max"] / cnt_hw)
         gx = ops.train_grad_x(g, x, ca4, s, gm, gr, max_c, idx_c, gavg, gmx, mx, idx_hw, first)
-    return (gx, None, *_param_grads(ch_params, sp_params, ch_train, sp_train, grads1[len(pools):], grads2[2:]))
+    ctx.param_grads = _param_grads(ch_params, sp_params, ch_train, sp_train, grads1[len(pools):], grads2[2:])
+    return gx
 
 
 class _SpatialConv(torch.autograd.Function):
@@ -253,7 +270,7 @@ KERNEL_ENV_VAR = "CBAM_MULTI_FUSED_TRAIN_KERNEL"
 
 @contextlib.contextmanager
 def kernels(on: bool):
-    """The opt-in CPU kernels (``KERNEL_ENV_VAR``) on or off inside this block; the variable is put back after."""
+    """The CPU kernels (``KERNEL_ENV_VAR``) on or off inside this block; the variable is put back after."""
     old = os.environ.get(KERNEL_ENV_VAR)
     os.environ[KERNEL_ENV_VAR] = "1" if on else "0"
     try:
@@ -266,13 +283,13 @@ def kernels(on: bool):
 
 
 def _kernel_applies(x: torch.Tensor) -> bool:
-    """The full-size passes run as CPU kernels for NCHW-contiguous CPU input when the library builds and
-    ``CBAM_MULTI_FUSED_TRAIN_KERNEL=1``. Opt-in: the kernels are correct (float64 agrees with the torch ops
-    to 1e-13, whole ResNet-50 networks included), but in the float32 ResNet-50 parity case (official, B2,
-    64x64, train) their rounding puts one pre-activation on the other side of a ReLU's kink, which moves
-    the network's gradients 9e-2 (benchmarks/kink_check.py: 1.4e-4 with float64's ReLU masks)."""
+    """The full-size passes run as CPU kernels for NCHW-contiguous CPU input when the library builds, unless
+    ``CBAM_MULTI_FUSED_TRAIN_KERNEL=0``. They agree with the torch ops to float rounding (float64 to 1e-13,
+    whole ResNet-50 networks included); that different rounding can put a float32 pre-activation within
+    ~1e-6 of zero on the other side of a later ReLU's kink, which any change of rounding (thread count,
+    oneDNN version) can do too: benchmarks/kink_check.py tells such a crossing from a wrong gradient."""
     return (
-        os.environ.get(KERNEL_ENV_VAR, "0").strip() == "1"
+        os.environ.get(KERNEL_ENV_VAR, "1").strip() != "0"
         and x.device.type == "cpu"
         and x.is_contiguous()
         and cpu_kernel.available()

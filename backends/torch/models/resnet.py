@@ -23,6 +23,7 @@ from cbam_multi.errors import InputError
 from cbam_multi.models.resnet import ResNetSpec
 from cbam_multi.weights import init_weights
 
+from .. import fused_bn
 from ..modules import CBAM
 from ..weights import Layout, torch_layouts
 from .common import import_model_weights
@@ -58,14 +59,19 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = x
-        for i in range(1, self.n_convs + 1):
-            out = getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(out))
-            if i < self.n_convs:
-                out = F.relu(out)
-        if self.cbam is not None:
-            out = self.cbam(out)
+        for i in range(1, self.n_convs):
+            out = F.relu(getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(out)))
+        out = self.last_bn_then_cbam(getattr(self, f"conv{self.n_convs}")(out))
         shortcut = x if self.downsample is None else self.downsample(x)
         return F.relu(out + shortcut)
+
+    def last_bn_then_cbam(self, h: torch.Tensor) -> torch.Tensor:
+        bn = getattr(self, f"bn{self.n_convs}")
+        if self.cbam is None:
+            return bn(h)
+        if fused_bn.applies(bn, self.cbam, h):  # eager training: the pair saves h only, as the BN alone would
+            return fused_bn.bn_cbam_train(bn, self.cbam, h)
+        return self.cbam(bn(h))
 
 
 class ResNet(nn.Module):

@@ -1,0 +1,197 @@
+"""BatchNorm then CBAM as one Function (`cbam_multi.torch.fused_bn`) computes what ``cbam(bn(h))`` computes.
+
+Outputs, the gradients w.r.t. h, the BN's weight and bias and every CBAM parameter, the BN's running
+statistics and ``num_batches_tracked``: every BN mode ``nn.BatchNorm2d`` has (train with momentum or the
+cumulative average, eval, batch statistics without running ones), both tie rules on inputs with many tied
+maxima, the CPU kernels, the torch-op passes and channels_last; float64 within 1e-10 of the composed ops,
+float32 within `cbam_multi.parity.TOLERANCES` of them in float64. The ResNet tests check that a ResNet block
+takes this path and that it keeps the saved activations of ResNet-CBAM near those of the plain ResNet.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from cbam_multi import CBAMSpec, ResNetSpec
+from cbam_multi.parity import TOLERANCES
+from cbam_multi.torch import CBAM, fused, fused_bn
+from cbam_multi.torch.models import ResNet
+
+BN_MODES = {
+    "train": dict(train=True),
+    "train-cumulative": dict(train=True, momentum=None),
+    "eval": dict(train=False),
+    "batch-stats-only": dict(train=True, track_running_stats=False),
+    "eval-batch-stats-only": dict(train=False, track_running_stats=False),
+}
+CASES = [
+    *itertools.product(["official", "timm"], ["first", "split"], [False, True], ["train", "eval"], ["kernel"]),
+    *itertools.product(["official"], ["split"], [True], list(BN_MODES), ["kernel", "ops", "channels_last"]),
+]
+
+
+def _id(case) -> str:
+    preset, tie, ties, mode, path = case
+    return f"{preset}-{tie}{'-ties' if ties else ''}-{mode}-{path}"
+
+
+def _modules(spec, mode, dtype, seed=0):
+    opts = BN_MODES[mode]
+    bn = torch.nn.BatchNorm2d(spec.channels, momentum=opts.get("momentum", 0.1),
+                              track_running_stats=opts.get("track_running_stats", True), dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        bn.weight.copy_(torch.rand(spec.channels, generator=g, dtype=torch.float64) + 0.5)
+        bn.bias.copy_(torch.randn(spec.channels, generator=g, dtype=torch.float64) * 0.1)
+        if bn.track_running_stats:
+            bn.running_mean.copy_(torch.randn(spec.channels, generator=g, dtype=torch.float64) * 0.1)
+            bn.running_var.copy_(torch.rand(spec.channels, generator=g, dtype=torch.float64) + 0.5)
+            bn.num_batches_tracked.fill_(3)
+    cbam = CBAM(spec, dtype=torch.float64, seed=seed + 1)
+    bn, cbam = bn.to(dtype).train(opts["train"]), cbam.to(dtype).train(opts["train"])
+    return bn, cbam
+
+
+def _inputs(spec, ties, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(4, spec.channels, 7, 6, generator=g, dtype=torch.float64)
+    if ties:  # repeated values per channel: after the BN's per-channel affine map, tied maxima in x
+        h = (h * 2).round().clamp(min=-1)
+    return h, torch.randn(h.shape, generator=g, dtype=torch.float64)
+
+
+def _run(spec, mode, h, ct, dtype, composed, path="kernel", steps=2):
+    bn, cbam = _modules(spec, mode, dtype)
+    hh = h.to(dtype).clone()
+    if path == "channels_last":
+        hh = hh.contiguous(memory_format=torch.channels_last)
+    hh.requires_grad_()
+    params = [bn.weight, bn.bias, *cbam.parameters()]
+    outs = []
+    with fused.disabled() if composed else fused.kernels(path == "kernel"):
+        for _ in range(steps):  # two calls: running statistics and num_batches_tracked move twice
+            assert fused_bn.applies(bn, cbam, hh) == (not composed)
+            y = cbam(bn(hh)) if composed else fused_bn.bn_cbam_train(bn, cbam, hh)
+            outs += [y.detach(), *torch.autograd.grad(y, [hh, *params], ct.to(dtype))]
+    return outs + [b.clone() for b in bn.buffers()]
+
+
+def _err(a, b) -> float:
+    return max(((p.double() - q.double()).abs().max().item() for p, q in zip(a, b, strict=True)), default=0.0)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_bn_then_cbam_matches_composed_float64(case):
+    preset, tie, ties, mode, path = case
+    spec = CBAMSpec.preset(preset, 16, tie_rule=tie)
+    h, ct = _inputs(spec, ties)
+    ref = _run(spec, mode, h, ct, torch.float64, composed=True)
+    got = _run(spec, mode, h, ct, torch.float64, composed=False, path=path)
+    err = _err(got, ref)
+    assert err <= TOLERANCES["float64"]["grad"], f"BN+CBAM Function vs cbam(bn(h)) (float64): max abs err {err:.3e}"
+
+
+@pytest.mark.parametrize("mode", list(BN_MODES))
+@pytest.mark.parametrize("preset,tie", [("official", "first"), ("timm", "split")])
+def test_bn_then_cbam_float32_within_tolerance(preset, tie, mode):
+    spec = CBAMSpec.preset(preset, 16, tie_rule=tie)
+    h, ct = _inputs(spec, ties=False, seed=3)
+    ref = _run(spec, mode, h, ct, torch.float64, composed=True, steps=1)
+    got = _run(spec, mode, h, ct, torch.float32, composed=False, steps=1)
+    n_out = 2 + len(list(CBAM(spec).parameters())) + 2  # y, h, BN weight and bias, CBAM parameters
+    err_y = _err(got[:1], ref[:1])
+    scale = max(r.abs().max().item() for r in ref[1:n_out])
+    err_g = _err(got[1:n_out], ref[1:n_out]) / scale
+    err_s = _err(got[n_out:], ref[n_out:])
+    tol = TOLERANCES["float32"]
+    assert err_y <= tol["y"] and err_g <= tol["grad"] and err_s <= tol["stats"], (
+        f"float32: y err {err_y:.3e}, grad rel err {err_g:.3e}, stats err {err_s:.3e}")
+
+
+def test_frozen_bn_and_no_input_grad():
+    """Frozen BN parameters and an input that needs no gradient (a frozen backbone with CBAM training):
+    the CBAM parameters' gradients as composed, no gradient for what does not ask for one."""
+    spec = CBAMSpec.preset("official", 16)
+    h, ct = _inputs(spec, ties=False)
+    grads = []
+    for composed in (True, False):
+        bn, cbam = _modules(spec, "train", torch.float64)
+        bn.weight.requires_grad_(False)
+        bn.bias.requires_grad_(False)
+        with fused.disabled() if composed else fused.kernels(True):
+            assert fused_bn.applies(bn, cbam, h) == (not composed)
+            y = cbam(bn(h)) if composed else fused_bn.bn_cbam_train(bn, cbam, h)
+            (y * ct).sum().backward()
+        assert bn.weight.grad is None and bn.bias.grad is None
+        grads.append([p.grad for p in cbam.parameters()])
+    assert _err(grads[1], grads[0]) <= TOLERANCES["float64"]["grad"]
+
+
+def test_hooks_and_subclasses_keep_the_composed_ops():
+    spec = CBAMSpec.preset("official", 16)
+    bn, cbam = _modules(spec, "train", torch.float64)
+    h = torch.randn(2, 16, 5, 5, dtype=torch.float64, requires_grad=True)
+    assert fused_bn.applies(bn, cbam, h)
+    handle = bn.register_forward_hook(lambda *a: None)
+    assert not fused_bn.applies(bn, cbam, h)
+    handle.remove()
+    assert not fused_bn.applies(torch.nn.SyncBatchNorm(16, dtype=torch.float64), cbam, h)
+    with fused.disabled():
+        assert not fused_bn.applies(bn, cbam, h)
+
+
+def _train_memory():
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from benchmarks import train_memory
+
+    return train_memory
+
+
+def test_resnet_block_takes_the_path_and_matches_composed():
+    """A ResNet-50-CBAM (width 16) train step through the BN+CBAM Function equals the composed network's
+    (float64: logits, every gradient, every BN buffer), and every block's last BN + CBAM took the Function."""
+    spec = ResNetSpec(50, "imagenet", num_classes=10, width=16)
+    torch.manual_seed(0)
+    fast = ResNet(spec, dtype=torch.float64).train()
+    slow = copy.deepcopy(fast)
+    calls = []
+    real = fused_bn.bn_cbam_train
+    fused_bn.bn_cbam_train = lambda *a: calls.append(1) or real(*a)
+    try:
+        x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+        y1 = fast(x)
+        y1.square().sum().backward()
+    finally:
+        fused_bn.bn_cbam_train = real
+    with fused.disabled():
+        y2 = slow(x)
+        y2.square().sum().backward()
+    assert len(calls) == len(spec.cbam_blocks()) == 16
+    got = [y1.detach(), *(p.grad for p in fast.parameters()), *fast.buffers()]
+    ref = [y2.detach(), *(p.grad for p in slow.parameters()), *slow.buffers()]
+    assert _err(got, ref) <= TOLERANCES["float64"]["grad"], f"max abs err {_err(got, ref):.3e}"
+
+
+def test_resnet_cbam_saves_about_what_resnet_saves():
+    """Saved activations of one train forward (autograd's saved storages, parameters excluded): with the
+    BN+CBAM Function, ResNet-50-CBAM saves the plain ResNet-50's tensors plus small maps only; the composed
+    ops save two more full-size tensors per block."""
+    tm = _train_memory()
+    x = torch.randn(2, 3, 64, 64)
+    saved = {}
+    for name, attention, composed in (("plain", "none", False), ("fused", "cbam", False), ("composed", "cbam", True)):
+        model = ResNet(ResNetSpec(50, "imagenet", num_classes=10, width=16, attention=attention)).train()
+        with fused.disabled() if composed else fused.kernels(True):
+            saved[name] = tm.saved_activation_bytes(model, x)
+    # the small maps per block: gates, pooled vectors, spatial maps and indices, a few (B, 1, H, W) maps each
+    assert saved["fused"] <= 1.10 * saved["plain"], saved
+    assert saved["composed"] >= 1.3 * saved["plain"], saved  # the measure sees what the Function removes
