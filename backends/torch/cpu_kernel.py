@@ -38,7 +38,9 @@ ENV_VAR = "CBAM_MULTI_CPU_KERNEL"
 ARCH_ENV_VAR = "CBAM_MULTI_CPU_KERNEL_ARCH"  # -march value (default native), e.g. x86-64-v3 for AVX2 only
 _SOURCE = Path(__file__).with_name("csrc") / "cbam_infer.cpp"
 # the training Function's full-size passes (fused.py), built into the same library
-_SOURCES = (_SOURCE, Path(__file__).with_name("csrc") / "cbam_train.cpp")
+_CSRC = Path(__file__).with_name("csrc")
+_SOURCES = (_SOURCE, _CSRC / "cbam_train.cpp", _CSRC / "cbam_bn_train.cpp")
+_HEADERS = (_CSRC / "lanes.h",)  # in the build key with the sources
 _POOL_CODES = {"avg": 0, "max": 1}  # the pools the kernel computes (every preset's)
 _FLOATS = (torch.float32, torch.float64)
 _log = logging.getLogger(__name__)
@@ -55,7 +57,7 @@ def _build_key(arch: str) -> str:
     """-march=native compiles for this CPU: key the cached library to its instruction-set flags (and arch)."""
     flags = " ".join(sorted(cpu_flags())) or platform.processor()
     h = hashlib.sha256(f"{platform.machine()} {flags} {arch}".encode())
-    for src in _SOURCES:  # the sources too: checkouts with other kernel versions keep separate cached builds
+    for src in (*_SOURCES, *_HEADERS):  # the sources too: checkouts with other kernel versions keep separate cached builds
         h.update(src.read_bytes())
     return h.hexdigest()[:10]
 

@@ -112,6 +112,33 @@ class _CBAMTrain(torch.autograd.Function):
         return (block_backward(ctx, g, x, small, ctx.needs_input_grad[0]), None, *ctx.param_grads)
 
 
+def channel_graph(cbam, pooled: list):
+    """The channel gate ``ca`` (B, C) from the pooled vectors, as a small autograd graph on detached leaves
+    (differentiated in the backward with ``torch.autograd.grad``) -> (ca, leaves)."""
+    spec, ch = cbam.spec, cbam.channel
+    b, c = pooled[0].shape
+    with torch.enable_grad():
+        leaves = [p.detach().requires_grad_() for p in pooled]
+        stacked = leaves[0] if len(leaves) == 1 else torch.cat(leaves, 0)
+        logits = CF.shared_mlp(stacked, ch.fc1.weight, ch.fc1.bias, ch.fc2.weight, ch.fc2.bias, spec.mlp_act)
+        if len(leaves) > 1:
+            logits = logits.view(len(leaves), b, c).sum(0)
+        return CF.apply_gate(logits, spec.gate), leaves
+
+
+def spatial_graph(cbam, mean_c: torch.Tensor, max_c: torch.Tensor, kern: bool):
+    """The spatial gate ``s`` (B, 1, H, W) from the channel mean and max maps (conv, BN in train or eval
+    mode, gate), a small autograd graph on detached leaves -> (s, {"mean": leaf, "max": leaf})."""
+    spec, sp = cbam.spec, cbam.spatial
+    with torch.enable_grad():
+        leaves = {"mean": mean_c.detach().requires_grad_(), "max": max_c.detach().requires_grad_()}
+        maps = torch.cat([leaves[n] for n in spec.concat_order], dim=1)
+        z = _SpatialConv.apply(maps, sp.conv.weight, sp.conv.bias) if kern else sp.conv(maps)
+        if sp.bn is not None:
+            z = sp.bn(z)
+        return CF.apply_gate(z, spec.gate), leaves
+
+
 def block_forward(ctx, x: torch.Tensor, cbam):
     """The block's forward on ``x`` -> (output, small tensors to save). The caller saves ``x``, or what it
     recomputes ``x`` from bit for bit (the max-pool masks of tie rule "split" compare against x), and hands
@@ -120,7 +147,6 @@ def block_forward(ctx, x: torch.Tensor, cbam):
     ch, sp = cbam.channel, cbam.spatial
     tie = spec.tie_rule
     ctx.tie_first = tie == "first"
-    b, c = x.shape[:2]
     pools = spec.channel_pools
     kern = _kernel_applies(x)
     # -- channel gate: the pools read x; the MLP and gate are a small autograd graph on detached leaves
@@ -136,13 +162,7 @@ def block_forward(ctx, x: torch.Tensor, cbam):
             else:
                 mx, idx_hw = _max_hw(x, tie)
                 pooled.append(mx)
-    with torch.enable_grad():
-        leaves1 = [p.detach().requires_grad_() for p in pooled]
-        stacked = leaves1[0] if len(leaves1) == 1 else torch.cat(leaves1, 0)
-        logits = CF.shared_mlp(stacked, ch.fc1.weight, ch.fc1.bias, ch.fc2.weight, ch.fc2.bias, spec.mlp_act)
-        if len(pools) > 1:
-            logits = logits.view(len(pools), b, c).sum(0)
-        ca = CF.apply_gate(logits, spec.gate)
+    ca, leaves1 = channel_graph(cbam, pooled)
     ca4 = ca.detach().contiguous()[:, :, None, None]
     # -- spatial gate: the maps of y1 = x * ca; conv, BN, gate again a small autograd graph
     cnt_c = y1 = None
@@ -155,13 +175,7 @@ def block_forward(ctx, x: torch.Tensor, cbam):
             max_c, idx_c = torch.max(y1, 1, keepdim=True)
         else:
             max_c, idx_c = y1.amax(1, keepdim=True), None
-    with torch.enable_grad():
-        leaves2 = {"mean": mean_c.detach().requires_grad_(), "max": max_c.detach().requires_grad_()}
-        maps = torch.cat([leaves2[n] for n in spec.concat_order], dim=1)
-        z = _SpatialConv.apply(maps, sp.conv.weight, sp.conv.bias) if kern else sp.conv(maps)
-        if sp.bn is not None:
-            z = sp.bn(z)
-        s = CF.apply_gate(z, spec.gate)
+    s, leaves2 = spatial_graph(cbam, mean_c, max_c, kern)
     sd = s.detach().contiguous()
     if kern:
         out = torch.ops.cbam_multi.train_gate(x, ca4, sd)

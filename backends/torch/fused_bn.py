@@ -39,13 +39,15 @@ def applies(bn: nn.Module, cbam, h: torch.Tensor) -> bool:
         and bn.weight.dtype == h.dtype
         and not has_hooks(bn)
         and fused.applies(cbam, h)
+        and (h.numel() > h.shape[1] or not (bn.training or bn.running_mean is None))  # 1 value per channel: torch's error
     )
 
 
 def bn_cbam_train(bn: nn.BatchNorm2d, cbam, h: torch.Tensor) -> torch.Tensor:
-    """``cbam(bn(h))`` through `_BNThenCBAM` (call only where `applies`); updates ``bn``'s running statistics
-    as ``bn(h)`` would."""
-    return _BNThenCBAM.apply(h, bn, cbam, bn.weight, bn.bias, *cbam.channel.parameters(), *cbam.spatial.parameters())
+    """``cbam(bn(h))`` through `_BNThenCBAMKernels` (CPU, NCHW: x never stored) or `_BNThenCBAM` (call only
+    where `applies`); updates ``bn``'s running statistics as ``bn(h)`` would."""
+    fn = _BNThenCBAMKernels if fused._kernel_applies(h) else _BNThenCBAM
+    return fn.apply(h, bn, cbam, bn.weight, bn.bias, *cbam.channel.parameters(), *cbam.spatial.parameters())
 
 
 def _statistics(bn: nn.BatchNorm2d, h: torch.Tensor):
@@ -102,3 +104,102 @@ class _BNThenCBAM(torch.autograd.Function):
                 gh, gw, gb = torch.ops.aten.native_batch_norm_backward(
                     gx, h, weight, mean, var, None, None, False, ctx.eps, [need_h, need_w, need_b])
         return (gh, None, None, gw, gb, *ctx.param_grads)
+
+
+def _kernel_statistics(bn: nn.BatchNorm2d, psum: torch.Tensor, pm2: torch.Tensor, hw: int):
+    """(mean, biased variance, batch statistics used?) in float64 from the per-plane sums and squared
+    deviations of ``bn_pool`` (Chan's combination), updating the running averages as `_statistics` does."""
+    batch_stats = bn.training or bn.running_mean is None
+    if not batch_stats:
+        return bn.running_mean.to(torch.float64, copy=True), bn.running_var.to(torch.float64, copy=True), False
+    n = psum.shape[0] * hw
+    mean = psum.sum(0) / n
+    var = (pm2 + hw * (psum / hw - mean) ** 2).sum(0) / n
+    if bn.training and bn.track_running_stats:
+        momentum = 0.0 if bn.momentum is None else bn.momentum
+        if bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+            if bn.momentum is None:
+                momentum = 1.0 / float(bn.num_batches_tracked)
+        rm, rv = bn.running_mean, bn.running_var
+        rm.copy_(rm.double() * (1 - momentum) + mean * momentum)
+        rv.copy_(rv.double() * (1 - momentum) + var * (n / (n - 1)) * momentum)
+    return mean, var, True
+
+
+class _BNThenCBAMKernels(torch.autograd.Function):
+    """The pair through csrc/cbam_bn_train.cpp: every pass reads h and forms x = fma(h, al, be) on the fly,
+    so x is neither stored nor written; the BN's gradients come from per-plane sums of the backward passes."""
+
+    @staticmethod
+    def forward(ctx, h, bn, cbam, weight, bias, *cbam_params):
+        ops = torch.ops.cbam_multi
+        spec = cbam.spec
+        hw = h.shape[2] * h.shape[3]
+        psum, pm2, hmax, hmin = ops.bn_pool(h)
+        mean, var, batch_stats = _kernel_statistics(bn, psum, pm2, hw)
+        invstd = torch.rsqrt(var + bn.eps)
+        w64 = weight.detach().double()
+        al = (w64 * invstd).to(h.dtype)
+        be = (bias.detach().double() - mean * w64 * invstd).to(h.dtype)
+        avg, mx = ops.bn_pool_finish(psum, hmax, hmin, al, be, hw)
+        ca, leaves1 = fused.channel_graph(cbam, [avg if kind == "avg" else mx for kind in spec.channel_pools])
+        ca4 = ca.detach().contiguous()[:, :, None, None]
+        mean_c, max_c, idx_c, cnt_c = ops.bn_maps(h, al, be, ca4)
+        s, leaves2 = fused.spatial_graph(cbam, mean_c, max_c, True)
+        sd = s.detach().contiguous()
+        ctx.graphs = (ca, leaves1, s, leaves2)
+        ctx.param_groups = (list(cbam.channel.parameters()), list(cbam.spatial.parameters()))
+        ctx.batch_stats, ctx.first, ctx.pools = batch_stats, spec.tie_rule == "first", spec.channel_pools
+        ctx.save_for_backward(h, weight, al, be, ca4, sd, mx, max_c, idx_c, cnt_c, psum, mean, invstd)
+        return ops.bn_gate(h, al, be, ca4, sd)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        ops = torch.ops.cbam_multi
+        h, weight, al, be, ca4, s, mx, max_c, idx_c, cnt_c, psum, mean, invstd = ctx.saved_tensors
+        ca, leaves1, s_graph, leaves2 = ctx.graphs
+        ch_params, sp_params = ctx.param_groups
+        ctx.graphs = None
+        need_h, _, _, need_w, need_b = ctx.needs_input_grad[:5]
+        first, dt = ctx.first, h.dtype
+        b, c, hw = h.shape[0], h.shape[1], h.shape[2] * h.shape[3]
+        g = g.contiguous()
+        # spatial gate: dL/ds, then its small graph -> the maps' gradients (gm per channel, gr routed)
+        gs, q1 = ops.bn_grad_s(g, h, al, be, ca4, s)
+        sp_train = [p for p in sp_params if p.requires_grad]
+        grads2 = torch.autograd.grad(s_graph, [leaves2["mean"], leaves2["max"], *sp_train], gs, allow_unused=True)
+        gm = (grads2[0] / c).contiguous()
+        gr = (grads2[1] if first else grads2[1] / cnt_c).contiguous()
+        q2, idx_hw, cnt_hw = ops.bn_plane_sums(h, al, be, ca4, gm, gr, max_c, idx_c, mx, first)
+        # channel gate: dL/dca = sum_hw dL/dy1 * x = sum g*s*x + sum gm*x + sum hit*gr*x
+        gca = (q1[..., 1] + q2[..., 0] + q2[..., 3]).to(dt)
+        ch_train = [p for p in ch_params if p.requires_grad]
+        grads1 = torch.autograd.grad(ca, [*leaves1, *ch_train], gca, allow_unused=True)
+        by_kind = dict(zip(ctx.pools, grads1[: len(ctx.pools)]))
+        zeros = torch.zeros(b, c, dtype=dt)
+        gavg = by_kind["avg"] / hw if "avg" in by_kind else zeros
+        gmx = zeros if "max" not in by_kind else (by_kind["max"] if first else by_kind["max"] / cnt_hw)
+        # BN: dL/dx = (g*s + gm + hit*gr) * ca + gavg + hit_hw * gmx is linear in g, so its per-channel sums
+        # S1 = sum dL/dx and sum dL/dx * h come from the per-plane sums (float64)
+        ca64, gavg64, gmx64 = ca4.view(b, c).double(), gavg.double(), gmx.double()
+        n_hits = 1.0 if first else cnt_hw.double()
+        gm_total = gm.double().sum((1, 2, 3))[:, None]
+        s1 = (ca64 * (q1[..., 0] + gm_total + q2[..., 2]) + hw * gavg64 + gmx64 * n_hits).sum(0)
+        s_gh = (ca64 * (q1[..., 2] + q2[..., 1] + q2[..., 4]) + gavg64 * psum + gmx64 * q2[..., 5]).sum(0)
+        s2 = invstd * (s_gh - mean * s1)  # sum dL/dx * xhat
+        gh = None
+        if need_h:
+            a = weight.detach().double() * invstd
+            if ctx.batch_stats:  # dh = a * (dx - S1/N - xhat * S2/N)
+                n = b * hw
+                coef = torch.stack([a, -a * invstd * s2 / n, -a * s1 / n, mean], 1)
+            else:  # running statistics: the BN is a per-channel affine map
+                coef = torch.stack([a, torch.zeros_like(a), torch.zeros_like(a), mean], 1)
+            gh = ops.bn_grad_h(g, h, al, be, ca4, s, gm, gr, max_c, idx_c, gavg.contiguous(), gmx.contiguous(), mx,
+                               idx_hw, coef.to(dt).contiguous(), first)
+        gw = s2.to(dt) if need_w else None
+        gb = s1.to(dt) if need_b else None
+        cbam_grads = fused._param_grads(ch_params, sp_params, ch_train, sp_train, grads1[len(ctx.pools):], grads2[2:])
+        return (gh, None, None, gw, gb, *cbam_grads)

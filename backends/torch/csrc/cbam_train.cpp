@@ -19,47 +19,15 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include "lanes.h"
+
 #include <algorithm>
 #include <tuple>
 #include <vector>
 
 namespace {
 
-// Reductions written with independent lanes, so -O3 vectorises them without -ffast-math (a single
-// accumulator is a serial dependency chain the compiler may not reorder).
-constexpr int kLanes = 16;
-
-template <typename T>
-inline double sum_lanes(const T* v, int64_t n) {
-  double acc[kLanes] = {0};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) acc[j] += double(v[i + j]);
-  double s = 0;
-  for (; i < n; ++i) s += double(v[i]);
-  for (int j = 0; j < kLanes; ++j) s += acc[j];
-  return s;
-}
-
-template <typename T>
-inline T max_lanes(const T* v, int64_t n) {
-  T acc[kLanes];
-  for (int j = 0; j < kLanes; ++j) acc[j] = v[0];
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) acc[j] = v[i + j] > acc[j] ? v[i + j] : acc[j];
-  T m = v[0];
-  for (; i < n; ++i) m = v[i] > m ? v[i] : m;
-  for (int j = 0; j < kLanes; ++j) m = acc[j] > m ? acc[j] : m;
-  return m;
-}
-
-template <typename T>
-inline int64_t count_eq(const T* v, int64_t n, T m) {
-  int64_t c = 0;
-  for (int64_t i = 0; i < n; ++i) c += (v[i] == m) ? 1 : 0;
-  return c;
-}
+using namespace cbam_lanes;
 
 void check_x(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 4 && x.is_contiguous() && x.device().is_cpu(), "cbam_train: x must be NCHW-contiguous CPU");
@@ -82,8 +50,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool_hw(const at::Ten
         const scalar_t* v = px + p * HW;
         const double s = sum_lanes(v, HW);
         const scalar_t m = max_lanes(v, HW);
-        int64_t am = 0;
-        while (am < HW - 1 && !(v[am] == m)) ++am;  // the first position holding the max
+        // the first position holding the max (HW - 1 if none: a NaN plane)
+        const int64_t am = std::min<int64_t>(first_lanes(HW, [&](int64_t i) { return v[i] == m; }), HW - 1);
         const int64_t n = count_eq(v, HW, m);
         pa[p] = scalar_t(s / double(HW));
         pm[p] = m;

@@ -1,0 +1,89 @@
+// Lane-parallel reductions shared by the training kernels (cbam_train.cpp, cbam_bn_train.cpp).
+#pragma once
+
+#include <cstdint>
+
+namespace cbam_lanes {
+
+// Reductions written with independent lanes, so -O3 vectorises them without -ffast-math (a single
+// accumulator is a serial dependency chain the compiler may not reorder).
+constexpr int kLanes = 16;
+
+template <typename T>
+inline double sum_lanes(const T* v, int64_t n) {
+  double acc[kLanes] = {0};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) acc[j] += double(v[i + j]);
+  double s = 0;
+  for (; i < n; ++i) s += double(v[i]);
+  for (int j = 0; j < kLanes; ++j) s += acc[j];
+  return s;
+}
+
+template <typename T>
+inline T max_lanes(const T* v, int64_t n) {
+  T acc[kLanes];
+  for (int j = 0; j < kLanes; ++j) acc[j] = v[0];
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) acc[j] = v[i + j] > acc[j] ? v[i + j] : acc[j];
+  T m = v[0];
+  for (; i < n; ++i) m = v[i] > m ? v[i] : m;
+  for (int j = 0; j < kLanes; ++j) m = acc[j] > m ? acc[j] : m;
+  return m;
+}
+
+template <typename T>
+inline T min_lanes(const T* v, int64_t n) {
+  T acc[kLanes];
+  for (int j = 0; j < kLanes; ++j) acc[j] = v[0];
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) acc[j] = v[i + j] < acc[j] ? v[i + j] : acc[j];
+  T m = v[0];
+  for (; i < n; ++i) m = v[i] < m ? v[i] : m;
+  for (int j = 0; j < kLanes; ++j) m = acc[j] < m ? acc[j] : m;
+  return m;
+}
+
+template <typename T>
+inline int64_t count_eq(const T* v, int64_t n, T m) {
+  int64_t c = 0;
+  for (int64_t i = 0; i < n; ++i) c += (v[i] == m) ? 1 : 0;
+  return c;
+}
+
+// sum of double(f(i)) over i < n, with independent lanes (f: an inlined lambda over one element)
+template <typename F>
+inline double sum_lanes_f(int64_t n, F f) {
+  double acc[kLanes] = {0};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) acc[j] += double(f(i + j));
+  double s = 0;
+  for (; i < n; ++i) s += double(f(i));
+  for (int j = 0; j < kLanes; ++j) s += acc[j];
+  return s;
+}
+
+// the first i < n with pred(i), n if none: per-lane minimum of candidate indices, so the loop vectorises
+// (a scalar search for the first maximum costs ~HW/2 serial steps per plane)
+template <typename P>
+inline int64_t first_lanes(int64_t n, P pred) {
+  int64_t best[kLanes];
+  for (int j = 0; j < kLanes; ++j) best[j] = n;
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) {
+      const int64_t cand = pred(i + j) ? i + j : n;
+      best[j] = cand < best[j] ? cand : best[j];
+    }
+  int64_t b = n;
+  for (; i < n; ++i)
+    if (pred(i)) { b = i; break; }
+  for (int j = 0; j < kLanes; ++j) b = best[j] < b ? best[j] : b;
+  return b;
+}
+
+}  // namespace cbam_lanes
