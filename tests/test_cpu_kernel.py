@@ -262,3 +262,46 @@ def test_portable_build_without_avx512(tmp_path):
     env = {**os.environ, cpu_kernel.ARCH_ENV_VAR: "x86-64-v3"}
     done = subprocess.run([sys.executable, "-c", _PORTABLE_CHECK], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_resnet_eval_folds_the_last_batchnorm_into_the_kernel(dtype, layout):
+    """Eval-mode ResNet-CBAM: every block's last BatchNorm runs inside the kernel call (its output formed in
+    cache, `bn_then_cbam_infer`), and the network computes what the composed ops compute."""
+    from cbam_multi import ResNetSpec
+    from cbam_multi.torch.models import ResNet
+
+    td = DTYPES[dtype]
+    model = ResNet(ResNetSpec(50, "imagenet", num_classes=10, width=16), dtype=td).eval()
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():  # BN statistics and scales away from the identity
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    x = torch.randn(2, 3, 64, 64, generator=g, dtype=torch.float64).to(td)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    calls = []
+    real = cpu_kernel.bn_then_cbam_infer
+    cpu_kernel.bn_then_cbam_infer = lambda *a: calls.append(1) or real(*a)
+    try:
+        with torch.inference_mode():
+            got = model(x)
+            with cpu_kernel.disabled():
+                ref = model(x)
+    finally:
+        cpu_kernel.bn_then_cbam_infer = real
+    assert len(calls) == 16  # once per block, and not under cpu_kernel.disabled()
+    err = (got - ref).abs().max().item()
+    assert err <= TOLERANCES[dtype]["y"], f"folded BN + kernel vs composed: max abs err {err:.3e}"
+    bn = model.layer1[0].bn3
+    h = torch.randn(2, bn.num_features, 4, 4, dtype=td)
+    with torch.no_grad():
+        assert cpu_kernel.bn_then_cbam_applies(bn, model.layer1[0].cbam, h)
+        model.train()
+        assert not cpu_kernel.bn_then_cbam_applies(bn, model.layer1[0].cbam, h)  # train BN: batch statistics
+    model.eval()
+    assert not cpu_kernel.bn_then_cbam_applies(bn, model.layer1[0].cbam, h)  # autograd records: the training paths

@@ -138,8 +138,10 @@ def applies(cbam, x: torch.Tensor) -> bool:
     )
 
 
-def cbam_infer(cbam, x: torch.Tensor) -> torch.Tensor:
-    """The fused forward of a `CBAM` module (call only where `applies`)."""
+def cbam_infer(cbam, x: torch.Tensor, in_affine: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """The fused forward of a `CBAM` module (call only where `applies`). ``in_affine``: per-channel (scale,
+    shift) of an eval-mode BatchNorm in front of the block; ``x`` is then the BN's input, and the BN's
+    output is formed sample by sample in cache instead of written to memory (see `bn_then_cbam_infer`)."""
     spec = cbam.spec
     ch, sp = cbam.channel, cbam.spatial
     c = spec.channels
@@ -162,7 +164,31 @@ def cbam_infer(cbam, x: torch.Tensor) -> torch.Tensor:
         spec.norm_eps,
         spec.concat_order.index("mean"),
         spec.gate == "hard_sigmoid",
+        *(in_affine or (None, None)),
     )
+
+
+def bn_then_cbam_applies(bn, cbam, h: torch.Tensor) -> bool:
+    """Whether ``cbam(bn(h))`` may run the kernel with the BatchNorm folded in: a plain eval-mode
+    ``nn.BatchNorm2d`` (running statistics, affine, no hooks) and `applies` for the block."""
+    return (
+        type(bn) is torch.nn.BatchNorm2d
+        and not bn.training
+        and bn.track_running_stats
+        and bn.affine
+        and bn.weight.dtype == h.dtype
+        and not has_hooks(bn)
+        and not (torch.is_grad_enabled() and (bn.weight.requires_grad or bn.bias.requires_grad))
+        and applies(cbam, h)
+    )
+
+
+def bn_then_cbam_infer(bn, cbam, h: torch.Tensor) -> torch.Tensor:
+    """``cbam(bn(h))`` in one kernel call (call only where `bn_then_cbam_applies`): x = h * scale + shift
+    per channel with torch's eval-mode constants, the block's passes on it in cache."""
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    shift = bn.bias - bn.running_mean * scale
+    return cbam_infer(cbam, h, (scale.contiguous(), shift.contiguous()))
 
 
 def _autograd_records(cbam, x: torch.Tensor) -> bool:

@@ -66,6 +66,8 @@ struct Params {
   T z_scale;    // eval BatchNorm folded to z * scale + shift (1, 0 without BN)
   T z_shift;
   bool hard;
+  const T* in_scale;  // (C,) eval BatchNorm in front of the block, x = h * in_scale + in_shift; null: x given
+  const T* in_shift;
 };
 
 // max of row[i] * scale[i] (scale may be null: of row[i]) with NaN propagated, element by element: the slow
@@ -320,6 +322,23 @@ void apply_gates(const T* x, const T* cg, const T* sg, int64_t C, int64_t HW, T*
   }
 }
 
+// x = h * scale + shift per channel, one sample into a buffer that stays in cache for the block's passes
+// (a BatchNorm's output in front of the block, never written to memory)
+template <typename T, bool ChannelsLast>
+void affine_input(const T* h, const T* scale, const T* shift, int64_t C, int64_t HW, T* x) {
+  if (!ChannelsLast) {
+    for (int64_t c = 0; c < C; ++c) {
+      const T a = scale[c], e = shift[c];
+      const T* row = h + c * HW;
+      T* o = x + c * HW;
+      for (int64_t i = 0; i < HW; ++i) o[i] = row[i] * a + e;
+    }
+  } else {
+    for (int64_t p = 0; p < HW; ++p)
+      for (int64_t c = 0; c < C; ++c) x[p * C + c] = h[p * C + c] * scale[c] + shift[c];
+  }
+}
+
 template <typename T, bool ChannelsLast>
 void run(const at::Tensor& x, at::Tensor& out, const Params<T>& p) {
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
@@ -327,8 +346,13 @@ void run(const at::Tensor& x, at::Tensor& out, const Params<T>& p) {
   T* od = out.mutable_data_ptr<T>();
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> sum(C), mx(C), cg(C), hid(3 * p.hidden), mean(HW), cmax(HW), z(HW), sg(HW);
+    std::vector<T> xbuf(p.in_scale ? C * HW : 0);
     for (int64_t b = begin; b < end; ++b) {
       const T* xb = xd + b * C * HW;
+      if (p.in_scale) {
+        affine_input<T, ChannelsLast>(xb, p.in_scale, p.in_shift, C, HW, xbuf.data());
+        xb = xbuf.data();
+      }
       channel_pools<T, ChannelsLast>(xb, C, HW, sum.data(), mx.data());
       channel_gate(p, C, HW, sum.data(), mx.data(), hid.data(), cg.data());
       spatial_maps<T, ChannelsLast>(xb, cg.data(), C, HW, mean.data(), cmax.data());
@@ -357,7 +381,8 @@ at::Tensor cbam_infer(const at::Tensor& x, const at::Tensor& fc1_w, const std::o
                       const at::Tensor& conv_w, const std::optional<at::Tensor>& conv_b,
                       const std::optional<at::Tensor>& bn_w, const std::optional<at::Tensor>& bn_b,
                       const std::optional<at::Tensor>& bn_mean, const std::optional<at::Tensor>& bn_var,
-                      double bn_eps, int64_t mean_channel, bool hard_sigmoid) {
+                      double bn_eps, int64_t mean_channel, bool hard_sigmoid,
+                      const std::optional<at::Tensor>& in_scale, const std::optional<at::Tensor>& in_shift) {
   TORCH_CHECK(x.dim() == 4 && x.device().is_cpu(), "cbam_infer: x must be a 4-D CPU tensor");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               "cbam_infer: x must be float32 or float64, got ", x.scalar_type());
@@ -383,6 +408,9 @@ at::Tensor cbam_infer(const at::Tensor& x, const at::Tensor& fc1_w, const std::o
   check_param(&conv_w, x, "conv weight", 2 * k * k);
   check_param(opt(conv_b), x, "conv bias", 1);
   for (const auto* t : {opt(bn_w), opt(bn_b), opt(bn_mean), opt(bn_var)}) check_param(t, x, "BatchNorm tensor", 1);
+  TORCH_CHECK(in_scale.has_value() == in_shift.has_value(), "cbam_infer: in_scale and in_shift go together");
+  check_param(opt(in_scale), x, "in_scale", C);
+  check_param(opt(in_shift), x, "in_shift", C);
 
   at::Tensor out = at::empty_like(x);  // keeps x's memory format
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_infer", [&] {
@@ -405,6 +433,8 @@ at::Tensor cbam_infer(const at::Tensor& x, const at::Tensor& fc1_w, const std::o
       p.z_shift = scalar<scalar_t>(opt(bn_b), 0) - scalar<scalar_t>(opt(bn_mean), 0) * p.z_scale;
     }
     p.hard = hard_sigmoid;
+    p.in_scale = in_scale ? in_scale->const_data_ptr<scalar_t>() : nullptr;
+    p.in_shift = in_shift ? in_shift->const_data_ptr<scalar_t>() : nullptr;
     if (channels_last) {
       run<scalar_t, true>(x, out, p);
     } else {
@@ -420,7 +450,7 @@ TORCH_LIBRARY(cbam_multi, m) {
   m.def(
       "cbam_infer(Tensor x, Tensor fc1_w, Tensor? fc1_b, Tensor fc2_w, Tensor? fc2_b, int[] pools, Tensor conv_w, "
       "Tensor? conv_b, Tensor? bn_w, Tensor? bn_b, Tensor? bn_mean, Tensor? bn_var, float bn_eps, int mean_channel, "
-      "bool hard_sigmoid) -> Tensor");
+      "bool hard_sigmoid, Tensor? in_scale=None, Tensor? in_shift=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(cbam_multi, CPU, m) { m.impl("cbam_infer", &cbam_infer); }

@@ -23,7 +23,7 @@ from cbam_multi.errors import InputError
 from cbam_multi.models.resnet import ResNetSpec
 from cbam_multi.weights import init_weights
 
-from .. import fused_bn
+from .. import cpu_kernel, fused_bn
 from ..modules import CBAM
 from ..weights import Layout, torch_layouts
 from .common import import_model_weights
@@ -71,6 +71,8 @@ class ResidualBlock(nn.Module):
             return bn(h)
         if fused_bn.applies(bn, self.cbam, h):  # eager training: the pair saves h only, as the BN alone would
             return fused_bn.bn_cbam_train(bn, self.cbam, h)
+        if cpu_kernel.bn_then_cbam_applies(bn, self.cbam, h):  # eager CPU inference: the BN's output stays in cache
+            return cpu_kernel.bn_then_cbam_infer(bn, self.cbam, h)
         return self.cbam(bn(h))
 
 
