@@ -130,11 +130,70 @@ inline void row_sum_max(const float* row, const float* scale, int64_t n, float& 
 }
 #endif
 
+// x = h * scale[c] + shift[c]: an eval BatchNorm in front of the block, applied as each pass reads h, so its
+// output is never written (scale null: x is the input itself)
+template <typename T>
+struct Affine {
+  const T* scale;
+  const T* shift;
+};
+
+// sum and max (NaN-propagating) of row[i] * a + e
+template <typename T>
+void row_sum_max_affine(const T* row, T a, T e, int64_t n, T& sum_out, T& max_out) {
+  T sum = T(0), mx = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(+ : sum) reduction(max : mx)
+  for (int64_t i = 0; i < n; ++i) {
+    const T v = row[i] * a + e;
+    sum += v;
+    mx = v > mx ? v : mx;
+  }
+  sum_out = sum;
+  if (sum != sum) {  // a NaN: the max again, NaN-aware
+    mx = -std::numeric_limits<T>::infinity();
+    for (int64_t i = 0; i < n; ++i) mx = nan_max(mx, row[i] * a + e);
+  }
+  max_out = mx;
+}
+
+#if defined(__AVX512F__)
+inline void row_sum_max_affine(const float* row, float a, float e, int64_t n, float& sum_out, float& max_out) {
+  const __m512 va = _mm512_set1_ps(a), ve = _mm512_set1_ps(e);
+  __m512 vs = _mm512_setzero_ps(), vm = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 v = _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(row + i), va), ve);
+    vs = _mm512_add_ps(vs, v);
+    vm = _mm512_max_ps(vm, v);
+  }
+  if (i < n) {
+    const __mmask16 k = tail_mask(n - i);
+    const __m512 v = _mm512_maskz_add_ps(k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, row + i), va), ve);
+    vs = _mm512_add_ps(vs, v);  // masked-off lanes hold 0
+    vm = _mm512_mask_max_ps(vm, k, vm, v);
+  }
+  const float sum = _mm512_reduce_add_ps(vs);
+  sum_out = sum;
+  if (sum != sum) {  // a NaN: the max again, NaN-aware
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < n; ++j) mx = nan_max(mx, row[j] * a + e);
+    max_out = mx;
+  } else {
+    max_out = _mm512_reduce_max_ps(vm);
+  }
+}
+#endif
+
 // per-channel sums and maxima over H*W -> sum[C], mx[C]
 template <typename T, bool ChannelsLast>
-void channel_pools(const T* x, int64_t C, int64_t HW, T* sum, T* mx) {
+void channel_pools(const T* x, const Affine<T>& in, int64_t C, int64_t HW, T* sum, T* mx) {
   if (!ChannelsLast) {
-    for (int64_t c = 0; c < C; ++c) row_sum_max(x + c * HW, static_cast<const T*>(nullptr), HW, sum[c], mx[c]);
+    for (int64_t c = 0; c < C; ++c) {
+      if (in.scale)
+        row_sum_max_affine(x + c * HW, in.scale[c], in.shift[c], HW, sum[c], mx[c]);
+      else
+        row_sum_max(x + c * HW, static_cast<const T*>(nullptr), HW, sum[c], mx[c]);
+    }
     return;
   }
   for (int64_t c = 0; c < C; ++c) {
@@ -144,8 +203,9 @@ void channel_pools(const T* x, int64_t C, int64_t HW, T* sum, T* mx) {
   for (int64_t p = 0; p < HW; ++p) {
     const T* row = x + p * C;
     for (int64_t c = 0; c < C; ++c) {
-      sum[c] += row[c];
-      mx[c] = nan_max(mx[c], row[c]);
+      const T v = in.scale ? row[c] * in.scale[c] + in.shift[c] : row[c];
+      sum[c] += v;
+      mx[c] = nan_max(mx[c], v);
     }
   }
 }
@@ -250,9 +310,10 @@ void channel_gate(const Params<T>& p, int64_t C, int64_t HW, T* sum, const T* mx
   for (int64_t c = 0; c < C; ++c) cg[c] = gate(p.b2 ? cg[c] + T(P) * p.b2[c] : cg[c], p.hard);
 }
 
-// mean and max over channels of y = x * cg (y rounded as the composed path stores it) -> mean[HW], mx[HW]
+// mean and max over channels of y = x * cg (y rounded as the composed path stores it) -> mean[HW], mx[HW];
+// row: C values of scratch (channels_last with an input affine)
 template <typename T, bool ChannelsLast>
-void spatial_maps(const T* x, const T* cg, int64_t C, int64_t HW, T* mean, T* mx) {
+void spatial_maps(const T* x, const Affine<T>& in, const T* cg, int64_t C, int64_t HW, T* mean, T* mx, T* row) {
   if (!ChannelsLast) {
     for (int64_t t0 = 0; t0 < HW; t0 += kTile) {
       const int64_t n = std::min(kTile, HW - t0);
@@ -264,16 +325,32 @@ void spatial_maps(const T* x, const T* cg, int64_t C, int64_t HW, T* mean, T* mx
       }
       for (int64_t c = 0; c < C; ++c) {
         const T g = cg[c];
-        const T* row = x + c * HW + t0;
-        for (int64_t i = 0; i < n; ++i) {
-          const T v = row[i] * g;
-          s[i] += v;
-          m[i] = nan_max(m[i], v);
+        const T* r = x + c * HW + t0;
+        if (in.scale) {
+          const T a = in.scale[c], e = in.shift[c];
+          for (int64_t i = 0; i < n; ++i) {
+            const T v = (r[i] * a + e) * g;
+            s[i] += v;
+            m[i] = nan_max(m[i], v);
+          }
+        } else {
+          for (int64_t i = 0; i < n; ++i) {
+            const T v = r[i] * g;
+            s[i] += v;
+            m[i] = nan_max(m[i], v);
+          }
         }
       }
     }
   } else {
-    for (int64_t p = 0; p < HW; ++p) row_sum_max(x + p * C, cg, C, mean[p], mx[p]);
+    for (int64_t p = 0; p < HW; ++p) {
+      const T* r = x + p * C;
+      if (in.scale) {
+        for (int64_t c = 0; c < C; ++c) row[c] = r[c] * in.scale[c] + in.shift[c];
+        r = row;
+      }
+      row_sum_max(r, cg, C, mean[p], mx[p]);
+    }
   }
   for (int64_t i = 0; i < HW; ++i) mean[i] /= T(C);
 }
@@ -304,38 +381,30 @@ void spatial_gate(const Params<T>& p, int64_t H, int64_t W, const T* mean, const
 
 // out = (x * cg) * sg
 template <typename T, bool ChannelsLast>
-void apply_gates(const T* x, const T* cg, const T* sg, int64_t C, int64_t HW, T* out) {
+void apply_gates(const T* x, const Affine<T>& in, const T* cg, const T* sg, int64_t C, int64_t HW, T* out) {
   if (!ChannelsLast) {
     for (int64_t c = 0; c < C; ++c) {
       const T g = cg[c];
       const T* row = x + c * HW;
       T* o = out + c * HW;
-      for (int64_t i = 0; i < HW; ++i) o[i] = (row[i] * g) * sg[i];
+      if (in.scale) {
+        const T a = in.scale[c], e = in.shift[c];
+        for (int64_t i = 0; i < HW; ++i) o[i] = ((row[i] * a + e) * g) * sg[i];
+      } else {
+        for (int64_t i = 0; i < HW; ++i) o[i] = (row[i] * g) * sg[i];
+      }
     }
   } else {
     for (int64_t p = 0; p < HW; ++p) {
       const T s = sg[p];
       const T* row = x + p * C;
       T* o = out + p * C;
-      for (int64_t c = 0; c < C; ++c) o[c] = (row[c] * cg[c]) * s;
+      if (in.scale) {
+        for (int64_t c = 0; c < C; ++c) o[c] = ((row[c] * in.scale[c] + in.shift[c]) * cg[c]) * s;
+      } else {
+        for (int64_t c = 0; c < C; ++c) o[c] = (row[c] * cg[c]) * s;
+      }
     }
-  }
-}
-
-// x = h * scale + shift per channel, one sample into a buffer that stays in cache for the block's passes
-// (a BatchNorm's output in front of the block, never written to memory)
-template <typename T, bool ChannelsLast>
-void affine_input(const T* h, const T* scale, const T* shift, int64_t C, int64_t HW, T* x) {
-  if (!ChannelsLast) {
-    for (int64_t c = 0; c < C; ++c) {
-      const T a = scale[c], e = shift[c];
-      const T* row = h + c * HW;
-      T* o = x + c * HW;
-      for (int64_t i = 0; i < HW; ++i) o[i] = row[i] * a + e;
-    }
-  } else {
-    for (int64_t p = 0; p < HW; ++p)
-      for (int64_t c = 0; c < C; ++c) x[p * C + c] = h[p * C + c] * scale[c] + shift[c];
   }
 }
 
@@ -346,18 +415,15 @@ void run(const at::Tensor& x, at::Tensor& out, const Params<T>& p) {
   T* od = out.mutable_data_ptr<T>();
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> sum(C), mx(C), cg(C), hid(3 * p.hidden), mean(HW), cmax(HW), z(HW), sg(HW);
-    std::vector<T> xbuf(p.in_scale ? C * HW : 0);
+    std::vector<T> rowbuf(ChannelsLast && p.in_scale ? C : 0);
+    const Affine<T> in{p.in_scale, p.in_shift};
     for (int64_t b = begin; b < end; ++b) {
       const T* xb = xd + b * C * HW;
-      if (p.in_scale) {
-        affine_input<T, ChannelsLast>(xb, p.in_scale, p.in_shift, C, HW, xbuf.data());
-        xb = xbuf.data();
-      }
-      channel_pools<T, ChannelsLast>(xb, C, HW, sum.data(), mx.data());
+      channel_pools<T, ChannelsLast>(xb, in, C, HW, sum.data(), mx.data());
       channel_gate(p, C, HW, sum.data(), mx.data(), hid.data(), cg.data());
-      spatial_maps<T, ChannelsLast>(xb, cg.data(), C, HW, mean.data(), cmax.data());
+      spatial_maps<T, ChannelsLast>(xb, in, cg.data(), C, HW, mean.data(), cmax.data(), rowbuf.data());
       spatial_gate(p, H, W, mean.data(), cmax.data(), z.data(), sg.data());
-      apply_gates<T, ChannelsLast>(xb, cg.data(), sg.data(), C, HW, od + b * C * HW);
+      apply_gates<T, ChannelsLast>(xb, in, cg.data(), sg.data(), C, HW, od + b * C * HW);
     }
   });
 }
