@@ -432,3 +432,31 @@ def test_forward_mode_through_cbam_agrees_with_reverse_mode():
     _, tangent = jax.jvp(lambda v: F.cbam(params, v, spec, train=True)[0], (x,), (t,))
     grad = jax.grad(lambda v: (F.cbam(params, v, spec, train=True)[0] * g).sum())(x)
     assert abs(float((tangent * g).sum() - (grad * t).sum())) <= 1e-10 * float(jnp.abs(grad * t).sum())
+
+
+@pytest.mark.parametrize("name,train", [("official", False), ("official", True), ("timm", False), ("7x5", False),
+                                        ("lp_lse", False)])  # lp_lse: the composed fallback
+def test_cbam_after_affine_is_cbam_of_the_affine_input(name, train):
+    """`F.cbam_after_affine` (an eval BatchNorm's affine map folded into the block) computes
+    cbam(h * scale + shift): output, spatial BN statistics and the gradients w.r.t. h, scale, shift and
+    every parameter, with negative and zero scales among the channels (the max pool's sign rule)."""
+    spec, shape = CASES[name]
+    rng = np.random.default_rng(5)
+    params = {n: jnp.asarray(a) for n, a in init_weights(spec, 3).items()}
+    h = jnp.asarray(rng.normal(size=shape))
+    scale = rng.uniform(0.5, 1.5, shape[-1]) * rng.choice([-1.0, 1.0], shape[-1])
+    scale[0] = 0.0
+    shift = rng.normal(size=shape[-1])
+    ct = jnp.asarray(rng.normal(size=shape))
+
+    def loss(fn, p, h, a, e):
+        y, stats = fn(p, h, a, e)
+        return (y * ct).sum(), (y, stats)
+
+    fused = lambda p, h, a, e: F.cbam_after_affine(p, h, a, e, spec, train=train)
+    composed = lambda p, h, a, e: F.cbam(p, h * a + e, spec, train=train)
+    args = (params, h, jnp.asarray(scale), jnp.asarray(shift))
+    (_, (y1, s1)), g1 = jax.value_and_grad(lambda *a: loss(fused, *a), argnums=(0, 1, 2, 3), has_aux=True)(*args)
+    (_, (y2, s2)), g2 = jax.value_and_grad(lambda *a: loss(composed, *a), argnums=(0, 1, 2, 3), has_aux=True)(*args)
+    err = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves((y1, s1, g1)), jax.tree.leaves((y2, s2, g2)), strict=True))
+    assert err <= TOL, f"cbam_after_affine vs cbam(h * scale + shift): max abs err {err:.3e}"

@@ -173,10 +173,14 @@ def _channel(params: Params, x: jax.Array, spec: CBAMSpec) -> jax.Array:
 
 def _channel_gate(params: Params, x: jax.Array, spec: CBAMSpec) -> jax.Array:
     """The channel gate values (B, C) of NHWC ``x``."""
-    dt = x.dtype
-    b, c = x.shape[0], x.shape[3]
-    npools = len(spec.channel_pools)
-    pools = [_pool_hw(x, kind, spec.tie_rule) for kind in spec.channel_pools]
+    return _mlp_gate(params, [_pool_hw(x, kind, spec.tie_rule) for kind in spec.channel_pools], spec)
+
+
+def _mlp_gate(params: Params, pools: list, spec: CBAMSpec) -> jax.Array:
+    """The channel gate (B, C) from the pooled vectors (B, C), one per ``spec.channel_pools``."""
+    dt = pools[0].dtype
+    b, c = pools[0].shape
+    npools = len(pools)
     if spec.variant == "light":  # timm LightChannelAttn: one MLP call on the mean of the pools
         pooled, npools = sum(p * (1.0 / npools) for p in pools), 1
     else:  # one MLP call on all pools stacked along the batch: (npools * B, C)
@@ -292,11 +296,17 @@ def _spatial(params: Params, x: jax.Array, spec: CBAMSpec, train: bool, gated_fr
 
 def _spatial_gate(params: Params, x: jax.Array, spec: CBAMSpec, train: bool, gated_from=None):
     """The spatial attention map (B, H, W, 1) and the BN stats update."""
-    dt = x.dtype
     maps = {
         "mean": _channel_mean(x, gated_from),
         "max": max_reduce(x, (3,), spec.tie_rule),
     }
+    return _gate_from_maps(params, maps, spec, train)
+
+
+def _gate_from_maps(params: Params, maps: dict, spec: CBAMSpec, train: bool):
+    """The spatial attention map (B, H, W, 1) from the channel "mean" and "max" maps (B, H, W), and the BN
+    stats update."""
+    dt = maps["mean"].dtype
     if spec.variant == "light":  # timm LightSpatialAttn: the one map 0.5 * mean + 0.5 * max, (B, H, W, 1)
         m = (0.5 * maps["mean"] + 0.5 * maps["max"])[..., None]
     else:
@@ -352,6 +362,44 @@ def _cbam(params: Params, x, spec: CBAMSpec, train: bool):
     if spec.no_spatial:
         return x * g[:, None, None, :], {}
     return _spatial(params, x * g[:, None, None, :], spec, train, gated_from=(x, g))
+
+
+def cbam_after_affine(params: Params, h, scale, shift, spec: CBAMSpec, *, train: bool = False):
+    """``cbam(params, h * scale + shift, spec)`` with per-channel ``scale``, ``shift`` (C,): an eval-mode
+    BatchNorm in front of the block. Returns ``(y, new_stats)`` like `cbam`.
+
+    The block reads ``h`` and never materialises ``x = h * scale + shift``: XLA fuses the affine map into
+    each of the block's passes (the pools as ``mean(h) * scale + shift`` and ``max(h * scale) + shift``, the
+    channel mean as one contraction of ``h``), where the composed pair writes ``x`` and its consumers each
+    re-fuse the map (ResNet-50 inference on CPU: benchmarks/RESULTS.md). Same maths, rounded in another
+    order. Other variants, pools and half precision take the composed pair."""
+    h = _checked_input(h, spec, train)
+    _check_params(params, spec, None)
+    dt = h.dtype
+    scale, shift = jnp.asarray(scale).astype(dt), jnp.asarray(shift).astype(dt)
+    params = {n: params[n] for n in spec.param_shapes()}
+    if (spec.no_spatial or spec.variant != "standard" or not set(spec.channel_pools) <= {"avg", "max"}
+            or dt not in (jnp.float32, jnp.float64)):
+        return _cbam(params, h * scale + shift, spec, train)
+    return _cbam_after_affine(params, h, scale, shift, spec, train)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "train"))
+def _cbam_after_affine(params: Params, h, scale, shift, spec: CBAMSpec, train: bool):
+    acc = _acc_dtype(h.dtype)
+    pools = []
+    for kind in spec.channel_pools:
+        if kind == "avg":  # linear: the mean of h, mapped
+            pools.append((jnp.mean(h.astype(acc), axis=(1, 2)) * scale + shift).astype(h.dtype))
+        else:  # x's maximum is h * scale's maximum, shifted (the tie rule on h * scale: the same positions)
+            pools.append(max_reduce(h * scale, (1, 2), spec.tie_rule) + shift)
+    g = _mlp_gate(params, pools, spec)
+    w = scale * g  # x * g = h * (scale * g) + shift * g
+    mean = jnp.einsum("bhwc,bc->bhw", h, w, precision=jax.lax.Precision.HIGHEST) + (shift * g).sum(-1)[:, None, None]
+    y1 = (h * scale + shift) * g[:, None, None, :]
+    maps = {"mean": mean / h.shape[3], "max": max_reduce(y1, (3,), spec.tie_rule)}
+    s, stats = _gate_from_maps(params, maps, spec, train)
+    return y1 * s, stats
 
 
 def promote_input(x, params: Params, dtype=None):

@@ -247,6 +247,7 @@ class LayerOps(Protocol):
     def relu(self, x): ...
     def max_pool_3x3_s2(self, x): ...  # padding 1, like torch's MaxPool2d(3, 2, 1)
     def cbam(self, x, prefix: str, spec: CBAMSpec): ...
+    def bn_cbam(self, x, bn_prefix: str, cbam_prefix: str, spec: CBAMSpec): ...  # cbam(bn(x)), may be fused
     def head(self, x): ...  # global average pool, then fc
 
 
@@ -260,11 +261,13 @@ def walk(spec: ResNetSpec, x, ops: LayerOps):
         out = h
         convs = spec.block_convs(block)
         for i, (conv, _, _, _, stride) in enumerate(convs, 1):
-            out = ops.bn(ops.conv(out, f"{block.name}.{conv}", stride), f"{block.name}.bn{i}")
+            z = ops.conv(out, f"{block.name}.{conv}", stride)
             if i < len(convs):
-                out = ops.relu(out)
-        if spec.has_cbam:
-            out = ops.cbam(out, f"{block.name}.cbam", spec.cbam_spec(block.out_channels))
+                out = ops.relu(ops.bn(z, f"{block.name}.bn{i}"))
+            elif spec.has_cbam:  # the last BN, then CBAM
+                out = ops.bn_cbam(z, f"{block.name}.bn{i}", f"{block.name}.cbam", spec.cbam_spec(block.out_channels))
+            else:
+                out = ops.bn(z, f"{block.name}.bn{i}")
         shortcut = h
         if block.downsample:
             shortcut = ops.bn(ops.conv(h, f"{block.name}.downsample.conv", block.stride), f"{block.name}.downsample.bn")
@@ -308,6 +311,9 @@ class _NumpyOps:
         out, new = reference.cbam_forward(x, sub, spec, train=self.train)
         self.stats.update({f"{prefix}.{n}": a for n, a in new.items()})
         return out
+
+    def bn_cbam(self, x, bn_prefix, cbam_prefix, spec):
+        return self.cbam(self.bn(x, bn_prefix), cbam_prefix, spec)
 
     def head(self, x):
         return x.mean(axis=(2, 3)) @ self.w["fc.kernel"] + self.w["fc.bias"]

@@ -67,6 +67,18 @@ class _JaxOps:
         self.stats.update({f"{prefix}.{n}": v for n, v in new.items()})
         return out
 
+    def bn_cbam(self, z, bn_prefix, cbam_prefix, spec):
+        if self.train:  # batch statistics: the composed pair (XLA keeps no extra tensor in training)
+            return self.cbam(self.bn(z, bn_prefix), cbam_prefix, spec)
+        p = self.params
+        acc = F._acc_dtype(z.dtype)
+        scale = p[f"{bn_prefix}.scale"].astype(acc) / jnp.sqrt(p[f"{bn_prefix}.var"].astype(acc) + self.spec.bn_eps)
+        shift = p[f"{bn_prefix}.bias"].astype(acc) - p[f"{bn_prefix}.mean"].astype(acc) * scale
+        sub = {n: p[f"{cbam_prefix}.{n}"] for n in spec.param_shapes()}
+        out, new = F.cbam_after_affine(sub, z, scale, shift, spec, train=False)
+        self.stats.update({f"{cbam_prefix}.{n}": v for n, v in new.items()})
+        return out
+
     def head(self, x):
         pooled = jnp.mean(x.astype(F._acc_dtype(x.dtype)), axis=(1, 2)).astype(x.dtype)
         return pooled @ self.params["fc.kernel"].astype(x.dtype) + self.params["fc.bias"].astype(x.dtype)
