@@ -195,3 +195,32 @@ def test_resnet_cbam_saves_about_what_resnet_saves():
     # the small maps per block: gates, pooled vectors, spatial maps and indices, a few (B, 1, H, W) maps each
     assert saved["fused"] <= 1.10 * saved["plain"], saved
     assert saved["composed"] >= 1.3 * saved["plain"], saved  # the measure sees what the Function removes
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("with_bn", [False, True], ids=["cbam", "bn+cbam"])
+def test_nan_and_inf_follow_the_composed_ops(bad, with_bn):
+    """A NaN or inf in the input: the kernels lack torch's NaN rules for max pools, so such a call runs the
+    torch ops; output and gradients hold NaN / inf exactly where the composed ops' do."""
+    spec = CBAMSpec.preset("official", 16, tie_rule="split")
+    h, ct = _inputs(spec, ties=False)
+    h[1, 3, 2, 4] = bad
+    outs = []
+    for composed in (True, False):
+        bn, cbam = _modules(spec, "train", torch.float64)
+        hh = h.clone().requires_grad_()
+        with fused.disabled() if composed else fused.kernels(True):
+            if with_bn:
+                y = cbam(bn(hh)) if composed else fused_bn.bn_cbam_train(bn, cbam, hh)
+            else:
+                assert fused.applies(cbam, hh) == (not composed)
+                y = cbam(hh)
+            grads = torch.autograd.grad(y, [hh, *cbam.parameters()], ct)
+        outs.append([y.detach(), *grads])
+    y_ref = outs[0][0]
+    assert not torch.isfinite(y_ref).all()  # the bad value reaches the output (train BN spreads it over the batch)
+    for got, ref in zip(outs[1], outs[0], strict=True):
+        assert torch.equal(torch.isnan(got), torch.isnan(ref)) and torch.equal(torch.isinf(got), torch.isinf(ref))
+        ok = torch.isfinite(ref)
+        if ok.any():
+            assert _err([got[ok]], [ref[ok]]) <= TOLERANCES["float64"]["grad"]

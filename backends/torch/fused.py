@@ -153,8 +153,12 @@ def block_forward(ctx, x: torch.Tensor, cbam):
     mx = idx_hw = cnt_hw = None
     if kern:
         avg, mx, idx_hw, cnt_hw = torch.ops.cbam_multi.train_pool_hw(x)
+        # a NaN or inf in x (its plane's sum is not finite): the torch ops, whose NaN rules the kernels lack
+        kern = bool(torch.isfinite(avg).all())
+    if kern:
         pooled = [avg if kind == "avg" else mx for kind in pools]
     else:
+        mx = idx_hw = cnt_hw = None
         pooled = []
         for kind in pools:
             if kind == "avg":

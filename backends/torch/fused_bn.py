@@ -46,8 +46,13 @@ def applies(bn: nn.Module, cbam, h: torch.Tensor) -> bool:
 def bn_cbam_train(bn: nn.BatchNorm2d, cbam, h: torch.Tensor) -> torch.Tensor:
     """``cbam(bn(h))`` through `_BNThenCBAMKernels` (CPU, NCHW: x never stored) or `_BNThenCBAM` (call only
     where `applies`); updates ``bn``'s running statistics as ``bn(h)`` would."""
-    fn = _BNThenCBAMKernels if fused._kernel_applies(h) else _BNThenCBAM
-    return fn.apply(h, bn, cbam, bn.weight, bn.bias, *cbam.channel.parameters(), *cbam.spatial.parameters())
+    params = (bn.weight, bn.bias, *cbam.channel.parameters(), *cbam.spatial.parameters())
+    if fused._kernel_applies(h):
+        with torch.no_grad():
+            pool = torch.ops.cbam_multi.bn_pool(h)
+        if bool(torch.isfinite(pool[0]).all()):  # else a NaN or inf in h: the torch ops keep torch's NaN rules
+            return _BNThenCBAMKernels.apply(h, bn, cbam, pool, *params)
+    return _BNThenCBAM.apply(h, bn, cbam, *params)
 
 
 def _statistics(bn: nn.BatchNorm2d, h: torch.Tensor):
@@ -132,11 +137,11 @@ class _BNThenCBAMKernels(torch.autograd.Function):
     so x is neither stored nor written; the BN's gradients come from per-plane sums of the backward passes."""
 
     @staticmethod
-    def forward(ctx, h, bn, cbam, weight, bias, *cbam_params):
+    def forward(ctx, h, bn, cbam, pool, weight, bias, *cbam_params):
         ops = torch.ops.cbam_multi
         spec = cbam.spec
         hw = h.shape[2] * h.shape[3]
-        psum, pm2, hmax, hmin = ops.bn_pool(h)
+        psum, pm2, hmax, hmin = pool  # ops.bn_pool(h), checked finite by the caller
         mean, var, batch_stats = _kernel_statistics(bn, psum, pm2, hw)
         invstd = torch.rsqrt(var + bn.eps)
         w64 = weight.detach().double()
@@ -162,7 +167,7 @@ class _BNThenCBAMKernels(torch.autograd.Function):
         ca, leaves1, s_graph, leaves2 = ctx.graphs
         ch_params, sp_params = ctx.param_groups
         ctx.graphs = None
-        need_h, _, _, need_w, need_b = ctx.needs_input_grad[:5]
+        need_h, _, _, _, need_w, need_b = ctx.needs_input_grad[:6]
         first, dt = ctx.first, h.dtype
         b, c, hw = h.shape[0], h.shape[1], h.shape[2] * h.shape[3]
         g = g.contiguous()
@@ -202,4 +207,4 @@ class _BNThenCBAMKernels(torch.autograd.Function):
         gw = s2.to(dt) if need_w else None
         gb = s1.to(dt) if need_b else None
         cbam_grads = fused._param_grads(ch_params, sp_params, ch_train, sp_train, grads1[len(ctx.pools):], grads2[2:])
-        return (gh, None, None, gw, gb, *cbam_grads)
+        return (gh, None, None, None, gw, gb, *cbam_grads)
