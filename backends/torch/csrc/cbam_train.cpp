@@ -50,12 +50,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool_hw(const at::Ten
         const scalar_t* v = px + p * HW;
         const double s = sum_lanes(v, HW);
         const scalar_t m = max_lanes(v, HW);
-        // the first position holding the max (HW - 1 if none: a NaN plane)
-        const int64_t am = std::min<int64_t>(first_lanes(HW, [&](int64_t i) { return v[i] == m; }), HW - 1);
-        const int64_t n = count_eq(v, HW, m);
+        int64_t am, n;  // the first position holding the max (HW - 1 if none: a NaN plane) and the tie count
+        first_count_eq(v, HW, m, am, n);
         pa[p] = scalar_t(s / double(HW));
         pm[p] = m;
-        pi[p] = am;
+        pi[p] = std::min<int64_t>(am, HW - 1);
         pc[p] = scalar_t(n);
       }
     });
@@ -211,16 +210,27 @@ at::Tensor grad_ca(const at::Tensor& g, const at::Tensor& x, const at::Tensor& c
       for (int64_t p = lo; p < hi; ++p) {
         const auto pl = f.plane(p);
         const scalar_t* v = px + p * HW;
-        double acc[kLanes] = {0};
-        int64_t i = 0;
-        for (; i + kLanes <= HW; i += kLanes)
-          for (int j = 0; j < kLanes; ++j) acc[j] += double(pl.gy1(i + j) * v[i + j]);
-        double t = 0;
-        for (; i < HW; ++i) t += double(pl.gy1(i) * v[i]);
-        for (int j = 0; j < kLanes; ++j) t += acc[j];
-        po[p] = scalar_t(t);
+        if (first) {  // dense part; the channel-max hits are added per pixel below
+          po[p] = scalar_t(sum_lanes_f(HW, [&](int64_t i) { return (pl.g[i] * pl.s[i] + pl.gm[i]) * v[i]; }));
+        } else {
+          po[p] = scalar_t(sum_lanes_f(HW, [&](int64_t i) { return pl.gy1(i) * v[i]; }));
+        }
       }
     });
+    if (first) {  // each pixel's channel max sits in one channel (sample by sample: no two threads share a row)
+      const scalar_t *pgr = gr.data_ptr<scalar_t>();
+      const int64_t* pic = idxc.data_ptr<int64_t>();
+      at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
+        for (int64_t b = lo; b < hi; ++b) {
+          std::vector<double> add(C, 0.0);
+          for (int64_t i = 0; i < HW; ++i) {
+            const int64_t c = pic[b * HW + i];
+            add[c] += double(pgr[b * HW + i] * px[(b * C + c) * HW + i]);
+          }
+          for (int64_t c = 0; c < C; ++c) po[b * C + c] = scalar_t(double(po[b * C + c]) + add[c]);
+        }
+      });
+    }
   });
   return gca;
 }
@@ -246,13 +256,32 @@ at::Tensor grad_x(const at::Tensor& g, const at::Tensor& x, const at::Tensor& ca
         scalar_t* o = po + p * HW;
         const scalar_t* v = px + p * HW;
         const auto pl = f.plane(p);
+        if (first) {  // dense part; the two max-pool routings are added per position below
+          for (int64_t i = 0; i < HW; ++i) o[i] = (pl.g[i] * pl.s[i] + pl.gm[i]) * k + a;
+          continue;
+        }
         for (int64_t i = 0; i < HW; ++i) {
-          scalar_t d = pl.gy1(i) * k + a;
-          const bool hit = first ? (i == pi[p]) : (v[i] == m);
-          o[i] = hit ? d + r : d;
+          const scalar_t d = pl.gy1(i) * k + a;
+          o[i] = v[i] == m ? d + r : d;
         }
       }
     });
+    if (first) {  // the channel max's and the H,W max's recorded positions, sample by sample
+      const scalar_t* pgr = gr.data_ptr<scalar_t>();
+      const int64_t* pic = idxc.data_ptr<int64_t>();
+      at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
+        for (int64_t b = lo; b < hi; ++b) {
+          for (int64_t i = 0; i < HW; ++i) {
+            const int64_t p = b * C + pic[b * HW + i];
+            po[p * HW + i] += pgr[b * HW + i] * pca[p];
+          }
+          for (int64_t c = 0; c < C; ++c) {
+            const int64_t p = b * C + c;
+            po[p * HW + pi[p]] += pgm[p];
+          }
+        }
+      });
+    }
   });
   return gx;
 }

@@ -67,6 +67,33 @@ inline double sum_lanes_f(int64_t n, F f) {
   return s;
 }
 
+// the first i with v[i] == m (n if none) and how many there are, in one pass
+template <typename T>
+inline void first_count_eq(const T* v, int64_t n, T m, int64_t& first, int64_t& count) {
+  int64_t best[kLanes], cnt[kLanes];
+  for (int j = 0; j < kLanes; ++j) best[j] = n, cnt[j] = 0;
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) {
+      const bool hit = v[i + j] == m;
+      const int64_t cand = hit ? i + j : n;
+      best[j] = cand < best[j] ? cand : best[j];
+      cnt[j] += hit ? 1 : 0;
+    }
+  int64_t b = n, c = 0;
+  for (; i < n; ++i) {
+    const bool hit = v[i] == m;
+    b = (hit && i < b) ? i : b;
+    c += hit ? 1 : 0;
+  }
+  for (int j = 0; j < kLanes; ++j) {
+    b = best[j] < b ? best[j] : b;
+    c += cnt[j];
+  }
+  first = b;
+  count = c;
+}
+
 // the first i < n with pred(i), n if none: per-lane minimum of candidate indices, so the loop vectorises
 // (a scalar search for the first maximum costs ~HW/2 serial steps per plane)
 template <typename P>
