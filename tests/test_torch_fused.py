@@ -53,15 +53,16 @@ def _err(a, b) -> float:
 
 @pytest.mark.parametrize("preset,tie_rule,ties", CASES)
 @pytest.mark.parametrize("train", [True, False])
-@pytest.mark.parametrize("layout", ["kernel", "ops", "channels_last"])
+@pytest.mark.parametrize("layout", ["kernel", "ops", "channels_last", "channels_last-ops"])
 def test_fused_matches_composed_float64(preset, tie_rule, ties, train, layout):
     """kernel: NCHW through the CPU kernels (csrc/cbam_train.cpp); ops: the same Function with its full-size
-    passes as torch ops (the kernels off, as on GPU); channels_last: torch ops too."""
+    passes as torch ops (the kernels off, as on GPU); channels_last: its kernels (csrc/cbam_train_cl.cpp), and
+    the torch ops."""
     spec = CBAMSpec.preset(preset, 16, tie_rule=tie_rule)
     state, x, ct = _inputs(spec, ties)
     ref = _run(spec, state, x, ct, torch.float64, train, composed=True)
-    got = _run(spec, state, x, ct, torch.float64, train, composed=False, channels_last=layout == "channels_last",
-               kernel=layout == "kernel")
+    got = _run(spec, state, x, ct, torch.float64, train, composed=False, channels_last=layout.startswith("channels_last"),
+               kernel=not layout.endswith("ops"))
     err = _err(got, ref)
     assert err <= TOLERANCES["float64"]["grad"], f"fused vs composed (float64): max abs err {err:.3e}"
 
@@ -70,11 +71,13 @@ def test_fused_matches_composed_float64(preset, tie_rule, ties, train, layout):
 @pytest.mark.parametrize("overrides", [{}, {"mlp_bias": False, "spatial_bias": False}, {"gate": "hard_sigmoid"},
                                        {"mlp_act": "silu", "channel_pools": ("max", "avg")},
                                        {"channel_pools": ("max",)}, {"channel_pools": ("avg",)}])
-def test_fused_float32_within_tolerance(preset, tie_rule, overrides):
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_fused_float32_within_tolerance(preset, tie_rule, overrides, layout):
     spec = CBAMSpec.preset(preset, 16, tie_rule=tie_rule, **overrides)
     state, x, ct = _inputs(spec, ties=False, seed=3)
     ref = _run(spec, state, x, ct, torch.float64, True, composed=True)
-    got = _run(spec, {k: v.float() for k, v in state.items()}, x, ct, torch.float32, True, composed=False)
+    got = _run(spec, {k: v.float() for k, v in state.items()}, x, ct, torch.float32, True, composed=False,
+               channels_last=layout == "channels_last")
     err_y = _err(got[:1], ref[:1])
     scale = max(r.abs().max().item() for r in ref[1:]) or 1.0
     err_g = _err(got[1:], ref[1:]) / scale

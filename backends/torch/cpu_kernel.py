@@ -39,7 +39,7 @@ ARCH_ENV_VAR = "CBAM_MULTI_CPU_KERNEL_ARCH"  # -march value (default native), e.
 _SOURCE = Path(__file__).with_name("csrc") / "cbam_infer.cpp"
 # the training Function's full-size passes (fused.py), built into the same library
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = (_SOURCE, _CSRC / "cbam_train.cpp", _CSRC / "cbam_bn_train.cpp")
+_SOURCES = (_SOURCE, _CSRC / "cbam_train.cpp", _CSRC / "cbam_train_cl.cpp", _CSRC / "cbam_bn_train.cpp")
 _HEADERS = (_CSRC / "lanes.h",)  # in the build key with the sources
 _POOL_CODES = {"avg": 0, "max": 1}  # the pools the kernel computes (every preset's)
 _FLOATS = (torch.float32, torch.float64)

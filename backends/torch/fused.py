@@ -7,8 +7,9 @@ blog's plain code). Here the forward saves only ``x`` (often kept by a neighbour
 maps: the channel gate ``ca`` (B, C), the spatial gate ``s`` (B, 1, H, W), the pooled maxima and, for
 tie rule "first", their indices. The backward recomputes ``y1`` once and writes the input gradient in
 place through four full-size passes.
-For NCHW-contiguous CPU input the full-size passes and the spatial conv run as CPU loops
-(csrc/cbam_train.cpp; ``CBAM_MULTI_FUSED_TRAIN_KERNEL=0`` runs them as torch ops, see `_kernel_applies`).
+For CPU input the full-size passes and the spatial conv run as CPU loops (csrc/cbam_train.cpp for NCHW,
+csrc/cbam_train_cl.cpp for channels_last; ``CBAM_MULTI_FUSED_TRAIN_KERNEL=0`` runs them as torch ops, see
+`_kernel_applies`).
 
 Only the full-size work is written by hand. The small maps' maths (the shared MLP and its activation,
 the gates, the spatial conv in ``concat_order``, BatchNorm in train or eval mode, biases on or off) runs
@@ -152,7 +153,7 @@ def block_forward(ctx, x: torch.Tensor, cbam):
     # -- channel gate: the pools read x; the MLP and gate are a small autograd graph on detached leaves
     mx = idx_hw = cnt_hw = None
     if kern:
-        avg, mx, idx_hw, cnt_hw = torch.ops.cbam_multi.train_pool_hw(x)
+        avg, mx, idx_hw, cnt_hw = _kernel("train_pool_hw", x)(x)
         # a NaN or inf in x (its plane's sum is not finite): the torch ops, whose NaN rules the kernels lack
         kern = bool(torch.isfinite(avg).all())
     if kern:
@@ -171,7 +172,7 @@ def block_forward(ctx, x: torch.Tensor, cbam):
     # -- spatial gate: the maps of y1 = x * ca; conv, BN, gate again a small autograd graph
     cnt_c = y1 = None
     if kern:
-        mean_c, max_c, idx_c, cnt_c = torch.ops.cbam_multi.train_maps(x, ca4)
+        mean_c, max_c, idx_c, cnt_c = _kernel("train_maps", x)(x, ca4)
     else:
         y1 = x * ca4
         mean_c = y1.mean(1, keepdim=True)
@@ -182,7 +183,7 @@ def block_forward(ctx, x: torch.Tensor, cbam):
     s, leaves2 = spatial_graph(cbam, mean_c, max_c, kern)
     sd = s.detach().contiguous()
     if kern:
-        out = torch.ops.cbam_multi.train_gate(x, ca4, sd)
+        out = _kernel("train_gate", x)(x, ca4, sd)
     else:
         out = y1.mul_(sd)  # y1 is ours: the product is written in place (same values as y1 * s)
     ctx.graphs = (ca, leaves1, pools, idx_hw, s, leaves2, idx_c, kern, cnt_hw, cnt_c)
@@ -238,16 +239,15 @@ def _param_grads(ch_params, sp_params, ch_train, sp_train, g1, g2):
 def _backward_kernel(ctx, g, x, ca4, s, mx, max_c, ca, leaves1, pools, idx_hw, s_graph, leaves2, idx_c, cnt_hw,
                      cnt_c, ch_params, sp_params, need_input_grad):
     """The backward through the CPU kernels (csrc/cbam_train.cpp): three passes over g and x."""
-    ops = torch.ops.cbam_multi
     first = ctx.tie_first
     c, hw = x.shape[1], x.shape[2] * x.shape[3]
-    g = g.contiguous()
-    gs = ops.train_grad_s(g, x, ca4)
+    g = g.contiguous(memory_format=_memory_format(x))
+    gs = _kernel("train_grad_s", x)(g, x, ca4)
     sp_train = [p for p in sp_params if p.requires_grad]
     grads2 = torch.autograd.grad(s_graph, [leaves2["mean"], leaves2["max"], *sp_train], gs, allow_unused=True)
     gm = (grads2[0] / c).contiguous()
     gr = (grads2[1] if first else grads2[1] / cnt_c).contiguous()
-    gca = ops.train_grad_ca(g, x, ca4, s, gm, gr, max_c, idx_c, first)
+    gca = _kernel("train_grad_ca", x)(g, x, ca4, s, gm, gr, max_c, idx_c, first)
     ch_train = [p for p in ch_params if p.requires_grad]
     grads1 = torch.autograd.grad(ca, [*leaves1, *ch_train], gca, allow_unused=True)
     gx = None
@@ -256,7 +256,7 @@ def _backward_kernel(ctx, g, x, ca4, s, mx, max_c, ca, leaves1, pools, idx_hw, s
         by_kind = dict(zip(pools, grads1[: len(pools)]))
         gavg = by_kind["avg"] / hw if "avg" in by_kind else zeros
         gmx = zeros if "max" not in by_kind else (by_kind["max"] if first else by_kind["max"] / cnt_hw)
-        gx = ops.train_grad_x(g, x, ca4, s, gm, gr, max_c, idx_c, gavg, gmx, mx, idx_hw, first)
+        gx = _kernel("train_grad_x", x)(g, x, ca4, s, gm, gr, max_c, idx_c, gavg, gmx, mx, idx_hw, first)
     ctx.param_grads = _param_grads(ch_params, sp_params, ch_train, sp_train, grads1[len(pools):], grads2[2:])
     return gx
 
@@ -301,17 +301,22 @@ def kernels(on: bool):
 
 
 def _kernel_applies(x: torch.Tensor) -> bool:
-    """The full-size passes run as CPU kernels for NCHW-contiguous CPU input when the library builds, unless
-    ``CBAM_MULTI_FUSED_TRAIN_KERNEL=0``. They agree with the torch ops to float rounding (float64 to 1e-13,
-    whole ResNet-50 networks included); that different rounding can put a float32 pre-activation within
-    ~1e-6 of zero on the other side of a later ReLU's kink, which any change of rounding (thread count,
-    oneDNN version) can do too: benchmarks/kink_check.py tells such a crossing from a wrong gradient."""
+    """The full-size passes run as CPU kernels for NCHW or channels_last CPU input when the library builds,
+    unless ``CBAM_MULTI_FUSED_TRAIN_KERNEL=0``. They agree with the torch ops to float rounding (float64 to
+    1e-13, whole ResNet-50 networks included); that different rounding can put a float32 pre-activation
+    within ~1e-6 of zero on the other side of a later ReLU's kink, which any change of rounding (thread
+    count, oneDNN version) can do too: benchmarks/kink_check.py tells such a crossing from a wrong gradient."""
     return (
         os.environ.get(KERNEL_ENV_VAR, "1").strip() != "0"
         and x.device.type == "cpu"
-        and x.is_contiguous()
+        and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
         and cpu_kernel.available()
     )
+
+
+def _kernel(name: str, x: torch.Tensor):
+    """The CPU kernel ``name`` for x's layout: csrc/cbam_train.cpp (NCHW) or csrc/cbam_train_cl.cpp (channels_last)."""
+    return getattr(torch.ops.cbam_multi, name if x.is_contiguous() else name + "_cl")
 
 
 def _memory_format(x: torch.Tensor):

@@ -47,7 +47,7 @@ def bn_cbam_train(bn: nn.BatchNorm2d, cbam, h: torch.Tensor) -> torch.Tensor:
     """``cbam(bn(h))`` through `_BNThenCBAMKernels` (CPU, NCHW: x never stored) or `_BNThenCBAM` (call only
     where `applies`); updates ``bn``'s running statistics as ``bn(h)`` would."""
     params = (bn.weight, bn.bias, *cbam.channel.parameters(), *cbam.spatial.parameters())
-    if fused._kernel_applies(h):
+    if fused._kernel_applies(h) and h.is_contiguous():  # the BN kernels are NCHW only
         with torch.no_grad():
             pool = torch.ops.cbam_multi.bn_pool(h)
         if bool(torch.isfinite(pool[0]).all()):  # else a NaN or inf in h: the torch ops keep torch's NaN rules

@@ -67,6 +67,27 @@ inline double sum_lanes_f(int64_t n, F f) {
   return s;
 }
 
+// max of f(i) over i < n (n >= 1), with independent lanes
+template <typename T, typename F>
+inline T max_lanes_f(int64_t n, F f) {
+  T acc[kLanes];
+  const T f0 = f(0);
+  for (int j = 0; j < kLanes; ++j) acc[j] = f0;
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) {
+      const T v = f(i + j);
+      acc[j] = v > acc[j] ? v : acc[j];
+    }
+  T m = f0;
+  for (; i < n; ++i) {
+    const T v = f(i);
+    m = v > m ? v : m;
+  }
+  for (int j = 0; j < kLanes; ++j) m = acc[j] > m ? acc[j] : m;
+  return m;
+}
+
 // the first i with v[i] == m (n if none) and how many there are, in one pass
 template <typename T>
 inline void first_count_eq(const T* v, int64_t n, T m, int64_t& first, int64_t& count) {

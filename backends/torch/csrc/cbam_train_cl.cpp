@@ -1,0 +1,296 @@
+// The training Function's full-size passes (fused.py) for channels_last CPU input, float32/float64: the same
+// maths as cbam_train.cpp (see there), with x stored (B, H, W, C). One sample per task: its C-long rows are
+// read in order, and every per-channel sum runs over the sample's rows with C accumulators.
+//   forward:  pool_hw (reads x)  maps (reads x)  gate (reads x, writes y)
+//   backward: grad_s (reads g, x)  grad_ca (reads g, x)  grad_x (reads g, x, writes dx)
+// Small maps are (B, 1, H, W) and (B, C) as in the NCHW kernels; full-size outputs keep x's layout.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kBlock = 16;  // rows per partial sum in pool_hw_cl
+
+void check_cl(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast) && x.device().is_cpu(),
+              "cbam_train_cl: x must be channels_last CPU");
+}
+
+// One row of C values (pragmas cannot sit inside the dispatch macro's argument, hence these helpers). `omp
+// simd` reductions: at C = 32..64 per row, setting up lane arrays costs more than the row.
+// sum, max, first argmax and tie count of y = row * g
+template <typename T>
+void row_stats(const T* row, const T* g, int64_t C, T& sum, T& max, int64_t& first, int64_t& count) {
+  T s = 0, m = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(+ : s) reduction(max : m)
+  for (int64_t c = 0; c < C; ++c) {
+    const T y = row[c] * g[c];
+    s += y;
+    m = y > m ? y : m;
+  }
+  int64_t f = C, n = 0;
+#pragma omp simd reduction(min : f) reduction(+ : n)
+  for (int64_t c = 0; c < C; ++c) {
+    const bool hit = row[c] * g[c] == m;
+    f = (hit && c < f) ? c : f;
+    n += hit ? 1 : 0;
+  }
+  sum = s, max = m, first = f, count = n;
+}
+
+// sum of d * (x * k)
+template <typename T>
+T row_dot3(const T* d, const T* x, const T* k, int64_t C) {
+  T acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t c = 0; c < C; ++c) acc += d[c] * (x[c] * k[c]);
+  return acc;
+}
+
+// (B, C): mean, max, first max position (flat h*W+w) and tie count over H, W
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool_hw_cl(const at::Tensor& x) {
+  check_cl(x);
+  const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  auto avg = at::empty({B, C}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  auto mx = at::empty_like(avg), cnt = at::empty_like(avg);
+  auto idx = at::empty({B, C}, avg.options().dtype(at::kLong));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_pool_hw_cl", [&] {
+    const scalar_t* px = x.data_ptr<scalar_t>();
+    scalar_t *pa = avg.data_ptr<scalar_t>(), *pm = mx.data_ptr<scalar_t>(), *pc = cnt.data_ptr<scalar_t>();
+    int64_t* pi = idx.data_ptr<int64_t>();
+    at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<double> sum(C);
+      std::vector<scalar_t> m(C), part(C);
+      std::vector<int64_t> first(C), n(C);
+      for (int64_t b = lo; b < hi; ++b) {
+        const scalar_t* xb = px + b * HW * C;
+        for (int64_t c = 0; c < C; ++c) sum[c] = 0.0, m[c] = xb[c];
+        for (int64_t p0 = 0; p0 < HW; p0 += kBlock) {  // blocks of rows summed in T, then added in double
+          const int64_t p1 = std::min(HW, p0 + kBlock);
+          for (int64_t c = 0; c < C; ++c) part[c] = scalar_t(0);
+          for (int64_t p = p0; p < p1; ++p) {
+            const scalar_t* row = xb + p * C;
+            for (int64_t c = 0; c < C; ++c) {
+              part[c] += row[c];
+              m[c] = row[c] > m[c] ? row[c] : m[c];
+            }
+          }
+          for (int64_t c = 0; c < C; ++c) sum[c] += double(part[c]);
+        }
+        for (int64_t c = 0; c < C; ++c) first[c] = HW, n[c] = 0;
+        for (int64_t p = 0; p < HW; ++p) {  // the sample is in cache now
+          const scalar_t* row = xb + p * C;
+          for (int64_t c = 0; c < C; ++c) {
+            const bool hit = row[c] == m[c];
+            first[c] = (hit && first[c] == HW) ? p : first[c];
+            n[c] += hit ? 1 : 0;
+          }
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          pa[b * C + c] = scalar_t(sum[c] / double(HW));
+          pm[b * C + c] = m[c];
+          pi[b * C + c] = first[c] < HW ? first[c] : HW - 1;
+          pc[b * C + c] = scalar_t(n[c]);
+        }
+      }
+    });
+  });
+  return {avg, mx, idx, cnt};
+}
+
+// (B, 1, H, W): channel mean, max, first argmax channel and tie count of y1 = x * ca
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> maps_cl(const at::Tensor& x, const at::Tensor& ca) {
+  check_cl(x);
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
+  auto cac = ca.contiguous();
+  auto opts = x.options().memory_format(at::MemoryFormat::Contiguous);
+  auto mean = at::empty({B, 1, H, W}, opts), mx = at::empty({B, 1, H, W}, opts), cnt = at::empty({B, 1, H, W}, opts);
+  auto idx = at::empty({B, 1, H, W}, opts.dtype(at::kLong));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_maps_cl", [&] {
+    const scalar_t *px = x.data_ptr<scalar_t>(), *pg = cac.data_ptr<scalar_t>();
+    scalar_t *pmean = mean.data_ptr<scalar_t>(), *pmx = mx.data_ptr<scalar_t>(), *pc = cnt.data_ptr<scalar_t>();
+    int64_t* pi = idx.data_ptr<int64_t>();
+    at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t b = lo; b < hi; ++b) {
+        const scalar_t* g = pg + b * C;
+        for (int64_t p = 0; p < HW; ++p) {
+          const scalar_t* row = px + (b * HW + p) * C;
+          scalar_t s, m;
+          int64_t first, n;
+          row_stats(row, g, C, s, m, first, n);
+          pmean[b * HW + p] = s / scalar_t(C);
+          pmx[b * HW + p] = m;
+          pi[b * HW + p] = first < C ? first : 0;
+          pc[b * HW + p] = scalar_t(n);
+        }
+      }
+    });
+  });
+  return {mean, mx, idx, cnt};
+}
+
+// y = (x * ca) * s
+at::Tensor gate_cl(const at::Tensor& x, const at::Tensor& ca, const at::Tensor& s) {
+  check_cl(x);
+  const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  auto cac = ca.contiguous(), sc = s.contiguous();
+  auto out = at::empty_like(x);  // channels_last, as x
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_gate_cl", [&] {
+    const scalar_t *px = x.data_ptr<scalar_t>(), *pg = cac.data_ptr<scalar_t>(), *ps = sc.data_ptr<scalar_t>();
+    scalar_t* po = out.data_ptr<scalar_t>();
+    at::parallel_for(0, B * HW, 256, [&](int64_t lo, int64_t hi) {
+      for (int64_t q = lo; q < hi; ++q) {
+        const scalar_t* g = pg + (q / HW) * C;
+        const scalar_t sv = ps[q];
+        for (int64_t c = 0; c < C; ++c) po[q * C + c] = (px[q * C + c] * g[c]) * sv;
+      }
+    });
+  });
+  return out;
+}
+
+// (B, 1, H, W): dL/ds = sum_c g * (x * ca)
+at::Tensor grad_s_cl(const at::Tensor& g, const at::Tensor& x, const at::Tensor& ca) {
+  check_cl(x);
+  check_cl(g);
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
+  auto cac = ca.contiguous();
+  auto gs = at::empty({B, 1, H, W}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_grad_s_cl", [&] {
+    const scalar_t *px = x.data_ptr<scalar_t>(), *pd = g.data_ptr<scalar_t>(), *pg = cac.data_ptr<scalar_t>();
+    scalar_t* po = gs.data_ptr<scalar_t>();
+    at::parallel_for(0, B * HW, 256, [&](int64_t lo, int64_t hi) {
+      for (int64_t q = lo; q < hi; ++q) {
+        const scalar_t* k = pg + (q / HW) * C;
+        const scalar_t *row = px + q * C, *d = pd + q * C;
+        po[q] = row_dot3(d, row, k, C);
+      }
+    });
+  });
+  return gs;
+}
+
+// dL/dy1 at (b, p, c) = g * s + gm + (channel-max hit ? gr : 0); gm = dL/dmean_c / C, gr routed dL/dmax_c
+template <typename T>
+inline T gy1_at(T g, T x, T ca, T s, T gm, T gr, T mxc, int64_t idxc, int64_t c, bool first) {
+  const T v = g * s + gm;
+  const bool hit = first ? idxc == c : x * ca == mxc;
+  return hit ? v + gr : v;
+}
+
+// (B, C): dL/dca = sum_hw dL/dy1 * x
+at::Tensor grad_ca_cl(const at::Tensor& g, const at::Tensor& x, const at::Tensor& ca, const at::Tensor& s,
+                      const at::Tensor& gm, const at::Tensor& gr, const at::Tensor& mxc, const at::Tensor& idxc,
+                      bool first) {
+  check_cl(x);
+  check_cl(g);
+  const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  auto cac = ca.contiguous(), sc = s.contiguous(), gmc = gm.contiguous(), grc = gr.contiguous();
+  auto mcc = mxc.contiguous(), icc = idxc.contiguous();
+  auto gca = at::empty({B, C}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_grad_ca_cl", [&] {
+    const scalar_t *px = x.data_ptr<scalar_t>(), *pd = g.data_ptr<scalar_t>(), *pg = cac.data_ptr<scalar_t>();
+    const scalar_t *ps = sc.data_ptr<scalar_t>(), *pgm = gmc.data_ptr<scalar_t>(), *pgr = grc.data_ptr<scalar_t>();
+    const scalar_t* pmc = mcc.data_ptr<scalar_t>();
+    const int64_t* pic = icc.data_ptr<int64_t>();
+    scalar_t* po = gca.data_ptr<scalar_t>();
+    at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<double> acc(C);
+      for (int64_t b = lo; b < hi; ++b) {
+        std::fill(acc.begin(), acc.end(), 0.0);
+        const scalar_t* k = pg + b * C;
+        for (int64_t p = 0; p < HW; ++p) {
+          const int64_t q = b * HW + p;
+          const scalar_t *row = px + q * C, *d = pd + q * C;
+          const scalar_t sv = ps[q], gmv = pgm[q];
+          if (first) {  // dense part; the pixel's channel max below
+            for (int64_t c = 0; c < C; ++c) acc[c] += double((d[c] * sv + gmv) * row[c]);
+            const int64_t c = pic[q];
+            acc[c] += double(pgr[q] * row[c]);
+          } else {
+            for (int64_t c = 0; c < C; ++c)
+              acc[c] += double(gy1_at(d[c], row[c], k[c], sv, gmv, pgr[q], pmc[q], int64_t(0), c, false) * row[c]);
+          }
+        }
+        for (int64_t c = 0; c < C; ++c) po[b * C + c] = scalar_t(acc[c]);
+      }
+    });
+  });
+  return gca;
+}
+
+// dL/dx = dL/dy1 * ca + gavg + routed H,W-max cotangent gmx (split: already / tie count)
+at::Tensor grad_x_cl(const at::Tensor& g, const at::Tensor& x, const at::Tensor& ca, const at::Tensor& s,
+                     const at::Tensor& gm, const at::Tensor& gr, const at::Tensor& mxc, const at::Tensor& idxc,
+                     const at::Tensor& gavg, const at::Tensor& gmx, const at::Tensor& mx, const at::Tensor& idx,
+                     bool first) {
+  check_cl(x);
+  check_cl(g);
+  const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  auto cac = ca.contiguous(), sc = s.contiguous(), gmc = gm.contiguous(), grc = gr.contiguous();
+  auto mcc = mxc.contiguous(), icc = idxc.contiguous(), avc = gavg.contiguous(), gxc = gmx.contiguous();
+  auto mxx = mx.contiguous(), ixx = idx.contiguous();
+  auto gx = at::empty_like(x);  // channels_last, as x
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_grad_x_cl", [&] {
+    const scalar_t *px = x.data_ptr<scalar_t>(), *pd = g.data_ptr<scalar_t>(), *pg = cac.data_ptr<scalar_t>();
+    const scalar_t *ps = sc.data_ptr<scalar_t>(), *pgm = gmc.data_ptr<scalar_t>(), *pgr = grc.data_ptr<scalar_t>();
+    const scalar_t *pmc = mcc.data_ptr<scalar_t>(), *pav = avc.data_ptr<scalar_t>(), *pgx = gxc.data_ptr<scalar_t>();
+    const scalar_t* pm = mxx.data_ptr<scalar_t>();
+    const int64_t *pic = icc.data_ptr<int64_t>(), *pi = ixx.data_ptr<int64_t>();
+    scalar_t* po = gx.data_ptr<scalar_t>();
+    at::parallel_for(0, B * HW, 256, [&](int64_t lo, int64_t hi) {
+      for (int64_t q = lo; q < hi; ++q) {
+        const int64_t b = q / HW, p = q % HW;
+        const scalar_t *row = px + q * C, *d = pd + q * C, *k = pg + b * C, *av = pav + b * C, *r = pgx + b * C;
+        const scalar_t *m = pm + b * C;
+        const int64_t* im = pi + b * C;
+        const scalar_t sv = ps[q], gmv = pgm[q], grv = pgr[q], mcv = pmc[q];
+        scalar_t* o = po + q * C;
+        if (first) {  // dense part; the pixel's channel max and the H,W maxima at this pixel below
+          for (int64_t c = 0; c < C; ++c) o[c] = (d[c] * sv + gmv) * k[c] + av[c];
+          const int64_t c = pic[q];
+          o[c] += grv * k[c];
+          for (int64_t cc = 0; cc < C; ++cc) o[cc] += im[cc] == p ? r[cc] : scalar_t(0);
+        } else {
+          for (int64_t c = 0; c < C; ++c) {
+            const scalar_t dv = gy1_at(d[c], row[c], k[c], sv, gmv, grv, mcv, int64_t(0), c, false) * k[c] + av[c];
+            o[c] = row[c] == m[c] ? dv + r[c] : dv;
+          }
+        }
+      }
+    });
+  });
+  return gx;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(cbam_multi, m) {
+  m.def("train_pool_hw_cl(Tensor x) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("train_maps_cl(Tensor x, Tensor ca) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("train_gate_cl(Tensor x, Tensor ca, Tensor s) -> Tensor");
+  m.def("train_grad_s_cl(Tensor g, Tensor x, Tensor ca) -> Tensor");
+  m.def("train_grad_ca_cl(Tensor g, Tensor x, Tensor ca, Tensor s, Tensor gm, Tensor gr, Tensor mxc, Tensor idxc, "
+        "bool first) -> Tensor");
+  m.def("train_grad_x_cl(Tensor g, Tensor x, Tensor ca, Tensor s, Tensor gm, Tensor gr, Tensor mxc, Tensor idxc, "
+        "Tensor gavg, Tensor gmx, Tensor mx, Tensor idx, bool first) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(cbam_multi, CPU, m) {
+  m.impl("train_pool_hw_cl", &pool_hw_cl);
+  m.impl("train_maps_cl", &maps_cl);
+  m.impl("train_gate_cl", &gate_cl);
+  m.impl("train_grad_s_cl", &grad_s_cl);
+  m.impl("train_grad_ca_cl", &grad_ca_cl);
+  m.impl("train_grad_x_cl", &grad_x_cl);
+}
