@@ -125,6 +125,7 @@ def main(argv=None) -> dict:
     p.add_argument("--smoke", action="store_true", help="ResNet-18, batch 2, 32x32")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     p.add_argument("--threads", type=int, default=None, help="torch threads in the subprocesses (OMP_NUM_THREADS)")
+    p.add_argument("--paths", default=",".join(PATHS), help="comma list of: " + ",".join(PATHS))
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--cbam", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--depth", type=int, default=None, help=argparse.SUPPRESS)
@@ -134,12 +135,16 @@ def main(argv=None) -> dict:
     if args.child:
         _child(args)
         return {}
+    paths = [q.strip() for q in args.paths.split(",") if q.strip()]
+    unknown = [q for q in paths if q not in PATHS]
+    if unknown or not paths:
+        raise SystemExit(f"train_memory: unknown --paths {unknown or args.paths!r}; use a comma list of {','.join(PATHS)}")
     depth, batch, size = (18, 2, 32) if args.smoke else (50, 8, 224)
     depth, batch, size = depth, args.batch or batch, args.size or size
     t0 = time.perf_counter()
     env = common.environment("cpu")
     env["malloc"] = {"applied": False, "reason": "each case runs in a subprocess with glibc's defaults (RSS is measured)"}
-    payload = {"depth": depth, "batch": batch, "size": size, "results": run(depth, batch, size, threads=args.threads),
+    payload = {"depth": depth, "batch": batch, "size": size, "results": run(depth, batch, size, paths, threads=args.threads),
                "environment": env}
     return common.finish_run(args, "train_memory" + ("_smoke" if args.smoke else ""), "train_memory", payload,
                              markdown, t0, log=lambda m: None) | {"markdown": markdown(payload)}
