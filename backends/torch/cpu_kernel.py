@@ -39,8 +39,9 @@ ARCH_ENV_VAR = "CBAM_MULTI_CPU_KERNEL_ARCH"  # -march value (default native), e.
 _SOURCE = Path(__file__).with_name("csrc") / "cbam_infer.cpp"
 # the training Function's full-size passes (fused.py), built into the same library
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = (_SOURCE, _CSRC / "cbam_train.cpp", _CSRC / "cbam_train_cl.cpp", _CSRC / "cbam_bn_train.cpp")
-_HEADERS = (_CSRC / "lanes.h",)  # in the build key with the sources
+# the training Function's kernels: one unit that includes cbam_train.cpp, cbam_train_cl.cpp, cbam_bn_train.cpp
+_SOURCES = (_SOURCE, _CSRC / "cbam_train_all.cpp")
+_INCLUDED = (_CSRC / "cbam_train.cpp", _CSRC / "cbam_train_cl.cpp", _CSRC / "cbam_bn_train.cpp", _CSRC / "lanes.h")
 _POOL_CODES = {"avg": 0, "max": 1}  # the pools the kernel computes (every preset's)
 _FLOATS = (torch.float32, torch.float64)
 _log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def _build_key(arch: str) -> str:
     """-march=native compiles for this CPU: key the cached library to its instruction-set flags (and arch)."""
     flags = " ".join(sorted(cpu_flags())) or platform.processor()
     h = hashlib.sha256(f"{platform.machine()} {flags} {arch}".encode())
-    for src in (*_SOURCES, *_HEADERS):  # the sources too: checkouts with other kernel versions keep separate cached builds
+    for src in (*_SOURCES, *_INCLUDED):  # the sources too: checkouts with other kernel versions keep separate cached builds
         h.update(src.read_bytes())
     return h.hexdigest()[:10]
 
