@@ -102,7 +102,7 @@ def run(depth: int, batch: int, size: int, paths=tuple(PATHS), threads: int | No
         if proc.returncode != 0:
             raise SystemExit(f"train_memory: the {pid} case failed:\n{proc.stderr[-2000:]}")
         out[pid] = {"label": label, **json.loads(proc.stdout.strip().splitlines()[-1])}
-    base = out.get("plain")
+    base = out.get("plain")  # the ratios need the plain network among the paths
     if base:
         for r in out.values():
             r["saved_ratio"] = r["saved_activation_mb"] / base["saved_activation_mb"]
@@ -111,8 +111,11 @@ def run(depth: int, batch: int, size: int, paths=tuple(PATHS), threads: int | No
 
 
 def markdown(payload: dict) -> str:
-    rows = [[r["label"], f"{r['params_m']:.2f}", f"{r['saved_activation_mb']:.1f}", f"{r.get('saved_ratio', 1):.3f}",
-             f"{r['train_peak_rss_mb']:.1f}", f"{r.get('peak_ratio', 1):.3f}"] for r in payload["results"].values()]
+    def ratio(r, key):  # "-" without the plain network among the paths
+        return f"{r[key]:.3f}" if key in r else "-"
+
+    rows = [[r["label"], f"{r['params_m']:.2f}", f"{r['saved_activation_mb']:.1f}", ratio(r, "saved_ratio"),
+             f"{r['train_peak_rss_mb']:.1f}", ratio(r, "peak_ratio")] for r in payload["results"].values()]
     head = (f"# Training memory, ResNet-{payload['depth']}, batch {payload['batch']}, {payload['size']}x{payload['size']}, "
             "float32, torch eager, CPU\n\n")
     table = common.md_table(["network", "params (M)", "saved activations (MB)", "x plain", "peak RSS of training (MB)",

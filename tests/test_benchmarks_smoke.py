@@ -108,15 +108,13 @@ def test_eager_jax_smoke():
 def test_train_memory_smoke(tmp_path):
     from benchmarks import train_memory
 
-    # two of the three networks (a subprocess each); what the default path saves against the composed ops is
-    # tests/test_torch_fused_bn.py::test_resnet_cbam_saves_about_what_resnet_saves
-    train_memory.main(["--smoke", "--paths", "plain,cbam", "--out", str(tmp_path)])
+    # one network (a subprocess); what the default path saves against the plain network and the composed ops
+    # is tests/test_torch_fused_bn.py::test_resnet_cbam_saves_about_what_resnet_saves
+    train_memory.main(["--smoke", "--paths", "cbam", "--out", str(tmp_path)])
     loaded = _load(tmp_path, "train_memory_smoke")
     rows = loaded["results"]
-    assert set(rows) == {"plain", "cbam"}
-    for r in rows.values():
-        assert r["saved_activation_mb"] > 0 and r["train_peak_rss_mb"] > 0 and r["peak_ratio"] > 0
-    assert rows["cbam"]["params_m"] > rows["plain"]["params_m"]
-    assert rows["plain"]["saved_ratio"] == 1.0
+    assert set(rows) == {"cbam"}
+    assert rows["cbam"]["saved_activation_mb"] > 0 and rows["cbam"]["train_peak_rss_mb"] > 0
+    assert rows["cbam"]["params_m"] > 11.69  # ResNet-18 (11.69 M) plus its CBAM blocks
     with pytest.raises(SystemExit, match="unknown --paths"):
         train_memory.main(["--smoke", "--paths", "plain,nope", "--out", str(tmp_path)])

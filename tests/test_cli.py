@@ -92,7 +92,7 @@ def _run_without(blocked: tuple[str, ...], code: str, tmp_path) -> subprocess.Co
 ONE_FRAMEWORK = """
 from cbam_multi.training.cli import main
 backend = sys.argv[1]
-assert main(["parity", "--backends", backend, "--preset", "paper", "--dtype", "float32"]) == 0
+assert main(["parity", "--backends", backend, "--preset", "timm_light", "--dtype", "float32"]) == 0  # the fewest cases
 small = ["--n-train", "64", "--n-test", "50", "--batch-size", "32", "--no-progress", "--malloc-defaults"]
 assert main(["train", "--backend", backend, "--epochs", "1", "--out", "run", *small]) == 0
 assert main(["evaluate", "--backend", backend, "--checkpoint", "run", "--n-test", "50"]) == 0
