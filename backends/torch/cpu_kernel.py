@@ -9,8 +9,9 @@ NCHW or channels_last input, the standard variant with both gates and a ReLU MLP
 absent or in eval mode, no hooks and no autocast;
 everything else runs the composed ops, which stay the reference the kernel is tested against.
 
-The kernel is compiled with ``torch.utils.cpp_extension`` (a C++ compiler and ninja; ~10 s once, then
-cached in ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) for ``-march=native``, or the
+The kernel is compiled with ``torch.utils.cpp_extension`` (a C++ compiler and ninja; ~15 s once, then
+cached in ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``, shared by every checkout of the same
+sources) for ``-march=native``, or the
 target in ``CBAM_MULTI_CPU_KERNEL_ARCH`` (e.g. ``x86-64-v3``: AVX2 code without the AVX-512 paths). If the
 build fails, one warning says why and the composed ops are used. ``CBAM_MULTI_CPU_KERNEL=0`` turns the
 kernel off.
@@ -63,14 +64,35 @@ def _build_key(arch: str) -> str:
     return h.hexdigest()[:10]
 
 
+def _build_dir(name: str) -> Path:
+    """Where the library ``name`` builds: torch's extensions folder (``TORCH_EXTENSIONS_DIR``, default
+    ``~/.cache/torch_extensions``) / name, with the sources copied into its ``src/``. The copy gives every
+    checkout of the same sources the same paths, so ninja finds the objects up to date (a build named after the
+    sources' hash would otherwise be redone for each new clone or venv: ninja keys on the source paths)."""
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    build, src = root / name, root / name / "src"
+    src.mkdir(parents=True, exist_ok=True)
+    for f in (*_SOURCES, *_INCLUDED):
+        dest = src / f.name
+        data = f.read_bytes()
+        if not dest.is_file() or dest.read_bytes() != data:
+            tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, dest)  # atomic: a concurrent build sees the old file or the new one
+    return build
+
+
 def _build() -> None:
     from torch.utils.cpp_extension import load
 
     arch = _arch()
-    _log.info("cbam_multi: building the fused CBAM CPU kernel (once per machine, ~10 s)")
+    name = f"cbam_multi_cpu_{_build_key(arch)}"
+    build = _build_dir(name)
+    _log.info("cbam_multi: building the fused CBAM CPU kernel (once per machine, ~15 s)")
     load(
-        name=f"cbam_multi_cpu_{_build_key(arch)}",
-        sources=[str(src) for src in _SOURCES],
+        name=name,
+        sources=[str(build / "src" / src.name) for src in _SOURCES],
+        build_directory=str(build),
         extra_cflags=["-O3", f"-march={arch}", "-fopenmp"],  # -fopenmp: at::parallel_for's OpenMP pragmas
         extra_ldflags=["-fopenmp"],
         is_python_module=False,  # the library registers torch.ops.cbam_multi.cbam_infer when loaded
