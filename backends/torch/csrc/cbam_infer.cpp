@@ -27,20 +27,15 @@
 #include <optional>
 #include <vector>
 
-#if defined(__AVX512F__)  // the build uses -march=native: set on CPUs with AVX-512
-#include <immintrin.h>
-#endif
+#include "infer_simd.h"
 
 namespace {
+
+using namespace cbam_infer_simd;
 
 constexpr int64_t kTile = 1024;    // spatial positions per channel-reduction tile (accumulators in L1)
 constexpr int64_t kPoolAvg = 0, kPoolMax = 1;
 
-// max that propagates NaN, like torch.amax: keeps a NaN already in `a`, takes a NaN in `b`
-template <typename T>
-inline T nan_max(T a, T b) {
-  return (b > a || b != b) ? b : a;
-}
 
 template <typename T>
 inline T gate(T z, bool hard) {
@@ -70,119 +65,6 @@ struct Params {
   const T* in_shift;
 };
 
-// max of row[i] * scale[i] (scale may be null: of row[i]) with NaN propagated, element by element: the slow
-// path for the rare row that holds a NaN, where vectorised maxima would drop it
-template <typename T>
-T nan_aware_max(const T* row, const T* scale, int64_t n) {
-  T mx = -std::numeric_limits<T>::infinity();
-  for (int64_t i = 0; i < n; ++i) mx = nan_max(mx, scale ? row[i] * scale[i] : row[i]);
-  return mx;
-}
-
-// sum and max (NaN-propagating, like torch.amax) of row[i] * scale[i] (scale may be null: of row[i]).
-// `omp simd` lets the compiler reorder the float sum across vector lanes (plain -O3 may not). A vectorised
-// max drops NaN, but a NaN also makes the sum NaN: then (rarely) the max is taken again, NaN-aware.
-template <typename T>
-void row_sum_max(const T* row, const T* scale, int64_t n, T& sum_out, T& max_out) {
-  T sum = T(0), mx = -std::numeric_limits<T>::infinity();
-  if (scale) {
-#pragma omp simd reduction(+ : sum) reduction(max : mx)
-    for (int64_t i = 0; i < n; ++i) {
-      const T v = row[i] * scale[i];
-      sum += v;
-      mx = v > mx ? v : mx;
-    }
-  } else {
-#pragma omp simd reduction(+ : sum) reduction(max : mx)
-    for (int64_t i = 0; i < n; ++i) {
-      sum += row[i];
-      mx = row[i] > mx ? row[i] : mx;
-    }
-  }
-  sum_out = sum;
-  max_out = sum != sum ? nan_aware_max(row, scale, n) : mx;  // a NaN (or inf - inf) in the row
-}
-
-#if defined(__AVX512F__)
-// float32 with AVX-512: the same sums, with the lanes reduced by shuffles. GCC's `omp simd` reductions
-// spill the lanes and add them one by one, which dominated rows of ~50 values (7x7 maps).
-inline __mmask16 tail_mask(int64_t left) { return static_cast<__mmask16>((1u << left) - 1u); }
-
-inline void row_sum_max(const float* row, const float* scale, int64_t n, float& sum_out, float& max_out) {
-  __m512 vs = _mm512_setzero_ps(), vm = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    __m512 v = _mm512_loadu_ps(row + i);
-    if (scale) v = _mm512_mul_ps(v, _mm512_loadu_ps(scale + i));
-    vs = _mm512_add_ps(vs, v);
-    vm = _mm512_max_ps(vm, v);
-  }
-  if (i < n) {
-    const __mmask16 k = tail_mask(n - i);
-    __m512 v = _mm512_maskz_loadu_ps(k, row + i);
-    if (scale) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(k, scale + i));
-    vs = _mm512_add_ps(vs, v);  // masked-off lanes hold 0
-    vm = _mm512_mask_max_ps(vm, k, vm, v);
-  }
-  const float sum = _mm512_reduce_add_ps(vs);
-  sum_out = sum;
-  max_out = sum != sum ? nan_aware_max(row, scale, n) : _mm512_reduce_max_ps(vm);  // vmaxps drops NaN
-}
-#endif
-
-// x = h * scale[c] + shift[c]: an eval BatchNorm in front of the block, applied as each pass reads h, so its
-// output is never written (scale null: x is the input itself)
-template <typename T>
-struct Affine {
-  const T* scale;
-  const T* shift;
-};
-
-// sum and max (NaN-propagating) of row[i] * a + e
-template <typename T>
-void row_sum_max_affine(const T* row, T a, T e, int64_t n, T& sum_out, T& max_out) {
-  T sum = T(0), mx = -std::numeric_limits<T>::infinity();
-#pragma omp simd reduction(+ : sum) reduction(max : mx)
-  for (int64_t i = 0; i < n; ++i) {
-    const T v = row[i] * a + e;
-    sum += v;
-    mx = v > mx ? v : mx;
-  }
-  sum_out = sum;
-  if (sum != sum) {  // a NaN: the max again, NaN-aware
-    mx = -std::numeric_limits<T>::infinity();
-    for (int64_t i = 0; i < n; ++i) mx = nan_max(mx, row[i] * a + e);
-  }
-  max_out = mx;
-}
-
-#if defined(__AVX512F__)
-inline void row_sum_max_affine(const float* row, float a, float e, int64_t n, float& sum_out, float& max_out) {
-  const __m512 va = _mm512_set1_ps(a), ve = _mm512_set1_ps(e);
-  __m512 vs = _mm512_setzero_ps(), vm = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const __m512 v = _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(row + i), va), ve);
-    vs = _mm512_add_ps(vs, v);
-    vm = _mm512_max_ps(vm, v);
-  }
-  if (i < n) {
-    const __mmask16 k = tail_mask(n - i);
-    const __m512 v = _mm512_maskz_add_ps(k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, row + i), va), ve);
-    vs = _mm512_add_ps(vs, v);  // masked-off lanes hold 0
-    vm = _mm512_mask_max_ps(vm, k, vm, v);
-  }
-  const float sum = _mm512_reduce_add_ps(vs);
-  sum_out = sum;
-  if (sum != sum) {  // a NaN: the max again, NaN-aware
-    float mx = -std::numeric_limits<float>::infinity();
-    for (int64_t j = 0; j < n; ++j) mx = nan_max(mx, row[j] * a + e);
-    max_out = mx;
-  } else {
-    max_out = _mm512_reduce_max_ps(vm);
-  }
-}
-#endif
 
 // per-channel sums and maxima over H*W -> sum[C], mx[C]
 template <typename T, bool ChannelsLast>
@@ -210,80 +92,6 @@ void channel_pools(const T* x, const Affine<T>& in, int64_t C, int64_t HW, T* su
   }
 }
 
-// a . b over n values (vectorised: the sum may be reordered)
-template <typename T>
-T dot(const T* a, const T* b, int64_t n) {
-  T acc = T(0);
-#pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
-  return acc;
-}
-
-// out0 = W v0 and, if v1 is given, out1 = W v1 (W row-major, rows x cols). Each weight row is read once
-// for both vectors, and four rows run side by side: eight independent multiply-add chains per column
-// sweep instead of one latency-bound chain per dot product.
-template <typename T>
-void matvec2(const T* W, int64_t rows, int64_t cols, const T* v0, const T* v1, T* out0, T* out1) {
-  int64_t r = 0;
-  for (; r + 4 <= rows; r += 4) {
-    const T* w0 = W + r * cols;
-    const T *w1 = w0 + cols, *w2 = w1 + cols, *w3 = w2 + cols;
-    T a0 = 0, a1 = 0, a2 = 0, a3 = 0, b0 = 0, b1 = 0, b2 = 0, b3 = 0;
-    if (v1) {
-#pragma omp simd reduction(+ : a0, a1, a2, a3, b0, b1, b2, b3)
-      for (int64_t i = 0; i < cols; ++i) {
-        const T x = v0[i], y = v1[i];
-        a0 += w0[i] * x, a1 += w1[i] * x, a2 += w2[i] * x, a3 += w3[i] * x;
-        b0 += w0[i] * y, b1 += w1[i] * y, b2 += w2[i] * y, b3 += w3[i] * y;
-      }
-      out1[r] = b0, out1[r + 1] = b1, out1[r + 2] = b2, out1[r + 3] = b3;
-    } else {
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
-      for (int64_t i = 0; i < cols; ++i) {
-        const T x = v0[i];
-        a0 += w0[i] * x, a1 += w1[i] * x, a2 += w2[i] * x, a3 += w3[i] * x;
-      }
-    }
-    out0[r] = a0, out0[r + 1] = a1, out0[r + 2] = a2, out0[r + 3] = a3;
-  }
-  for (; r < rows; ++r) {
-    out0[r] = dot(W + r * cols, v0, cols);
-    if (v1) out1[r] = dot(W + r * cols, v1, cols);
-  }
-}
-
-#if defined(__AVX512F__)
-inline void matvec2(const float* W, int64_t rows, int64_t cols, const float* v0, const float* v1, float* out0,
-                    float* out1) {
-  const int64_t full = cols / 16 * 16;
-  const __mmask16 k = tail_mask(cols - full);
-  int64_t r = 0;
-  for (; r + 4 <= rows; r += 4) {  // four rows side by side, both vectors: eight independent chains
-    const float* w[4] = {W + r * cols, W + (r + 1) * cols, W + (r + 2) * cols, W + (r + 3) * cols};
-    __m512 a[4], b[4];
-    for (int j = 0; j < 4; ++j) a[j] = b[j] = _mm512_setzero_ps();
-    for (int64_t i = 0; i <= full; i += 16) {
-      const bool tail = i == full;
-      if (tail && k == 0) break;
-      const __m512 x = tail ? _mm512_maskz_loadu_ps(k, v0 + i) : _mm512_loadu_ps(v0 + i);
-      const __m512 y = v1 ? (tail ? _mm512_maskz_loadu_ps(k, v1 + i) : _mm512_loadu_ps(v1 + i)) : x;
-      for (int j = 0; j < 4; ++j) {
-        const __m512 wj = tail ? _mm512_maskz_loadu_ps(k, w[j] + i) : _mm512_loadu_ps(w[j] + i);
-        a[j] = _mm512_fmadd_ps(wj, x, a[j]);
-        if (v1) b[j] = _mm512_fmadd_ps(wj, y, b[j]);
-      }
-    }
-    for (int j = 0; j < 4; ++j) {
-      out0[r + j] = _mm512_reduce_add_ps(a[j]);
-      if (v1) out1[r + j] = _mm512_reduce_add_ps(b[j]);
-    }
-  }
-  for (; r < rows; ++r) {
-    out0[r] = dot(W + r * cols, v0, cols);
-    if (v1) out1[r] = dot(W + r * cols, v1, cols);
-  }
-}
-#endif
 
 template <typename T>
 inline T relu(T v) {
