@@ -59,7 +59,9 @@ def _arch() -> str:
 def _build_key(arch: str) -> str:
     """-march=native compiles for this CPU: key the cached library to its instruction-set flags (and arch)."""
     flags = " ".join(sorted(cpu_flags())) or platform.processor()
-    h = hashlib.sha256(f"{platform.machine()} {flags} {arch}".encode())
+    # torch's and Python's versions too: the build folder is shared by every checkout, and a library built
+    # against one torch must not be loaded (or rebuilt in place) by another
+    h = hashlib.sha256(f"{platform.machine()} {flags} {arch} {torch.__version__} {platform.python_version()}".encode())
     for src in (*_SOURCES, *_INCLUDED):  # the sources too: checkouts with other kernel versions keep separate cached builds
         h.update(src.read_bytes())
     return h.hexdigest()[:10]
