@@ -224,3 +224,22 @@ def test_nan_and_inf_follow_the_composed_ops(bad, with_bn):
         ok = torch.isfinite(ref)
         if ok.any():
             assert _err([got[ok]], [ref[ok]]) <= TOLERANCES["float64"]["grad"]
+
+
+def test_float32_gradients_hold_for_a_large_mean_over_std():
+    """BN input far from zero (mean / std ~ 1e3): the kernels' BN sums are centred on the mean, as the BN
+    backward's sum of dy * (h - mean); uncentred float32 products lose ~6e-8 * mean / std of them.
+    The input's and the BN's gradients, each relative to its own largest float64 value, and every gradient
+    relative to the largest one (the parity measure)."""
+    spec = CBAMSpec.preset("official", 16)
+    h, ct = _inputs(spec, ties=False, seed=4)
+    h = h + 1000.0
+    ref = _run(spec, "train", h, ct, torch.float64, composed=True, steps=1)
+    got = _run(spec, "train", h, ct, torch.float32, composed=False, steps=1)
+    tol = TOLERANCES["float32"]["grad"]
+    for i, what in ((1, "h"), (2, "BN weight"), (3, "BN bias")):
+        err = _err(got[i : i + 1], ref[i : i + 1]) / ref[i].abs().max().item()
+        assert err <= tol, f"{what} gradient: relative error {err:.3e}"
+    n_out = 2 + len(list(CBAM(spec).parameters())) + 2
+    scale = max(r.abs().max().item() for r in ref[1:n_out])
+    assert _err(got[1:n_out], ref[1:n_out]) / scale <= tol

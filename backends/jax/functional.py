@@ -376,11 +376,12 @@ def cbam_after_affine(params: Params, h, scale, shift, spec: CBAMSpec, *, train:
     h = _checked_input(h, spec, train)
     _check_params(params, spec, None)
     dt = h.dtype
-    scale, shift = jnp.asarray(scale).astype(dt), jnp.asarray(shift).astype(dt)
+    acc = _acc_dtype(dt)  # half precision: the map in float32, rounded once (as `batch_norm` does)
+    scale, shift = jnp.asarray(scale).astype(acc), jnp.asarray(shift).astype(acc)
     params = {n: params[n] for n in spec.param_shapes()}
     if (spec.no_spatial or spec.variant != "standard" or not set(spec.channel_pools) <= {"avg", "max"}
             or dt not in (jnp.float32, jnp.float64)):
-        return _cbam(params, h * scale + shift, spec, train)
+        return _cbam(params, (h.astype(acc) * scale + shift).astype(dt), spec, train)
     return _cbam_after_affine(params, h, scale, shift, spec, train)
 
 
@@ -391,7 +392,8 @@ def _cbam_after_affine(params: Params, h, scale, shift, spec: CBAMSpec, train: b
     for kind in spec.channel_pools:
         if kind == "avg":  # linear: the mean of h, mapped
             pools.append((jnp.mean(h.astype(acc), axis=(1, 2)) * scale + shift).astype(h.dtype))
-        else:  # x's maximum is h * scale's maximum, shifted (the tie rule on h * scale: the same positions)
+        else:  # x's maximum is h * scale's maximum, shifted; the tie rule acts on h * scale (values that
+            # differ there but round to one x after the shift count as ties in cbam(x) only)
             pools.append(max_reduce(h * scale, (1, 2), spec.tie_rule) + shift)
     g = _mlp_gate(params, pools, spec)
     w = scale * g  # x * g = h * (scale * g) + shift * g

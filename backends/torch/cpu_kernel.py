@@ -59,9 +59,11 @@ def _arch() -> str:
 def _build_key(arch: str) -> str:
     """-march=native compiles for this CPU: key the cached library to its instruction-set flags (and arch)."""
     flags = " ".join(sorted(cpu_flags())) or platform.processor()
-    # torch's and Python's versions too: the build folder is shared by every checkout, and a library built
-    # against one torch must not be loaded (or rebuilt in place) by another
-    h = hashlib.sha256(f"{platform.machine()} {flags} {arch} {torch.__version__} {platform.python_version()}".encode())
+    # the torch install (version, location, C++ ABI) and Python's version too: the build folder is shared by every
+    # checkout, and a library built against one torch must not be loaded (or rebuilt in place) by another
+    abi = getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", None)
+    where = os.path.dirname(torch.__file__)
+    h = hashlib.sha256(f"{platform.machine()} {flags} {arch} {torch.__version__} {where} {abi} {platform.python_version()}".encode())
     for src in (*_SOURCES, *_INCLUDED):  # the sources too: checkouts with other kernel versions keep separate cached builds
         h.update(src.read_bytes())
     return h.hexdigest()[:10]

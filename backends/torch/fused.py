@@ -307,8 +307,9 @@ def _kernel_applies(x: torch.Tensor) -> bool:
     within ~1e-6 of zero on the other side of a later ReLU's kink, which any change of rounding (thread
     count, oneDNN version) can do too: benchmarks/kink_check.py tells such a crossing from a wrong gradient."""
     return (
-        os.environ.get(KERNEL_ENV_VAR, "1").strip() != "0"
+        os.environ.get(KERNEL_ENV_VAR, "1").strip().lower() not in ("0", "off", "false", "no")
         and x.device.type == "cpu"
+        and x.numel() > 0
         and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
         and cpu_kernel.available()
     )

@@ -7,12 +7,16 @@ more than without CBAM: ResNet-50-CBAM's saved activations were 1.26x ResNet-50'
 ``h`` (what the BN alone would keep) and per-channel vectors, and recomputes ``x`` in the backward: the
 network saves what it saves without CBAM, plus the small maps.
 
-``x = h * alpha + beta`` with ``alpha = weight * invstd`` and ``beta = bias - mean * alpha`` per channel (how
-torch's CPU BatchNorm applies its statistics), computed by one torch op in the forward and the same op in
-the backward, so the recomputed ``x`` is the forward's bit for bit (the max-pool masks compare against it).
-The statistics and the running averages are torch's own (`torch.batch_norm_update_stats`, with
-``nn.BatchNorm2d``'s momentum and ``num_batches_tracked`` rule), the BN gradients torch's own
-(`native_batch_norm_backward`); eval-mode BN (running statistics) is covered too.
+Two implementations. `_BNThenCBAM` (any device and layout): ``x = h * alpha + beta`` with ``alpha = weight *
+invstd`` and ``beta = bias - mean * alpha`` per channel, computed by one torch op in the forward and the same
+op in the backward, so the recomputed ``x`` is the forward's bit for bit (the max-pool masks compare against
+it); the statistics and running averages are torch's (`torch.batch_norm_update_stats`, with
+``nn.BatchNorm2d``'s momentum and ``num_batches_tracked`` rule), the BN gradients torch's
+(`native_batch_norm_backward`). `_BNThenCBAMKernels` (CPU, NCHW, the default there): the kernels of
+csrc/cbam_bn_train.cpp form ``x = fma(h, alpha, beta)`` in every pass and never store it; the statistics
+come from per-plane sums (float64, Chan's combination), the running averages follow the same rule, and the
+BN gradients are assembled from per-plane sums of the backward passes (the BN's backward is linear in
+dL/dx). Eval-mode BN (running statistics) is covered by both.
 
 `applies` holds where both halves would take their eager training paths: a plain ``nn.BatchNorm2d`` with
 affine parameters and no hooks, and `fused.applies` for the CBAM block; otherwise the caller runs
@@ -47,12 +51,22 @@ def bn_cbam_train(bn: nn.BatchNorm2d, cbam, h: torch.Tensor) -> torch.Tensor:
     """``cbam(bn(h))`` through `_BNThenCBAMKernels` (CPU, NCHW: x never stored) or `_BNThenCBAM` (call only
     where `applies`); updates ``bn``'s running statistics as ``bn(h)`` would."""
     params = (bn.weight, bn.bias, *cbam.channel.parameters(), *cbam.spatial.parameters())
-    if fused._kernel_applies(h) and h.is_contiguous():  # the BN kernels are NCHW only
+    if fused._kernel_applies(h) and h.is_contiguous() and _finite_affine(bn):  # the BN kernels are NCHW only
         with torch.no_grad():
             pool = torch.ops.cbam_multi.bn_pool(h)
         if bool(torch.isfinite(pool[0]).all()):  # else a NaN or inf in h: the torch ops keep torch's NaN rules
             return _BNThenCBAMKernels.apply(h, bn, cbam, pool, *params)
     return _BNThenCBAM.apply(h, bn, cbam, *params)
+
+
+def _finite_affine(bn: nn.BatchNorm2d) -> bool:
+    """The BN's weight, bias and (eval) running statistics are finite: with a finite h, the kernels' x is then
+    finite too (a NaN there would be dropped by their max pools, where torch's max propagates it)."""
+    ts = [bn.weight, bn.bias]
+    if not bn.training and bn.running_mean is not None:
+        ts += [bn.running_mean, bn.running_var]
+    with torch.no_grad():
+        return all(bool(torch.isfinite(t).all()) for t in ts)
 
 
 def _statistics(bn: nn.BatchNorm2d, h: torch.Tensor):
@@ -172,12 +186,13 @@ class _BNThenCBAMKernels(torch.autograd.Function):
         b, c, hw = h.shape[0], h.shape[1], h.shape[2] * h.shape[3]
         g = g.contiguous()
         # spatial gate: dL/ds, then its small graph -> the maps' gradients (gm per channel, gr routed)
-        gs, q1 = ops.bn_grad_s(g, h, al, be, ca4, s)
+        mu = mean.to(dt).contiguous()  # the sums over h are centred on the mean (as rounded to h's dtype)
+        gs, q1 = ops.bn_grad_s(g, h, al, be, ca4, s, mu)
         sp_train = [p for p in sp_params if p.requires_grad]
         grads2 = torch.autograd.grad(s_graph, [leaves2["mean"], leaves2["max"], *sp_train], gs, allow_unused=True)
         gm = (grads2[0] / c).contiguous()
         gr = (grads2[1] if first else grads2[1] / cnt_c).contiguous()
-        q2, idx_hw, cnt_hw = ops.bn_plane_sums(h, al, be, ca4, gm, gr, max_c, idx_c, mx, first)
+        q2, idx_hw, cnt_hw = ops.bn_plane_sums(h, al, be, ca4, gm, gr, max_c, idx_c, mx, mu, first)
         # channel gate: dL/dca = sum_hw dL/dy1 * x = sum g*s*x + sum gm*x + sum hit*gr*x
         gca = (q1[..., 1] + q2[..., 0] + q2[..., 3]).to(dt)
         ch_train = [p for p in ch_params if p.requires_grad]
@@ -187,13 +202,15 @@ class _BNThenCBAMKernels(torch.autograd.Function):
         gavg = by_kind["avg"] / hw if "avg" in by_kind else zeros
         gmx = zeros if "max" not in by_kind else (by_kind["max"] if first else by_kind["max"] / cnt_hw)
         # BN: dL/dx = (g*s + gm + hit*gr) * ca + gavg + hit_hw * gmx is linear in g, so its per-channel sums
-        # S1 = sum dL/dx and sum dL/dx * h come from the per-plane sums (float64)
+        # S1 = sum dL/dx and sum dL/dx * (h - mu) come from the per-plane sums (float64)
         ca64, gavg64, gmx64 = ca4.view(b, c).double(), gavg.double(), gmx.double()
         n_hits = 1.0 if first else cnt_hw.double()
         gm_total = gm.double().sum((1, 2, 3))[:, None]
         s1 = (ca64 * (q1[..., 0] + gm_total + q2[..., 2]) + hw * gavg64 + gmx64 * n_hits).sum(0)
-        s_gh = (ca64 * (q1[..., 2] + q2[..., 1] + q2[..., 4]) + gavg64 * psum + gmx64 * q2[..., 5]).sum(0)
-        s2 = invstd * (s_gh - mean * s1)  # sum dL/dx * xhat
+        # sum dL/dx * (h - mu), then sum dL/dx * xhat = invstd * (that + (mu - mean) * S1)
+        s_gh = (ca64 * (q1[..., 2] + q2[..., 1] + q2[..., 4]) + gavg64 * (psum - hw * mu.double())
+                + gmx64 * q2[..., 5]).sum(0)
+        s2 = invstd * (s_gh + (mu.double() - mean) * s1)
         gh = None
         if need_h:
             a = weight.detach().double() * invstd

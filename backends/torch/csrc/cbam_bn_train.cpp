@@ -158,17 +158,20 @@ at::Tensor bn_gate(const at::Tensor& h, const at::Tensor& al, const at::Tensor& 
   return out;
 }
 
-// dL/ds (B, 1, H, W) = sum_c g * (x * ca), and per plane (B, C, 3): sums of g*s, g*s*x, g*s*h
+// dL/ds (B, 1, H, W) = sum_c g * (x * ca), and per plane (B, C, 3): sums of g*s, g*s*x, g*s*(h - mu) (mu: the
+// BN's mean per channel; centred, as the BN backward's sum of dy * (h - mean), so no cancellation)
 std::tuple<at::Tensor, at::Tensor> bn_grad_s(const at::Tensor& g, const at::Tensor& h, const at::Tensor& al,
-                                             const at::Tensor& be, const at::Tensor& ca, const at::Tensor& s) {
+                                             const at::Tensor& be, const at::Tensor& ca, const at::Tensor& s,
+                                             const at::Tensor& mu) {
   check_h(h);
-  check_small({&g, &al, &be, &ca, &s});
+  check_small({&g, &al, &be, &ca, &s, &mu});
   const int64_t B = h.size(0), C = h.size(1), H = h.size(2), W = h.size(3), HW = H * W;
   auto gs = at::empty({B, 1, H, W}, h.options());
   auto sums = at::empty({B, C, 3}, h.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "cbam_bn_grad_s", [&] {
     const scalar_t *ph = h.data_ptr<scalar_t>(), *pgr = g.data_ptr<scalar_t>(), *pg = ca.data_ptr<scalar_t>();
     const scalar_t *pa = al.data_ptr<scalar_t>(), *pb = be.data_ptr<scalar_t>(), *ps = s.data_ptr<scalar_t>();
+    const scalar_t* pmu = mu.data_ptr<scalar_t>();
     scalar_t* po = gs.data_ptr<scalar_t>();
     double* pq = sums.data_ptr<double>();
     at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
@@ -179,12 +182,12 @@ std::tuple<at::Tensor, at::Tensor> bn_grad_s(const at::Tensor& g, const at::Tens
         for (int64_t c = 0; c < C; ++c) {
           const scalar_t* v = ph + (b * C + c) * HW;
           const scalar_t* d = pgr + (b * C + c) * HW;
-          const scalar_t k = pg[b * C + c], a = pa[c], e = pb[c];
+          const scalar_t k = pg[b * C + c], a = pa[c], e = pb[c], m = pmu[c];
           for (int64_t i = 0; i < HW; ++i) acc[i] += double(d[i] * (bn_x(v[i], a, e) * k));
           double* q = pq + (b * C + c) * 3;
           q[0] = sum_lanes_f(HW, [&](int64_t i) { return d[i] * sb[i]; });
           q[1] = sum_lanes_f(HW, [&](int64_t i) { return (d[i] * sb[i]) * bn_x(v[i], a, e); });
-          q[2] = sum_lanes_f(HW, [&](int64_t i) { return (d[i] * sb[i]) * v[i]; });
+          q[2] = sum_lanes_f(HW, [&](int64_t i) { return (d[i] * sb[i]) * (v[i] - m); });
         }
         for (int64_t i = 0; i < HW; ++i) po[b * HW + i] = scalar_t(acc[i]);
       }
@@ -194,14 +197,15 @@ std::tuple<at::Tensor, at::Tensor> bn_grad_s(const at::Tensor& g, const at::Tens
 }
 
 // Per plane, once the spatial gate's gradients gm = dL/dmean_c / C and gr (routed dL/dmax_c; split: / tie
-// count) are known: (B, C, 6) double sums of gm*x, gm*h, hit*gr, hit*gr*x, hit*gr*h (hit: this channel holds
-// the pixel's channel max) and of h over the plane's H,W-max positions ("first": the first one only); the
-// first H,W-max position (B, C) and the tie count (B, C).
+// count) are known: (B, C, 6) double sums of gm*x, gm*(h - mu), hit*gr, hit*gr*x, hit*gr*(h - mu) (hit: this
+// channel holds the pixel's channel max) and of h - mu over the plane's H,W-max positions ("first": the first
+// one only); the first H,W-max position (B, C) and the tie count (B, C). mu: the BN's mean per channel.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_plane_sums(
     const at::Tensor& h, const at::Tensor& al, const at::Tensor& be, const at::Tensor& ca, const at::Tensor& gm,
-    const at::Tensor& gr, const at::Tensor& mxc, const at::Tensor& idxc, const at::Tensor& mx, bool first) {
+    const at::Tensor& gr, const at::Tensor& mxc, const at::Tensor& idxc, const at::Tensor& mx, const at::Tensor& mu,
+    bool first) {
   check_h(h);
-  check_small({&al, &be, &ca, &gm, &gr, &mxc, &idxc, &mx});
+  check_small({&al, &be, &ca, &gm, &gr, &mxc, &idxc, &mx, &mu});
   const int64_t B = h.size(0), C = h.size(1), HW = h.size(2) * h.size(3);
   auto sums = at::empty({B, C, 6}, h.options().dtype(at::kDouble));
   auto idx = at::empty({B, C}, h.options().dtype(at::kLong));
@@ -209,7 +213,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_plane_sums(
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "cbam_bn_plane_sums", [&] {
     const scalar_t *ph = h.data_ptr<scalar_t>(), *pg = ca.data_ptr<scalar_t>(), *pgm = gm.data_ptr<scalar_t>();
     const scalar_t *pgr = gr.data_ptr<scalar_t>(), *pmc = mxc.data_ptr<scalar_t>(), *pmx = mx.data_ptr<scalar_t>();
-    const scalar_t *pa = al.data_ptr<scalar_t>(), *pb = be.data_ptr<scalar_t>();
+    const scalar_t *pa = al.data_ptr<scalar_t>(), *pb = be.data_ptr<scalar_t>(), *pmu = mu.data_ptr<scalar_t>();
     const int64_t* pic = idxc.data_ptr<int64_t>();
     double* pq = sums.data_ptr<double>();
     int64_t* pi = idx.data_ptr<int64_t>();
@@ -217,20 +221,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_plane_sums(
     at::parallel_for(0, B * C, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t p = lo; p < hi; ++p) {
         const int64_t b = p / C, c = p % C;
-        const scalar_t a = pa[c], e = pb[c], k = pg[p], m = pmx[p];
+        const scalar_t a = pa[c], e = pb[c], k = pg[p], m = pmx[p], mu_c = pmu[c];
         const scalar_t* v = ph + p * HW;
         const scalar_t *gmb = pgm + b * HW, *grb = pgr + b * HW, *mcb = pmc + b * HW;
         const int64_t* icb = pic + b * HW;
         double* q = pq + p * 6;
         // dense sums (v is read from memory once, here; the later scans find the plane in cache)
         q[0] = sum_lanes_f(HW, [&](int64_t i) { return gmb[i] * bn_x(v[i], a, e); });
-        q[1] = sum_lanes_f(HW, [&](int64_t i) { return gmb[i] * v[i]; });
+        q[1] = sum_lanes_f(HW, [&](int64_t i) { return gmb[i] * (v[i] - mu_c); });
         q[2] = q[3] = q[4] = 0;  // "first": the channel-max hits are added per pixel below
         if (!first) {
           auto hit = [&](int64_t i) { return bn_x(v[i], a, e) * k == mcb[i]; };
           q[2] = sum_lanes_f(HW, [&](int64_t i) { return hit(i) ? grb[i] : scalar_t(0); });
           q[3] = sum_lanes_f(HW, [&](int64_t i) { return hit(i) ? grb[i] * bn_x(v[i], a, e) : scalar_t(0); });
-          q[4] = sum_lanes_f(HW, [&](int64_t i) { return hit(i) ? grb[i] * v[i] : scalar_t(0); });
+          q[4] = sum_lanes_f(HW, [&](int64_t i) { return hit(i) ? grb[i] * (v[i] - mu_c) : scalar_t(0); });
         }
         // the H,W maximum's positions
         const int64_t am = std::min<int64_t>(first_lanes(HW, [&](int64_t i) { return bn_x(v[i], a, e) == m; }), HW - 1);
@@ -238,9 +242,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_plane_sums(
         double hsum = 0;
         if (!first) {
           n = int64_t(sum_lanes_f(HW, [&](int64_t i) { return bn_x(v[i], a, e) == m ? 1.0 : 0.0; }));
-          hsum = sum_lanes_f(HW, [&](int64_t i) { return bn_x(v[i], a, e) == m ? double(v[i]) : 0.0; });
+          hsum = sum_lanes_f(HW, [&](int64_t i) { return bn_x(v[i], a, e) == m ? double(v[i] - mu_c) : 0.0; });
         }
-        q[5] = first ? double(v[am]) : hsum;
+        q[5] = first ? double(v[am] - mu_c) : hsum;
         pi[p] = am;
         pc[p] = scalar_t(n);
       }
@@ -254,7 +258,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_plane_sums(
             double* q = pq + p * 6;
             q[2] += double(grv);
             q[3] += double(grv * bn_x(hv, pa[c], pb[c]));
-            q[4] += double(grv * hv);
+            q[4] += double(grv * (hv - pmu[c]));
           }
       });
     }
@@ -326,9 +330,9 @@ TORCH_LIBRARY_FRAGMENT(cbam_multi, m) {
   m.def("bn_pool_finish(Tensor sum, Tensor hmax, Tensor hmin, Tensor al, Tensor be, int hw) -> (Tensor, Tensor)");
   m.def("bn_maps(Tensor h, Tensor al, Tensor be, Tensor ca) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("bn_gate(Tensor h, Tensor al, Tensor be, Tensor ca, Tensor s) -> Tensor");
-  m.def("bn_grad_s(Tensor g, Tensor h, Tensor al, Tensor be, Tensor ca, Tensor s) -> (Tensor, Tensor)");
+  m.def("bn_grad_s(Tensor g, Tensor h, Tensor al, Tensor be, Tensor ca, Tensor s, Tensor mu) -> (Tensor, Tensor)");
   m.def("bn_plane_sums(Tensor h, Tensor al, Tensor be, Tensor ca, Tensor gm, Tensor gr, Tensor mxc, Tensor idxc, "
-        "Tensor mx, bool first) -> (Tensor, Tensor, Tensor)");
+        "Tensor mx, Tensor mu, bool first) -> (Tensor, Tensor, Tensor)");
   m.def("bn_grad_h(Tensor g, Tensor h, Tensor al, Tensor be, Tensor ca, Tensor s, Tensor gm, Tensor gr, Tensor mxc, "
         "Tensor idxc, Tensor gavg, Tensor gmx, Tensor mx, Tensor idx, Tensor coef, bool first) -> Tensor");
 }
