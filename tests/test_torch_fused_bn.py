@@ -243,3 +243,23 @@ def test_float32_gradients_hold_for_a_large_mean_over_std():
     n_out = 2 + len(list(CBAM(spec).parameters())) + 2
     scale = max(r.abs().max().item() for r in ref[1:n_out])
     assert _err(got[1:n_out], ref[1:n_out]) / scale <= tol
+
+
+def test_a_nan_batchnorm_weight_takes_the_torch_ops():
+    """Finite h but a NaN BN weight (a diverged run): the kernels' x would hold a NaN their max pools drop, so
+    the pair runs the torch ops; NaN positions as the composed ops'."""
+    spec = CBAMSpec.preset("official", 16)
+    h, ct = _inputs(spec, ties=False)
+    outs = []
+    for composed in (True, False):
+        bn, cbam = _modules(spec, "eval", torch.float64)
+        with torch.no_grad():
+            bn.weight[5] = float("nan")
+        assert not fused_bn._finite_affine(bn)
+        hh = h.clone().requires_grad_()
+        with fused.disabled() if composed else fused.kernels(True):
+            y = cbam(bn(hh)) if composed else fused_bn.bn_cbam_train(bn, cbam, hh)
+            outs.append([y.detach(), *torch.autograd.grad(y, [hh, *cbam.parameters()], ct)])
+    assert torch.isnan(outs[0][0]).any()
+    for got, ref in zip(outs[1], outs[0], strict=True):
+        assert torch.equal(torch.isnan(got), torch.isnan(ref))
