@@ -151,7 +151,6 @@ def block_forward(ctx, x: torch.Tensor, cbam):
     pools = spec.channel_pools
     kern = _kernel_applies(x)
     # -- channel gate: the pools read x; the MLP and gate are a small autograd graph on detached leaves
-    mx = idx_hw = cnt_hw = None
     if kern:
         avg, mx, idx_hw, cnt_hw = _kernel("train_pool_hw", x)(x)
         # a NaN or inf in x (its plane's sum is not finite): the torch ops, whose NaN rules the kernels lack

@@ -21,37 +21,28 @@ inline double sum_lanes(const T* v, int64_t n) {
   return s;
 }
 
-template <typename T>
-inline T max_lanes(const T* v, int64_t n) {
+// the extreme of v[0..n) under `better` (a strict order: > for the maximum, < for the minimum)
+template <typename T, typename Better>
+inline T best_lanes(const T* v, int64_t n, Better better) {
   T acc[kLanes];
   for (int j = 0; j < kLanes; ++j) acc[j] = v[0];
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) acc[j] = v[i + j] > acc[j] ? v[i + j] : acc[j];
+    for (int j = 0; j < kLanes; ++j) acc[j] = better(v[i + j], acc[j]) ? v[i + j] : acc[j];
   T m = v[0];
-  for (; i < n; ++i) m = v[i] > m ? v[i] : m;
-  for (int j = 0; j < kLanes; ++j) m = acc[j] > m ? acc[j] : m;
+  for (; i < n; ++i) m = better(v[i], m) ? v[i] : m;
+  for (int j = 0; j < kLanes; ++j) m = better(acc[j], m) ? acc[j] : m;
   return m;
+}
+
+template <typename T>
+inline T max_lanes(const T* v, int64_t n) {
+  return best_lanes(v, n, [](T a, T b) { return a > b; });
 }
 
 template <typename T>
 inline T min_lanes(const T* v, int64_t n) {
-  T acc[kLanes];
-  for (int j = 0; j < kLanes; ++j) acc[j] = v[0];
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) acc[j] = v[i + j] < acc[j] ? v[i + j] : acc[j];
-  T m = v[0];
-  for (; i < n; ++i) m = v[i] < m ? v[i] : m;
-  for (int j = 0; j < kLanes; ++j) m = acc[j] < m ? acc[j] : m;
-  return m;
-}
-
-template <typename T>
-inline int64_t count_eq(const T* v, int64_t n, T m) {
-  int64_t c = 0;
-  for (int64_t i = 0; i < n; ++i) c += (v[i] == m) ? 1 : 0;
-  return c;
+  return best_lanes(v, n, [](T a, T b) { return a < b; });
 }
 
 // sum of double(f(i)) over i < n, with independent lanes (f: an inlined lambda over one element)
@@ -65,27 +56,6 @@ inline double sum_lanes_f(int64_t n, F f) {
   for (; i < n; ++i) s += double(f(i));
   for (int j = 0; j < kLanes; ++j) s += acc[j];
   return s;
-}
-
-// max of f(i) over i < n (n >= 1), with independent lanes
-template <typename T, typename F>
-inline T max_lanes_f(int64_t n, F f) {
-  T acc[kLanes];
-  const T f0 = f(0);
-  for (int j = 0; j < kLanes; ++j) acc[j] = f0;
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) {
-      const T v = f(i + j);
-      acc[j] = v > acc[j] ? v : acc[j];
-    }
-  T m = f0;
-  for (; i < n; ++i) {
-    const T v = f(i);
-    m = v > m ? v : m;
-  }
-  for (int j = 0; j < kLanes; ++j) m = acc[j] > m ? acc[j] : m;
-  return m;
 }
 
 // the first i with v[i] == m (n if none) and how many there are, in one pass
