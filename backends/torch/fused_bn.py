@@ -164,14 +164,14 @@ class _BNThenCBAMKernels(torch.autograd.Function):
         avg, mx = ops.bn_pool_finish(psum, hmax, hmin, al, be, hw)
         ca, leaves1 = fused.channel_graph(cbam, [avg if kind == "avg" else mx for kind in spec.channel_pools])
         ca4 = ca.detach().contiguous()[:, :, None, None]
-        mean_c, max_c, idx_c, cnt_c = ops.bn_maps(h, al, be, ca4)
+        mean_c, max_c, idx_c, cnt_c = ops.train_maps(h, ca4, al, be)
         s, leaves2 = fused.spatial_graph(cbam, mean_c, max_c, True)
         sd = s.detach().contiguous()
         ctx.graphs = (ca, leaves1, s, leaves2)
         ctx.param_groups = (list(cbam.channel.parameters()), list(cbam.spatial.parameters()))
         ctx.batch_stats, ctx.first, ctx.pools = batch_stats, spec.tie_rule == "first", spec.channel_pools
         ctx.save_for_backward(h, weight, al, be, ca4, sd, mx, max_c, idx_c, cnt_c, psum, mean, invstd)
-        return ops.bn_gate(h, al, be, ca4, sd)
+        return ops.train_gate(h, ca4, sd, al, be)
 
     @staticmethod
     @once_differentiable

@@ -3,7 +3,8 @@
 // The BN's output x is never stored: every pass reads the BN's input h and forms x = fma(h, al, be) with the
 // per-channel al = weight * invstd, be = bias - mean * al, the same expression in every kernel, so every
 // pass sees the same x bit for bit (max-pool masks and ties included). Passes over h (and the cotangent g):
-//   forward:  bn_pool (reads h: BN statistics and the H,W pools)  bn_maps (reads h)  bn_gate (reads h, writes y)
+//   forward:  bn_pool (reads h: BN statistics and the H,W pools), then cbam_train.cpp's maps and gate given
+//             al, be (read h; the gate writes y)
 //   backward: bn_grad_s (reads g, h)  bn_plane_sums (reads h)  bn_grad_h (reads g, h, writes dh)
 // against BN + CBAM's forward 2 + 3 and backward 2 + 3 passes without CBAM's own; the BN's backward sums
 // come from per-plane sums of these passes (the BN gradient is linear in g). Sums run in double.
@@ -25,11 +26,6 @@
 namespace {
 
 using namespace cbam_lanes;
-
-template <typename T>
-inline T bn_x(T h, T al, T be) {
-  return std::fma(h, al, be);  // one rounding, the same in every pass
-}
 
 void check_h(const at::Tensor& h) {
   TORCH_CHECK(h.dim() == 4 && h.is_contiguous() && h.device().is_cpu(), "cbam_bn_train: h must be NCHW-contiguous CPU");
@@ -83,79 +79,6 @@ std::tuple<at::Tensor, at::Tensor> bn_pool_finish(const at::Tensor& sum, const a
     }
   });
   return {avg, mx};
-}
-
-// (B, 1, H, W): channel mean, max, first argmax channel and tie count of y1 = x * ca
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_maps(const at::Tensor& h, const at::Tensor& al,
-                                                                   const at::Tensor& be, const at::Tensor& ca) {
-  check_h(h);
-  check_small({&al, &be, &ca});
-  const int64_t B = h.size(0), C = h.size(1), H = h.size(2), W = h.size(3), HW = H * W;
-  auto mean = at::empty({B, 1, H, W}, h.options()), mx = at::empty({B, 1, H, W}, h.options());
-  auto cnt = at::empty({B, 1, H, W}, h.options());
-  auto idx = at::empty({B, 1, H, W}, h.options().dtype(at::kLong));
-  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "cbam_bn_maps", [&] {
-    const scalar_t *ph = h.data_ptr<scalar_t>(), *pg = ca.data_ptr<scalar_t>();
-    const scalar_t *pa = al.data_ptr<scalar_t>(), *pb = be.data_ptr<scalar_t>();
-    scalar_t *pmean = mean.data_ptr<scalar_t>(), *pmx = mx.data_ptr<scalar_t>(), *pc = cnt.data_ptr<scalar_t>();
-    int64_t* pi = idx.data_ptr<int64_t>();
-    at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
-      std::vector<double> sum(HW);
-      std::vector<scalar_t> n(HW);
-      std::vector<int32_t> ai(HW);
-      for (int64_t b = lo; b < hi; ++b) {
-        const scalar_t* hb = ph + b * C * HW;
-        scalar_t* m = pmx + b * HW;
-        for (int64_t i = 0; i < HW; ++i) {
-          const scalar_t y = bn_x(hb[i], pa[0], pb[0]) * pg[b * C];
-          sum[i] = y; m[i] = y; ai[i] = 0; n[i] = 1;
-        }
-        for (int64_t c = 1; c < C; ++c) {
-          const scalar_t* v = hb + c * HW;
-          const scalar_t g = pg[b * C + c], a = pa[c], e = pb[c];
-          const int32_t c32 = int32_t(c);
-          for (int64_t i = 0; i < HW; ++i) {  // branch-free, so the loop vectorises
-            const scalar_t y = bn_x(v[i], a, e) * g;
-            sum[i] += y;
-            const bool gt = y > m[i], eq = y == m[i];
-            n[i] = gt ? scalar_t(1) : n[i] + (eq ? scalar_t(1) : scalar_t(0));
-            ai[i] = gt ? c32 : ai[i];
-            m[i] = gt ? y : m[i];
-          }
-        }
-        for (int64_t i = 0; i < HW; ++i) {
-          pmean[b * HW + i] = scalar_t(sum[i] / double(C));
-          pc[b * HW + i] = n[i];
-          pi[b * HW + i] = ai[i];
-        }
-      }
-    });
-  });
-  return {mean, mx, idx, cnt};
-}
-
-// y = (x * ca) * s
-at::Tensor bn_gate(const at::Tensor& h, const at::Tensor& al, const at::Tensor& be, const at::Tensor& ca,
-                   const at::Tensor& s) {
-  check_h(h);
-  check_small({&al, &be, &ca, &s});
-  const int64_t B = h.size(0), C = h.size(1), HW = h.size(2) * h.size(3);
-  auto out = at::empty_like(h);
-  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "cbam_bn_gate", [&] {
-    const scalar_t *ph = h.data_ptr<scalar_t>(), *pg = ca.data_ptr<scalar_t>(), *ps = s.data_ptr<scalar_t>();
-    const scalar_t *pa = al.data_ptr<scalar_t>(), *pb = be.data_ptr<scalar_t>();
-    scalar_t* po = out.data_ptr<scalar_t>();
-    at::parallel_for(0, B * C, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t p = lo; p < hi; ++p) {
-        const scalar_t g = pg[p], a = pa[p % C], e = pb[p % C];
-        const scalar_t* sb = ps + (p / C) * HW;
-        const scalar_t* v = ph + p * HW;
-        scalar_t* o = po + p * HW;
-        for (int64_t i = 0; i < HW; ++i) o[i] = (bn_x(v[i], a, e) * g) * sb[i];
-      }
-    });
-  });
-  return out;
 }
 
 // dL/ds (B, 1, H, W) = sum_c g * (x * ca), and per plane (B, C, 3): sums of g*s, g*s*x, g*s*(h - mu) (mu: the
@@ -328,8 +251,6 @@ at::Tensor bn_grad_h(const at::Tensor& g, const at::Tensor& h, const at::Tensor&
 TORCH_LIBRARY_FRAGMENT(cbam_multi, m) {
   m.def("bn_pool(Tensor h) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("bn_pool_finish(Tensor sum, Tensor hmax, Tensor hmin, Tensor al, Tensor be, int hw) -> (Tensor, Tensor)");
-  m.def("bn_maps(Tensor h, Tensor al, Tensor be, Tensor ca) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("bn_gate(Tensor h, Tensor al, Tensor be, Tensor ca, Tensor s) -> Tensor");
   m.def("bn_grad_s(Tensor g, Tensor h, Tensor al, Tensor be, Tensor ca, Tensor s, Tensor mu) -> (Tensor, Tensor)");
   m.def("bn_plane_sums(Tensor h, Tensor al, Tensor be, Tensor ca, Tensor gm, Tensor gr, Tensor mxc, Tensor idxc, "
         "Tensor mx, Tensor mu, bool first) -> (Tensor, Tensor, Tensor)");
@@ -340,8 +261,6 @@ TORCH_LIBRARY_FRAGMENT(cbam_multi, m) {
 TORCH_LIBRARY_IMPL(cbam_multi, CPU, m) {
   m.impl("bn_pool", &bn_pool);
   m.impl("bn_pool_finish", &bn_pool_finish);
-  m.impl("bn_maps", &bn_maps);
-  m.impl("bn_gate", &bn_gate);
   m.impl("bn_grad_s", &bn_grad_s);
   m.impl("bn_plane_sums", &bn_plane_sums);
   m.impl("bn_grad_h", &bn_grad_h);

@@ -22,6 +22,7 @@
 #include "lanes.h"
 
 #include <algorithm>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -62,8 +63,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool_hw(const at::Ten
   return {avg, mx, idx, cnt};
 }
 
+// al, be (C,) given: the pass reads a BatchNorm's input h and forms x = bn_x(h, al, be) (fused_bn.py)
+template <typename T>
+Input<T> input_of(const std::optional<at::Tensor>& al, const std::optional<at::Tensor>& be, int64_t C) {
+  TORCH_CHECK(al.has_value() == be.has_value(), "cbam_train: al and be go together");
+  if (!al.has_value()) return Input<T>{nullptr, nullptr};
+  TORCH_CHECK(al->is_contiguous() && be->is_contiguous() && al->numel() == C && be->numel() == C,
+              "cbam_train: al and be must be contiguous (C,)");
+  return Input<T>{al->data_ptr<T>(), be->data_ptr<T>()};
+}
+
 // (B, 1, H, W): channel mean, max, first argmax channel and tie count of y1 = x * ca
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> maps(const at::Tensor& x, const at::Tensor& ca) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> maps(const at::Tensor& x, const at::Tensor& ca,
+                                                                const std::optional<at::Tensor>& al,
+                                                                const std::optional<at::Tensor>& be) {
   check_x(x);
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
   auto cac = ca.contiguous();
@@ -72,6 +85,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> maps(const at::Tensor
   auto cnt = at::empty({B, 1, H, W}, x.options());
   auto idx = at::empty({B, 1, H, W}, x.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_maps", [&] {
+    const Input<scalar_t> in = input_of<scalar_t>(al, be, C);
     const scalar_t *px = x.data_ptr<scalar_t>(), *pg = cac.data_ptr<scalar_t>();
     scalar_t *pmean = mean.data_ptr<scalar_t>(), *pmx = mx.data_ptr<scalar_t>(), *pc = cnt.data_ptr<scalar_t>();
     int64_t* pi = idx.data_ptr<int64_t>();
@@ -82,22 +96,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> maps(const at::Tensor
       for (int64_t b = lo; b < hi; ++b) {
         const scalar_t* xb = px + b * C * HW;
         scalar_t* m = pmx + b * HW;
-        for (int64_t i = 0; i < HW; ++i) {
-          scalar_t y = xb[i] * pg[b * C];
-          sum[i] = y; m[i] = y; ai[i] = 0; n[i] = 1;
-        }
+        in.plane(0, [&](auto xv) {
+          for (int64_t i = 0; i < HW; ++i) {
+            const scalar_t y = xv(xb[i]) * pg[b * C];
+            sum[i] = y; m[i] = y; ai[i] = 0; n[i] = 1;
+          }
+        });
         for (int64_t c = 1; c < C; ++c) {
           const scalar_t* v = xb + c * HW;
           const scalar_t g = pg[b * C + c];
           const int32_t c32 = int32_t(c);
-          for (int64_t i = 0; i < HW; ++i) {  // branch-free, so the loop vectorises
-            const scalar_t y = v[i] * g;
-            sum[i] += y;
-            const bool gt = y > m[i], eq = y == m[i];
-            n[i] = gt ? scalar_t(1) : n[i] + (eq ? scalar_t(1) : scalar_t(0));
-            ai[i] = gt ? c32 : ai[i];
-            m[i] = gt ? y : m[i];
-          }
+          in.plane(c, [&](auto xv) {
+            for (int64_t i = 0; i < HW; ++i) {  // branch-free, so the loop vectorises
+              const scalar_t y = xv(v[i]) * g;
+              sum[i] += y;
+              const bool gt = y > m[i], eq = y == m[i];
+              n[i] = gt ? scalar_t(1) : n[i] + (eq ? scalar_t(1) : scalar_t(0));
+              ai[i] = gt ? c32 : ai[i];
+              m[i] = gt ? y : m[i];
+            }
+          });
         }
         for (int64_t i = 0; i < HW; ++i) {
           pmean[b * HW + i] = scalar_t(sum[i] / double(C));
@@ -111,19 +129,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> maps(const at::Tensor
 }
 
 // y = (x * ca) * s
-at::Tensor gate(const at::Tensor& x, const at::Tensor& ca, const at::Tensor& s) {
+at::Tensor gate(const at::Tensor& x, const at::Tensor& ca, const at::Tensor& s, const std::optional<at::Tensor>& al,
+                const std::optional<at::Tensor>& be) {
   check_x(x);
   const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
   auto cac = ca.contiguous(), sc = s.contiguous();
   auto out = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_gate", [&] {
+    const Input<scalar_t> in = input_of<scalar_t>(al, be, C);
     const scalar_t *px = x.data_ptr<scalar_t>(), *pg = cac.data_ptr<scalar_t>(), *ps = sc.data_ptr<scalar_t>();
     scalar_t* po = out.data_ptr<scalar_t>();
     at::parallel_for(0, B * C, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t p = lo; p < hi; ++p) {
         const scalar_t g = pg[p];
         const scalar_t* sb = ps + (p / C) * HW;
-        for (int64_t i = 0; i < HW; ++i) po[p * HW + i] = (px[p * HW + i] * g) * sb[i];
+        const scalar_t* v = px + p * HW;
+        scalar_t* o = po + p * HW;
+        in.plane(p % C, [&](auto xv) {
+          for (int64_t i = 0; i < HW; ++i) o[i] = (xv(v[i]) * g) * sb[i];
+        });
       }
     });
   });
@@ -358,10 +382,10 @@ std::tuple<at::Tensor, at::Tensor> conv_bwd(const at::Tensor& g, const at::Tenso
 
 TORCH_LIBRARY_FRAGMENT(cbam_multi, m) {
   m.def("train_pool_hw(Tensor x) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("train_maps(Tensor x, Tensor ca) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("train_maps(Tensor x, Tensor ca, Tensor? al=None, Tensor? be=None) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("spatial_conv_fwd(Tensor maps, Tensor weight) -> Tensor");
   m.def("spatial_conv_bwd(Tensor grad, Tensor maps, Tensor weight) -> (Tensor, Tensor)");
-  m.def("train_gate(Tensor x, Tensor ca, Tensor s) -> Tensor");
+  m.def("train_gate(Tensor x, Tensor ca, Tensor s, Tensor? al=None, Tensor? be=None) -> Tensor");
   m.def("train_grad_s(Tensor g, Tensor x, Tensor ca) -> Tensor");
   m.def("train_grad_ca(Tensor g, Tensor x, Tensor ca, Tensor s, Tensor gm, Tensor gr, Tensor mxc, Tensor idxc, "
         "bool first) -> Tensor");

@@ -1,6 +1,8 @@
-// Lane-parallel reductions shared by the training kernels (cbam_train.cpp, cbam_bn_train.cpp).
+// Lane-parallel reductions and the BatchNorm-input map shared by the training kernels (cbam_train.cpp,
+// cbam_bn_train.cpp).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 namespace cbam_lanes {
@@ -103,5 +105,29 @@ inline int64_t first_lanes(int64_t n, P pred) {
   for (int j = 0; j < kLanes; ++j) b = best[j] < b ? best[j] : b;
   return b;
 }
+
+// x = h * al + be (a BatchNorm's output from its input h) with one rounding: the same expression in every
+// pass, so every pass sees the same x bit for bit (max-pool masks and ties included)
+template <typename T>
+inline T bn_x(T h, T al, T be) {
+  return std::fma(h, al, be);
+}
+
+// What a pass reads: x itself (al null) or a BatchNorm's input h, with x = bn_x(h, al[c], be[c]) formed as
+// the pass reads channel c. plane(c, f) calls f with that channel's element -> x map.
+template <typename T>
+struct Input {
+  const T* al;
+  const T* be;
+  template <typename F>
+  inline void plane(int64_t c, F f) const {
+    if (al) {
+      const T a = al[c], e = be[c];
+      f([a, e](T v) { return bn_x(v, a, e); });
+    } else {
+      f([](T v) { return v; });
+    }
+  }
+};
 
 }  // namespace cbam_lanes
