@@ -384,11 +384,7 @@ class CBAMSpec(JsonData, json_format="cbam_multi.CBAMSpec", json_version=SPEC_FO
             )
         if 0 in shape:
             raise InputError(f"CBAM input has an empty axis: shape {shape}")
-        if not _is_float_dtype_name(dtype_name):
-            raise InputError(
-                f"CBAM expects a floating-point input (float16/bfloat16/float32/float64), got dtype {dtype_name}; "
-                f"cast with x.float() / x.astype(jnp.float32)"
-            )
+        check_float_input(dtype_name)
 
     # ---------------------------------------------------------------- JSON (`cbam_multi.jsondata.JsonData`)
     @classmethod
@@ -478,3 +474,12 @@ def _is_int(v) -> bool:
 def _is_float_dtype_name(name: str) -> bool:
     name = str(name).replace("torch.", "")
     return name in ("float16", "bfloat16", "float32", "float64", "half", "float", "double")
+
+
+def check_float_input(dtype_name: str) -> None:
+    """Raise InputError unless ``dtype_name`` names a floating-point dtype (the message every backend gives)."""
+    if not _is_float_dtype_name(dtype_name):
+        raise InputError(
+            f"CBAM expects a floating-point input (float16/bfloat16/float32/float64), got dtype {dtype_name}; "
+            f"cast with x.float() / x.astype(jnp.float32)"
+        )

@@ -267,8 +267,9 @@ def test_portable_build_without_avx512(tmp_path):
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_resnet_eval_folds_the_last_batchnorm_into_the_kernel(dtype, layout):
-    """Eval-mode ResNet-CBAM: every block's last BatchNorm runs inside the kernel call (its output formed in
-    cache, `bn_then_cbam_infer`), and the network computes what the composed ops compute."""
+    """Eval-mode ResNet-CBAM: every block's last BatchNorm, and its shortcut add and ReLU, run inside the
+    kernel call (`bn_then_cbam_infer` with the residual: the BN's and the block's outputs formed in cache), and
+    the network computes what the composed ops compute."""
     from cbam_multi import ResNetSpec
     from cbam_multi.torch.models import ResNet
 
@@ -286,7 +287,7 @@ def test_resnet_eval_folds_the_last_batchnorm_into_the_kernel(dtype, layout):
         x = x.contiguous(memory_format=torch.channels_last)
     calls = []
     real = cpu_kernel.bn_then_cbam_infer
-    cpu_kernel.bn_then_cbam_infer = lambda *a: calls.append(1) or real(*a)
+    cpu_kernel.bn_then_cbam_infer = lambda *a: calls.append(len(a) == 4 and a[3] is not None) or real(*a)
     try:
         with torch.inference_mode():
             got = model(x)
@@ -294,7 +295,7 @@ def test_resnet_eval_folds_the_last_batchnorm_into_the_kernel(dtype, layout):
                 ref = model(x)
     finally:
         cpu_kernel.bn_then_cbam_infer = real
-    assert len(calls) == 16  # once per block, and not under cpu_kernel.disabled()
+    assert calls == [True] * 16  # once per block, with the shortcut, and not under cpu_kernel.disabled()
     err = (got - ref).abs().max().item()
     assert err <= TOLERANCES[dtype]["y"], f"folded BN + kernel vs composed: max abs err {err:.3e}"
     bn = model.layer1[0].bn3
@@ -305,3 +306,27 @@ def test_resnet_eval_folds_the_last_batchnorm_into_the_kernel(dtype, layout):
         assert not cpu_kernel.bn_then_cbam_applies(bn, model.layer1[0].cbam, h)  # train BN: batch statistics
     model.eval()
     assert not cpu_kernel.bn_then_cbam_applies(bn, model.layer1[0].cbam, h)  # autograd records: the training paths
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_residual_add_and_relu_in_the_kernel(dtype, layout):
+    """``cbam_infer(..., residual=r)`` is ``relu(cbam(x) + r)`` (a NaN in r stays NaN, as torch.relu keeps
+    it); a residual of another shape is refused by the kernel's own check."""
+    td = DTYPES[dtype]
+    model = _model(CBAMSpec.official(16), dtype=td).eval()
+    g = torch.Generator().manual_seed(4)
+    x, r = (torch.randn(3, 16, 9, 7, generator=g, dtype=torch.float64).to(td) for _ in range(2))
+    r[0, 2, 3, 4] = float("nan")
+    if layout == "channels_last":
+        x, r = x.contiguous(memory_format=torch.channels_last), r.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert cpu_kernel.applies(model, x)
+        got = cpu_kernel.cbam_infer(model, x, residual=r)
+        with cpu_kernel.disabled():
+            ref = torch.relu(model(x) + r)
+        assert torch.equal(torch.isnan(got), torch.isnan(ref))
+        err = (got - ref).nan_to_num().abs().max().item()
+        assert err <= TOLERANCES[dtype]["y"], f"relu(cbam(x) + r) in the kernel vs composed: max abs err {err:.3e}"
+        with pytest.raises(RuntimeError, match="residual must be"):
+            cpu_kernel.cbam_infer(model, x, residual=r[:, :, :-1])

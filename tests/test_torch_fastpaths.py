@@ -157,8 +157,9 @@ def test_unrolled_spatial_conv_matches_conv2d_values_and_gradients(k, bias):
 
 
 def test_compiled_block_traces_the_unrolled_conv_unless_hooked():
-    """Under torch.compile the spatial conv is traced as shifted multiply-adds (no convolution op in the
-    graph); a forward hook on the conv module keeps the module call, so the hook still fires."""
+    """Where torch.compile traces the composed ops (here: the CPU kernels' custom ops switched off by
+    `fused.disabled`), the spatial conv is traced as shifted multiply-adds (no convolution op in the graph);
+    a forward hook on the conv module keeps the module call, so the hook still fires."""
     import torch._dynamo
 
     spec = CBAMSpec.seed(8)
@@ -176,7 +177,8 @@ def test_compiled_block_traces_the_unrolled_conv_unless_hooked():
         seen: list = []
         if hooked:
             model.spatial.conv.register_forward_hook(lambda m, i, o: seen.append(o.shape))
-        y = torch.compile(model, backend=backend, dynamic=False)(x)
+        with fused.disabled():
+            y = torch.compile(model, backend=backend, dynamic=False)(x)
         targets = {str(n.target) for gm in graphs for n in gm.graph.nodes if n.op in ("call_function", "call_module")}
         has_conv = any("conv" in t for t in targets)
         assert has_conv == hooked, sorted(targets)

@@ -146,7 +146,7 @@ def applies(cbam, x: torch.Tensor) -> bool:
     fc1 = cbam.channel.fc1
     bn = cbam.spatial.bn
     return (
-        not torch.compiler.is_compiling()  # first: compiled code traces the composed ops (inductor fuses them)
+        not torch.compiler.is_compiling()  # first: under torch.compile, `compiled` calls this kernel as a custom op
         and not torch.jit.is_tracing()  # a trace (and ONNX export) should record standard ops
         and type(x) is torch.Tensor
         and not functorch_wrapped(x)  # vmap / torch.func transforms run the composed ops
@@ -166,10 +166,13 @@ def applies(cbam, x: torch.Tensor) -> bool:
     )
 
 
-def cbam_infer(cbam, x: torch.Tensor, in_affine: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+def cbam_infer(cbam, x: torch.Tensor, in_affine: tuple[torch.Tensor, torch.Tensor] | None = None,
+               residual: torch.Tensor | None = None) -> torch.Tensor:
     """The fused forward of a `CBAM` module (call only where `applies`). ``in_affine``: per-channel (scale,
     shift) of an eval-mode BatchNorm in front of the block; ``x`` is then the BN's input, and the BN's
-    output is formed sample by sample in cache instead of written to memory (see `bn_then_cbam_infer`)."""
+    output is formed sample by sample in cache instead of written to memory (see `bn_then_cbam_infer`).
+    ``residual`` (x's shape and dtype): returns ``relu(cbam(x) + residual)``, a ResNet block's tail, so the
+    block's output is not written and read back for the add."""
     spec = cbam.spec
     ch, sp = cbam.channel, cbam.spatial
     c = spec.channels
@@ -193,6 +196,7 @@ def cbam_infer(cbam, x: torch.Tensor, in_affine: tuple[torch.Tensor, torch.Tenso
         spec.concat_order.index("mean"),
         spec.gate == "hard_sigmoid",
         *(in_affine or (None, None)),
+        residual,  # the kernel takes it in x's memory format (converting one in another)
     )
 
 
@@ -211,12 +215,14 @@ def bn_then_cbam_applies(bn, cbam, h: torch.Tensor) -> bool:
     )
 
 
-def bn_then_cbam_infer(bn, cbam, h: torch.Tensor) -> torch.Tensor:
+def bn_then_cbam_infer(bn, cbam, h: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
     """``cbam(bn(h))`` in one kernel call (call only where `bn_then_cbam_applies`): x = h * scale + shift
-    per channel with torch's eval-mode constants, the block's passes on it in cache."""
+    per channel with torch's eval-mode constants, the block's passes on it in cache. With ``residual``:
+    ``relu(cbam(bn(h)) + residual)``."""
     scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
     shift = bn.bias - bn.running_mean * scale
-    return cbam_infer(cbam, h, (scale.contiguous(), shift.contiguous()))
+    return cbam_infer(cbam, h, (scale.contiguous(), shift.contiguous()), residual)
+
 
 
 def _autograd_records(cbam, x: torch.Tensor) -> bool:

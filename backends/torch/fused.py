@@ -57,7 +57,7 @@ def applies(cbam, x: torch.Tensor) -> bool:
         return False
     return (
         torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()  # inductor writes its own fused backward from the composed ops
+        and not torch.compiler.is_compiling()  # under torch.compile, `compiled` runs this Function's bodies as custom ops
         and not torch.jit.is_tracing()
         and type(x) is torch.Tensor
         and not functorch_wrapped(x)
@@ -306,12 +306,16 @@ def _kernel_applies(x: torch.Tensor) -> bool:
     within ~1e-6 of zero on the other side of a later ReLU's kink, which any change of rounding (thread
     count, oneDNN version) can do too: benchmarks/kink_check.py tells such a crossing from a wrong gradient."""
     return (
-        os.environ.get(KERNEL_ENV_VAR, "1").strip().lower() not in ("0", "off", "false", "no")
+        _kernel_switch_on()
         and x.device.type == "cpu"
         and x.numel() > 0
         and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
         and cpu_kernel.available()
     )
+
+
+def _kernel_switch_on() -> bool:
+    return os.environ.get(KERNEL_ENV_VAR, "1").strip().lower() not in ("0", "off", "false", "no")
 
 
 def _kernel(name: str, x: torch.Tensor):

@@ -16,7 +16,7 @@ from cbam_multi.errors import InputError
 from cbam_multi.spec import CBAMSpec
 from cbam_multi.weights import init_weights
 
-from . import cpu_kernel, fused
+from . import compiled, cpu_kernel, fused
 from . import functional as CF
 from .guards import functorch_wrapped, has_hooks
 from .weights import import_weights
@@ -224,6 +224,10 @@ class CBAM(_Gate):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.spatial is None:
             return self.channel(x)
+        if compiled.applies(None, self, x):  # torch.compile: the CPU kernels as custom ops
+            self.channel._validate(x)
+            self.spatial._validate(x, train_bn=self.spatial._has_bn and self.spatial.training)
+            return compiled.bn_cbam(None, self, x)
         if cpu_kernel.applies(self, x):  # CPU inference: the whole block in one fused kernel
             self.channel._validate(x)
             return cpu_kernel.cbam_infer(self, x)

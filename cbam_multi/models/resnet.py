@@ -30,7 +30,7 @@ import numpy as np
 from cbam_multi import reference
 from cbam_multi.errors import InputError, SpecError
 from cbam_multi.jsondata import JsonData
-from cbam_multi.spec import TRAINABLE, CBAMSpec, check_field_types
+from cbam_multi.spec import TRAINABLE, CBAMSpec, check_field_types, check_float_input
 from cbam_multi.weights import register_spec_type, validate_weights
 
 __all__ = ["ResNetSpec", "Block", "LayerOps", "walk", "forward", "DEPTHS", "STEMS", "INIT_SCHEMES"]
@@ -233,7 +233,7 @@ class ResNetSpec(JsonData, json_format="cbam_multi.ResNetSpec", json_version=RES
             raise InputError(
                 f"ResNet expects {layout} images with {self.in_channels} channels on axis {c_axis}, got shape {shape}{hint}"
             )
-        CBAMSpec(self.in_channels, reduction=1).check_input(shape, dtype_name, layout)  # the dtype message
+        check_float_input(dtype_name)  # CBAM's dtype message
 
 
 # ------------------------------------------------------------ the network, once

@@ -11,7 +11,8 @@
 // fc2 product (fc2 is affine), so results agree to float rounding, not bit for bit.
 //
 // Covers: float32/float64, NCHW-contiguous or channels_last input, pools avg/max, either concat order,
-// any odd kernel, optional MLP/conv biases, BatchNorm in eval mode, sigmoid or hard_sigmoid gates.
+// any odd kernel, optional MLP/conv biases, BatchNorm in eval mode, sigmoid or hard_sigmoid gates, an eval
+// BatchNorm in front (in_scale/in_shift) and a ResNet block's shortcut add and ReLU behind (residual).
 // Anything else (autograd, BN in train mode, other pools or dtypes) stays on the composed path; the
 // Python side (cpu_kernel.py) decides.
 #include <ATen/Dispatch.h>
@@ -34,6 +35,7 @@ namespace {
 using namespace cbam_infer_simd;
 
 constexpr int64_t kTile = 1024;    // spatial positions per channel-reduction tile (accumulators in L1)
+constexpr int64_t kBandBytes = 128 * 1024;  // x per band of rows in the maps + product passes (L2 holds a few)
 constexpr int64_t kPoolAvg = 0, kPoolMax = 1;
 
 
@@ -82,12 +84,30 @@ void channel_pools(const T* x, const Affine<T>& in, int64_t C, int64_t HW, T* su
     sum[c] = T(0);
     mx[c] = -std::numeric_limits<T>::infinity();
   }
+  // vectorised across channels; a vector max drops NaN, but a NaN also makes the channel's sum NaN: then
+  // (rarely) that channel's max is taken again, NaN-aware, as row_sum_max does for NCHW rows
   for (int64_t p = 0; p < HW; ++p) {
     const T* row = x + p * C;
-    for (int64_t c = 0; c < C; ++c) {
-      const T v = in.scale ? row[c] * in.scale[c] + in.shift[c] : row[c];
-      sum[c] += v;
-      mx[c] = nan_max(mx[c], v);
+    if (in.scale) {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const T v = row[c] * in.scale[c] + in.shift[c];
+        sum[c] += v;
+        mx[c] = v > mx[c] ? v : mx[c];
+      }
+    } else {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        sum[c] += row[c];
+        mx[c] = row[c] > mx[c] ? row[c] : mx[c];
+      }
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    if (sum[c] != sum[c]) {
+      T m = -std::numeric_limits<T>::infinity();
+      for (int64_t p = 0; p < HW; ++p) m = nan_max(m, in.scale ? x[p * C + c] * in.scale[c] + in.shift[c] : x[p * C + c]);
+      mx[c] = m;
     }
   }
 }
@@ -118,13 +138,14 @@ void channel_gate(const Params<T>& p, int64_t C, int64_t HW, T* sum, const T* mx
   for (int64_t c = 0; c < C; ++c) cg[c] = gate(p.b2 ? cg[c] + T(P) * p.b2[c] : cg[c], p.hard);
 }
 
-// mean and max over channels of y = x * cg (y rounded as the composed path stores it) -> mean[HW], mx[HW];
-// row: C values of scratch (channels_last with an input affine)
+// mean and max over channels of y = x * cg (y rounded as the composed path stores it) at positions
+// [p0, p1) -> mean[p], mx[p]; row: C values of scratch (channels_last with an input affine)
 template <typename T, bool ChannelsLast>
-void spatial_maps(const T* x, const Affine<T>& in, const T* cg, int64_t C, int64_t HW, T* mean, T* mx, T* row) {
+void spatial_maps(const T* x, const Affine<T>& in, const T* cg, int64_t C, int64_t HW, int64_t p0, int64_t p1,
+                  T* mean, T* mx, T* row) {
   if (!ChannelsLast) {
-    for (int64_t t0 = 0; t0 < HW; t0 += kTile) {
-      const int64_t n = std::min(kTile, HW - t0);
+    for (int64_t t0 = p0; t0 < p1; t0 += kTile) {
+      const int64_t n = std::min(kTile, p1 - t0);
       T* s = mean + t0;
       T* m = mx + t0;
       for (int64_t i = 0; i < n; ++i) {
@@ -151,7 +172,7 @@ void spatial_maps(const T* x, const Affine<T>& in, const T* cg, int64_t C, int64
       }
     }
   } else {
-    for (int64_t p = 0; p < HW; ++p) {
+    for (int64_t p = p0; p < p1; ++p) {
       const T* r = x + p * C;
       if (in.scale) {
         for (int64_t c = 0; c < C; ++c) row[c] = r[c] * in.scale[c] + in.shift[c];
@@ -160,21 +181,23 @@ void spatial_maps(const T* x, const Affine<T>& in, const T* cg, int64_t C, int64
       row_sum_max(r, cg, C, mean[p], mx[p]);
     }
   }
-  for (int64_t i = 0; i < HW; ++i) mean[i] /= T(C);
+  for (int64_t i = p0; i < p1; ++i) mean[i] /= T(C);
 }
 
-// sg = gate(BN(conv_kxk([mean, max] in spec order) + bias)), zero 'same' padding
+// sg = gate(BN(conv_kxk([mean, max] in spec order) + bias)), zero 'same' padding, for the output rows
+// [r0, r1) (they read the maps' rows r0 - k/2 .. r1 - 1 + k/2)
 template <typename T>
-void spatial_gate(const Params<T>& p, int64_t H, int64_t W, const T* mean, const T* mx, T* z, T* sg) {
-  const int64_t HW = H * W, k = p.k, pad = k / 2;
-  for (int64_t i = 0; i < HW; ++i) z[i] = T(0);
+void spatial_gate(const Params<T>& p, int64_t H, int64_t W, int64_t r0, int64_t r1, const T* mean, const T* mx,
+                  T* z, T* sg) {
+  const int64_t k = p.k, pad = k / 2;
+  for (int64_t i = r0 * W; i < r1 * W; ++i) z[i] = T(0);
   for (int64_t ch = 0; ch < 2; ++ch) {
     const T* map = ch == p.mean_channel ? mean : mx;
     for (int64_t dy = 0; dy < k; ++dy) {
       for (int64_t dx = 0; dx < k; ++dx) {
         const T w = p.conv[(ch * k + dy) * k + dx];
         const int64_t oy = dy - pad, ox = dx - pad;  // output (i, j) reads map (i + oy, j + ox)
-        const int64_t i0 = std::max<int64_t>(0, -oy), i1 = std::min<int64_t>(H, H - oy);
+        const int64_t i0 = std::max<int64_t>(r0, -oy), i1 = std::min<int64_t>(r1, H - oy);
         const int64_t j0 = std::max<int64_t>(0, -ox), j1 = std::min<int64_t>(W, W - ox);
         for (int64_t i = i0; i < i1; ++i) {
           T* zr = z + i * W;
@@ -184,26 +207,34 @@ void spatial_gate(const Params<T>& p, int64_t H, int64_t W, const T* mean, const
       }
     }
   }
-  for (int64_t i = 0; i < HW; ++i) sg[i] = gate((z[i] + p.conv_bias) * p.z_scale + p.z_shift, p.hard);
+  for (int64_t i = r0 * W; i < r1 * W; ++i) sg[i] = gate((z[i] + p.conv_bias) * p.z_scale + p.z_shift, p.hard);
 }
 
-// out = (x * cg) * sg
+// out = (x * cg) * sg, or relu((x * cg) * sg + res) with a residual (a ResNet block's shortcut add and ReLU)
+// at positions [p0, p1)
 template <typename T, bool ChannelsLast>
-void apply_gates(const T* x, const Affine<T>& in, const T* cg, const T* sg, int64_t C, int64_t HW, T* out) {
+void apply_gates(const T* x, const Affine<T>& in, const T* cg, const T* sg, const T* res, int64_t C, int64_t HW,
+                 int64_t p0, int64_t p1, T* out) {
   if (!ChannelsLast) {
+    const int64_t n = p1 - p0;
     for (int64_t c = 0; c < C; ++c) {
       const T g = cg[c];
-      const T* row = x + c * HW;
-      T* o = out + c * HW;
+      const T* row = x + c * HW + p0;
+      const T* s = sg + p0;
+      T* o = out + c * HW + p0;
       if (in.scale) {
         const T a = in.scale[c], e = in.shift[c];
-        for (int64_t i = 0; i < HW; ++i) o[i] = ((row[i] * a + e) * g) * sg[i];
+        for (int64_t i = 0; i < n; ++i) o[i] = ((row[i] * a + e) * g) * s[i];
       } else {
-        for (int64_t i = 0; i < HW; ++i) o[i] = (row[i] * g) * sg[i];
+        for (int64_t i = 0; i < n; ++i) o[i] = (row[i] * g) * s[i];
+      }
+      if (res) {
+        const T* r = res + c * HW + p0;
+        for (int64_t i = 0; i < n; ++i) o[i] = relu(o[i] + r[i]);  // o is still in L1: a short second loop
       }
     }
   } else {
-    for (int64_t p = 0; p < HW; ++p) {
+    for (int64_t p = p0; p < p1; ++p) {
       const T s = sg[p];
       const T* row = x + p * C;
       T* o = out + p * C;
@@ -212,15 +243,26 @@ void apply_gates(const T* x, const Affine<T>& in, const T* cg, const T* sg, int6
       } else {
         for (int64_t c = 0; c < C; ++c) o[c] = (row[c] * cg[c]) * s;
       }
+      if (res) {
+        const T* r = res + p * C;
+        for (int64_t c = 0; c < C; ++c) o[c] = relu(o[c] + r[c]);
+      }
     }
   }
 }
 
 template <typename T, bool ChannelsLast>
-void run(const at::Tensor& x, at::Tensor& out, const Params<T>& p) {
+void run(const at::Tensor& x, const T* res, at::Tensor& out, const Params<T>& p) {
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
   const T* xd = x.const_data_ptr<T>();
   T* od = out.mutable_data_ptr<T>();
+  const int64_t pad = p.k / 2;
+  // rows per band: about kBandBytes of x, and at least the conv's reach so each band frees rows to gate
+  const int64_t row_bytes = C * W * static_cast<int64_t>(sizeof(T));
+  // (channels_last only: an NCHW band is C short strided pieces, which ran the product pass slower than
+  // re-reading the whole sample)
+  const int64_t band =
+      ChannelsLast ? std::max<int64_t>(std::max<int64_t>(1, pad), kBandBytes / std::max<int64_t>(1, row_bytes)) : H;
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> sum(C), mx(C), cg(C), hid(3 * p.hidden), mean(HW), cmax(HW), z(HW), sg(HW);
     std::vector<T> rowbuf(ChannelsLast && p.in_scale ? C : 0);
@@ -229,9 +271,21 @@ void run(const at::Tensor& x, at::Tensor& out, const Params<T>& p) {
       const T* xb = xd + b * C * HW;
       channel_pools<T, ChannelsLast>(xb, in, C, HW, sum.data(), mx.data());
       channel_gate(p, C, HW, sum.data(), mx.data(), hid.data(), cg.data());
-      spatial_maps<T, ChannelsLast>(xb, in, cg.data(), C, HW, mean.data(), cmax.data(), rowbuf.data());
-      spatial_gate(p, H, W, mean.data(), cmax.data(), z.data(), sg.data());
-      apply_gates<T, ChannelsLast>(xb, in, cg.data(), sg.data(), C, HW, od + b * C * HW);
+      // maps, gate and product in bands of rows: the product re-reads rows the maps read a band earlier
+      // (still in L2) instead of the whole sample again, which outgrows L2 (ResNet's layer1: 3.2 MB);
+      // NCHW runs the three passes over the whole sample (one band)
+      const T* rb = res ? res + b * C * HW : nullptr;
+      int64_t done = 0;  // rows gated and written
+      for (int64_t r0 = 0; r0 < H; r0 += band) {
+        const int64_t r1 = std::min(H, r0 + band);
+        spatial_maps<T, ChannelsLast>(xb, in, cg.data(), C, HW, r0 * W, r1 * W, mean.data(), cmax.data(),
+                                      rowbuf.data());
+        const int64_t ready = r1 == H ? H : std::max(done, r1 - pad);  // rows whose conv window is complete
+        if (ready == done) continue;
+        spatial_gate(p, H, W, done, ready, mean.data(), cmax.data(), z.data(), sg.data());
+        apply_gates<T, ChannelsLast>(xb, in, cg.data(), sg.data(), rb, C, HW, done * W, ready * W, od + b * C * HW);
+        done = ready;
+      }
     }
   });
 }
@@ -250,18 +304,21 @@ T scalar(const at::Tensor* t, T fallback) {
   return t ? t->const_data_ptr<T>()[0] : fallback;
 }
 
-at::Tensor cbam_infer(const at::Tensor& x, const at::Tensor& fc1_w, const std::optional<at::Tensor>& fc1_b,
+at::Tensor cbam_infer(const at::Tensor& x_in, const at::Tensor& fc1_w, const std::optional<at::Tensor>& fc1_b,
                       const at::Tensor& fc2_w, const std::optional<at::Tensor>& fc2_b, at::IntArrayRef pools,
                       const at::Tensor& conv_w, const std::optional<at::Tensor>& conv_b,
                       const std::optional<at::Tensor>& bn_w, const std::optional<at::Tensor>& bn_b,
                       const std::optional<at::Tensor>& bn_mean, const std::optional<at::Tensor>& bn_var,
                       double bn_eps, int64_t mean_channel, bool hard_sigmoid,
-                      const std::optional<at::Tensor>& in_scale, const std::optional<at::Tensor>& in_shift) {
-  TORCH_CHECK(x.dim() == 4 && x.device().is_cpu(), "cbam_infer: x must be a 4-D CPU tensor");
+                      const std::optional<at::Tensor>& in_scale, const std::optional<at::Tensor>& in_shift,
+                      const std::optional<at::Tensor>& residual) {
+  TORCH_CHECK(x_in.dim() == 4 && x_in.device().is_cpu(), "cbam_infer: x must be a 4-D CPU tensor");
+  // NCHW or channels_last as given; any other strides (torch.compile may pass any layout: the op is tagged
+  // flexible_layout) are copied to NCHW first
+  const at::Tensor x = x_in.is_contiguous() || x_in.is_contiguous(at::MemoryFormat::ChannelsLast) ? x_in : x_in.contiguous();
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               "cbam_infer: x must be float32 or float64, got ", x.scalar_type());
   const bool channels_last = !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
-  TORCH_CHECK(x.is_contiguous() || channels_last, "cbam_infer: x must be contiguous (NCHW or channels_last)");
   const int64_t C = x.size(1);
   TORCH_CHECK(fc1_w.dim() == 2 && fc1_w.size(1) == C, "cbam_infer: fc1 weight must be (hidden, C)");
   const int64_t hidden = fc1_w.size(0);
@@ -285,6 +342,12 @@ at::Tensor cbam_infer(const at::Tensor& x, const at::Tensor& fc1_w, const std::o
   TORCH_CHECK(in_scale.has_value() == in_shift.has_value(), "cbam_infer: in_scale and in_shift go together");
   check_param(opt(in_scale), x, "in_scale", C);
   check_param(opt(in_shift), x, "in_shift", C);
+  at::Tensor res_t;  // the residual in x's memory format (a copy only if it has another)
+  if (residual) {
+    TORCH_CHECK(residual->sizes() == x.sizes() && residual->scalar_type() == x.scalar_type() && residual->device().is_cpu(),
+                "cbam_infer: residual must be a CPU tensor of x's shape and dtype");
+    res_t = residual->contiguous(channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  }
 
   at::Tensor out = at::empty_like(x);  // keeps x's memory format
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_infer", [&] {
@@ -309,10 +372,11 @@ at::Tensor cbam_infer(const at::Tensor& x, const at::Tensor& fc1_w, const std::o
     p.hard = hard_sigmoid;
     p.in_scale = in_scale ? in_scale->const_data_ptr<scalar_t>() : nullptr;
     p.in_shift = in_shift ? in_shift->const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* res = residual ? res_t.const_data_ptr<scalar_t>() : nullptr;
     if (channels_last) {
-      run<scalar_t, true>(x, out, p);
+      run<scalar_t, true>(x, res, out, p);
     } else {
-      run<scalar_t, false>(x, out, p);
+      run<scalar_t, false>(x, res, out, p);
     }
   });
   return out;
@@ -324,7 +388,10 @@ TORCH_LIBRARY(cbam_multi, m) {
   m.def(
       "cbam_infer(Tensor x, Tensor fc1_w, Tensor? fc1_b, Tensor fc2_w, Tensor? fc2_b, int[] pools, Tensor conv_w, "
       "Tensor? conv_b, Tensor? bn_w, Tensor? bn_b, Tensor? bn_mean, Tensor? bn_var, float bn_eps, int mean_channel, "
-      "bool hard_sigmoid, Tensor? in_scale=None, Tensor? in_shift=None) -> Tensor");
+      "bool hard_sigmoid, Tensor? in_scale=None, Tensor? in_shift=None, Tensor? residual=None) -> Tensor",
+      // inductor may hand the op its buffers in whatever layout it chose (channels_last after its layout
+      // optimisation): the kernel reads NCHW and channels_last alike, and its output takes x's layout
+      {at::Tag::flexible_layout});
 }
 
 TORCH_LIBRARY_IMPL(cbam_multi, CPU, m) { m.impl("cbam_infer", &cbam_infer); }

@@ -23,7 +23,7 @@ from cbam_multi.errors import InputError
 from cbam_multi.models.resnet import ResNetSpec
 from cbam_multi.weights import init_weights
 
-from .. import cpu_kernel, fused_bn
+from .. import compiled, cpu_kernel, fused_bn
 from ..modules import CBAM
 from ..weights import Layout, torch_layouts
 from .common import import_model_weights
@@ -61,14 +61,28 @@ class ResidualBlock(nn.Module):
         out = x
         for i in range(1, self.n_convs):
             out = F.relu(getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(out)))
-        out = self.last_bn_then_cbam(getattr(self, f"conv{self.n_convs}")(out))
+        h = getattr(self, f"conv{self.n_convs}")(out)
         shortcut = x if self.downsample is None else self.downsample(x)
-        return F.relu(out + shortcut)
+        if self._tail_in_one_kernel(h, shortcut):  # CPU inference: relu(cbam(bn(h)) + shortcut), one kernel call
+            return cpu_kernel.bn_then_cbam_infer(getattr(self, f"bn{self.n_convs}"), self.cbam, h, shortcut)
+        return F.relu(self.last_bn_then_cbam(h) + shortcut)
+
+    def _tail_in_one_kernel(self, h: torch.Tensor, shortcut: torch.Tensor) -> bool:
+        if self.cbam is None or shortcut.shape != h.shape or shortcut.dtype != h.dtype:
+            return False
+        if torch.is_grad_enabled() and shortcut.requires_grad:
+            return False
+        bn = getattr(self, f"bn{self.n_convs}")
+        if compiled.applies(bn, self.cbam, h):
+            return compiled.infers(bn, self.cbam, h)
+        return cpu_kernel.bn_then_cbam_applies(bn, self.cbam, h)
 
     def last_bn_then_cbam(self, h: torch.Tensor) -> torch.Tensor:
         bn = getattr(self, f"bn{self.n_convs}")
         if self.cbam is None:
             return bn(h)
+        if compiled.applies(bn, self.cbam, h):  # torch.compile: the CPU kernels as custom ops
+            return compiled.bn_cbam(bn, self.cbam, h)
         if fused_bn.applies(bn, self.cbam, h):  # eager training: the pair saves h only, as the BN alone would
             return fused_bn.bn_cbam_train(bn, self.cbam, h)
         if cpu_kernel.bn_then_cbam_applies(bn, self.cbam, h):  # eager CPU inference: the BN's output stays in cache

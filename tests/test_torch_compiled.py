@@ -1,0 +1,208 @@
+"""Under torch.compile the CBAM block (and a ResNet block's last BN with it) calls the CPU kernels as custom
+ops (`cbam_multi.torch.compiled`) and computes what the composed eager ops compute.
+
+One case table (CBAM alone or BN then CBAM, presets, tie rules, tied inputs, BN modes, layouts) crossed with
+dtypes: two compiled train calls against two eager composed calls, comparing outputs, the gradients of the
+input and of every parameter, and every buffer (running statistics, ``num_batches_tracked``). Most cases
+compile with the ``aot_eager`` backend (dynamo, AOTAutograd and functionalization: everything but
+inductor's code generation, which the ops are opaque to); one case and the ResNet test use inductor.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("torch._dynamo")
+
+from cbam_multi import CBAMSpec, ResNetSpec
+from cbam_multi.parity import TOLERANCES
+from cbam_multi.torch import CBAM, cpu_kernel, fused
+from cbam_multi.torch.models import ResNet
+
+pytestmark = pytest.mark.skipif(not cpu_kernel.available(), reason="the CPU kernel library did not build")
+
+BN_MODES = {
+    "train": dict(train=True),
+    "train-cumulative": dict(train=True, momentum=None),
+    "eval": dict(train=False),
+    "batch-stats-only": dict(train=True, track_running_stats=False),
+}
+# (id, preset, tie rule, tied input values, block BN mode or None for CBAM alone, layout, backend)
+CASES = [
+    ("alone-official-first", "official", "first", False, None, "nchw", "aot_eager"),
+    ("alone-timm-split-ties", "timm", "split", True, None, "nchw", "aot_eager"),
+    ("alone-official-split-ties-cl", "official", "split", True, None, "channels_last", "aot_eager"),
+    ("alone-official-eval", "official", "first", False, "eval-cbam", "nchw", "aot_eager"),
+    *[(f"bn-{m}-official-first", "official", "first", False, m, "nchw", "aot_eager") for m in BN_MODES],
+    ("bn-train-timm-split-ties", "timm", "split", True, "train", "nchw", "aot_eager"),
+    ("bn-train-official-first-inductor", "official", "first", True, "train", "nchw", "inductor"),
+]
+DTYPES = ["float64", "float32"]
+# the inductor case once, in float64: its float32 run would add compile time, not coverage
+PARAMS = [pytest.param(c, d, id=f"{c[0]}-{d}") for c in CASES for d in DTYPES if c[-1] != "inductor" or d == "float64"]
+
+
+def _modules(preset, tie, mode, dtype):
+    spec = CBAMSpec.preset(preset, 16, tie_rule=tie)
+    torch.manual_seed(0)
+    cbam = CBAM(spec, dtype=torch.float64, seed=1)
+    bn = None
+    if mode in BN_MODES:
+        opts = BN_MODES[mode]
+        bn = torch.nn.BatchNorm2d(16, momentum=opts.get("momentum", 0.1),
+                                  track_running_stats=opts.get("track_running_stats", True), dtype=torch.float64)
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_(0, 0.1)
+            if bn.track_running_stats:
+                bn.running_mean.normal_(0, 0.1)
+                bn.running_var.uniform_(0.5, 1.5)
+                bn.num_batches_tracked.fill_(3)
+        bn.train(opts["train"])
+    cbam.train(mode != "eval-cbam" and BN_MODES.get(mode, {}).get("train", True))
+    model = torch.nn.Sequential(*([] if bn is None else [bn]), cbam)
+    return model.to(getattr(torch, dtype))
+
+
+class _Pair(torch.nn.Module):
+    """BN then CBAM the way ResNet's block runs them (its ``last_bn_then_cbam``), for one module pair."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, h):
+        from cbam_multi.torch import compiled
+
+        bn, cbam = (self.model[0], self.model[1]) if len(self.model) == 2 else (None, self.model[0])
+        if compiled.applies(bn, cbam, h):
+            return compiled.bn_cbam(bn, cbam, h)
+        return cbam(h if bn is None else bn(h))
+
+
+def _graph_targets(backend_name, seen):
+    def backend(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return torch._dynamo.lookup_backend(backend_name)(gm, example_inputs)
+
+    return backend
+
+
+def _steps(model, h, ct, compiled_backend=None, seen=None):
+    params = list(model.parameters())
+    run = model
+    if compiled_backend is not None:
+        torch._dynamo.reset()
+        run = torch.compile(_Pair(model), fullgraph=True, backend=_graph_targets(compiled_backend, seen))
+    outs = []
+    for _ in range(2):  # twice: running statistics and num_batches_tracked move twice
+        hh = h.clone().requires_grad_()
+        y = run(hh)
+        outs += [y.detach(), *torch.autograd.grad(y, [hh, *params], ct)]
+    return outs + [b.clone() for b in model.buffers()]
+
+
+def _inputs(ties, dtype, layout):
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(4, 16, 7, 6, generator=g, dtype=torch.float64)
+    if ties:  # repeated values per channel: tied maxima over H, W and over channels
+        h = (h * 2).round().clamp(min=-1)
+    ct = torch.randn(h.shape, generator=g, dtype=torch.float64)
+    h, ct = h.to(getattr(torch, dtype)), ct.to(getattr(torch, dtype))
+    if layout == "channels_last":
+        h = h.contiguous(memory_format=torch.channels_last)
+    return h, ct
+
+
+def _err(got, ref, scale_grads=False):
+    errs = []
+    for a, b in zip(got, ref, strict=True):
+        a, b = a.double(), b.double()
+        scale = max(b.abs().max().item(), 1.0) if scale_grads and b.is_floating_point() else 1.0
+        errs.append((a - b).abs().max().item() / scale)
+    return max(errs)
+
+
+@pytest.mark.parametrize("case,dtype", PARAMS)
+def test_compiled_ops_match_composed_eager(case, dtype):
+    _, preset, tie, ties, mode, layout, backend = case
+    model = _modules(preset, tie, mode, dtype)
+    reference = copy.deepcopy(model).double()
+    h, ct = _inputs(ties, dtype, layout)
+    seen: list = []
+    with fused.kernels(True):
+        got = _steps(model, h, ct, backend, seen)
+    with fused.disabled(), cpu_kernel.disabled():
+        ref = _steps(reference, h.double(), ct.double())
+    assert any("bn_cbam_fwd" in t for t in seen), f"the compiled graph did not call the op: {sorted(set(seen))}"
+    tol = TOLERANCES[dtype]
+    err = _err(got, ref, scale_grads=dtype != "float64")
+    assert err <= tol["grad"], f"compiled ops vs composed eager ({dtype}): max err {err:.3e}"
+
+
+def test_compiled_inference_calls_the_inference_kernel():
+    """No autograd (``torch.inference_mode``), BNs in eval mode: the compiled ResNet block calls the
+    inference kernel with the BN folded in, and its output is the composed eager one."""
+    spec = ResNetSpec(18, "cifar", num_classes=10, width=16)
+    model = ResNet(spec, dtype=torch.float64).eval()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    seen: list = []
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend=_graph_targets("aot_eager", seen))
+    with torch.inference_mode():
+        y = compiled(x)
+        with fused.disabled(), cpu_kernel.disabled():
+            ref = model(x)
+    assert sum("cbam_infer" in t for t in seen) == len(spec.cbam_blocks()), sorted(set(seen))
+    err = (y - ref).abs().max().item()
+    assert err <= TOLERANCES["float64"]["y"], f"compiled inference vs composed: max abs err {err:.3e}"
+
+
+def test_switches_and_non_finite_input():
+    """The kernels switched off: the compiled graph traces the composed ops. A NaN in the input: the op
+    runs torch's ops inside (torch's NaN rules), so the output's NaNs are where the composed ops put them."""
+    model = _modules("official", "first", "train", "float64")
+    h, _ = _inputs(False, "float64", "nchw")
+    seen: list = []
+    with fused.kernels(False):
+        torch._dynamo.reset()
+        torch.compile(_Pair(model), fullgraph=True, backend=_graph_targets("aot_eager", seen))(h.requires_grad_())
+    assert seen and not any("bn_cbam_fwd" in t for t in seen)
+    h = h.detach().clone()
+    h[1, 3, 2, 2] = float("nan")
+    seen.clear()
+    reference = copy.deepcopy(model)
+    torch._dynamo.reset()
+    y = torch.compile(_Pair(model), fullgraph=True, backend=_graph_targets("aot_eager", seen))(h.requires_grad_())
+    with fused.disabled():
+        ref = reference(h)
+    assert any("bn_cbam_fwd" in t for t in seen)
+    assert torch.equal(torch.isnan(y), torch.isnan(ref))
+    assert torch.allclose(y, ref, equal_nan=True, atol=TOLERANCES["float64"]["y"], rtol=0)
+
+
+def test_compiled_resnet_train_step_matches_composed():
+    """A ResNet-18-CBAM (width 16, 32x32) train step under torch.compile (fullgraph; ``aot_eager``: inductor
+    takes ~30 s to compile the network here, and its handling of the ops is the table's inductor case): every
+    block's last BN + CBAM is the op pair, and logits, every gradient and every buffer match the composed
+    network."""
+    spec = ResNetSpec(18, "cifar", num_classes=10, width=16)
+    torch.manual_seed(0)
+    model = ResNet(spec, dtype=torch.float64).train()
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    seen: list = []
+    torch._dynamo.reset()
+    y = torch.compile(model, fullgraph=True, backend=_graph_targets("aot_eager", seen))(x)
+    y.square().sum().backward()
+    with fused.disabled():
+        ref = reference(x)
+        ref.square().sum().backward()
+    assert sum("bn_cbam_fwd" in t for t in seen) == len(spec.cbam_blocks())
+    got = [y.detach(), *(p.grad for p in model.parameters()), *model.buffers()]
+    want = [ref.detach(), *(p.grad for p in reference.parameters()), *reference.buffers()]
+    err = _err(got, want)
+    assert err <= TOLERANCES["float64"]["grad"], f"compiled ResNet vs composed: max abs err {err:.3e}"
