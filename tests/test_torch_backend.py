@@ -448,6 +448,7 @@ def test_autocast_allows_lower_precision_input():
 
 
 # ---------------------------------------------------------------------------------- torch.compile
+@pytest.mark.slow  # inductor compiles three graphs: ~30 s with a cold inductor cache, so start it early
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch internals
 def test_torch_compile_matches_eager():
     torch._dynamo.reset()
