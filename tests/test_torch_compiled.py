@@ -42,6 +42,10 @@ CASES = [
     ("bn-train-official-first-ties", "official", "first", True, "train", "nchw"),
 ]
 DTYPES = ["float64", "float32"]
+# float64 for every case (agreement to rounding); float32 (within the dtype's tolerance) for the cases that
+# differ in kind: the BN modes differ only in bookkeeping that float64 already pins down
+PARAMS = [pytest.param(c, d, id=f"{c[0]}-{d}") for c in CASES for d in DTYPES
+          if d == "float64" or c[4] not in BN_MODES or c[4] == "train"]
 
 
 def _modules(preset, tie, mode, dtype):
@@ -125,8 +129,7 @@ def _err(got, ref, scale_grads=False):
     return max(errs)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("case,dtype", PARAMS)
 def test_compiled_ops_match_composed_eager(case, dtype):
     _, preset, tie, ties, mode, layout = case
     model = _modules(preset, tie, mode, dtype)

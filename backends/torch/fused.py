@@ -26,6 +26,7 @@ functorch transform), float32/float64 strided NCHW or channels_last input, the s
 both gates, pools among avg/max, no autocast, no hooks. Everything else (lp/lse pools, the light variant,
 half precision, double backward, which this path does not support) runs the composed ops, which stay
 the reference this path is tested against (tests/test_torch_fused.py). ``disabled()`` turns it off.
+Under torch.compile on CPU, `compiled` runs this Function's forward and backward bodies as custom ops.
 """
 
 from __future__ import annotations
