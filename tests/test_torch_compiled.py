@@ -209,3 +209,59 @@ def test_compiled_resnet_train_step_matches_composed():
     want = [ref.detach(), *(p.grad for p in reference.parameters()), *reference.buffers()]
     err = _err(got, want)
     assert err <= TOLERANCES["float64"]["grad"], f"compiled ResNet vs composed: max abs err {err:.3e}"
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_op_pair_takes_channels_last_buffers(mode):
+    """Inductor may hand the ops channels_last buffers where the traced model was NCHW (they are tagged
+    flexible_layout): called so, the pair runs the BN as torch ops and CBAM's channels_last kernels, returns
+    channels_last outputs (what its fake implementation promises) and computes what the composed ops do."""
+    from cbam_multi.torch import compiled
+
+    assert compiled.register()
+    model = _modules("official", "first", mode, "float64")
+    reference = copy.deepcopy(model)
+    h, ct = _inputs(True, "float64", "channels_last")
+    params = list(model.parameters())
+    hh = h.clone().requires_grad_()
+    y = compiled.bn_cbam(model[0], model[1], hh)  # outside torch.compile: the op pair itself
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    got = [y.detach(), *torch.autograd.grad(y, [hh, *params], ct), *(b.clone() for b in model.buffers())]
+    assert got[1].is_contiguous(memory_format=torch.channels_last)
+    hr = h.clone().requires_grad_()
+    with fused.disabled():
+        yr = reference(hr)
+    want = [yr.detach(), *torch.autograd.grad(yr, [hr, *reference.parameters()], ct), *reference.buffers()]
+    err = _err(got, want)
+    assert err <= TOLERANCES["float64"]["grad"], f"op pair on channels_last vs composed: max abs err {err:.3e}"
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("with_bn", [True, False], ids=["bn-cbam", "cbam"])
+def test_ops_pass_torch_library_opcheck(layout, with_bn):
+    """torch.library.opcheck: schema, autograd registration, fake implementation against the real one (shapes
+    and strides, both layouts) and AOT dispatch with dynamic shapes, for the training op and the inference op."""
+    from cbam_multi.torch import compiled
+
+    assert compiled.register()
+    model = _modules("official", "first", "train" if with_bn else None, "float64")
+    bn, cbam = (model[0], model[1]) if with_bn else (None, model[0])
+    h, _ = _inputs(False, "float64", layout)
+    h.requires_grad_()
+    sbn = cbam.spatial.bn
+    full = [*([None] * 5 if bn is None else [bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked]),
+            *(p for lin in (cbam.channel.fc1, cbam.channel.fc2, cbam.spatial.conv) for p in (lin.weight, lin.bias)),
+            sbn.weight, sbn.bias, sbn.running_mean, sbn.running_var, sbn.num_batches_tracked]
+    results = torch.library.opcheck(torch.ops.cbam_multi.bn_cbam_fwd.default,
+                                    (h, *compiled._compress(full), compiled._config(bn, cbam)))
+    assert set(results.values()) == {"SUCCESS"}, results
+    cbam.eval()
+    x = h.detach()
+    scale, shift = torch.rand(16, dtype=torch.float64) + 0.5, torch.randn(16, dtype=torch.float64)
+    args = (x, cbam.channel.fc1.weight.detach().reshape(cbam.spec.hidden, 16), cbam.channel.fc1.bias,
+            cbam.channel.fc2.weight.detach().reshape(16, cbam.spec.hidden), cbam.channel.fc2.bias, [0, 1],
+            cbam.spatial.conv.weight.detach(), cbam.spatial.conv.bias, sbn.weight.detach(), sbn.bias.detach(),
+            sbn.running_mean, sbn.running_var, sbn.eps, 0, False, scale, shift, torch.randn_like(x))
+    results = torch.library.opcheck(torch.ops.cbam_multi.cbam_infer.default, args,
+                                    test_utils=("test_schema", "test_faketensor"))
+    assert set(results.values()) == {"SUCCESS"}, results

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from . import cpu_kernel, fused, fused_bn
 from .guards import has_hooks
 
-__all__ = ["applies", "bn_cbam"]
+__all__ = ["applies", "bn_cbam", "infers", "register"]
 
 _FLOATS = (torch.float32, torch.float64)
 _lock = threading.Lock()
@@ -82,7 +82,7 @@ def _infers(bn, cbam, h: Tensor) -> bool:
 def _switches_on(bn, cbam, infer: bool) -> bool:
     # read once while tracing: dynamo cannot trace the build's lock or the switches' thread-locals
     modules = [*cbam.modules(), *([] if bn is None else [bn])]
-    if any(has_hooks(m) for m in modules) or not _register():
+    if any(has_hooks(m) for m in modules) or not register():
         return False
     return cpu_kernel._switch.enabled() if infer else fused._switch.enabled() and fused._kernel_switch_on()
 
@@ -396,7 +396,7 @@ def _backward(ctx, grads):
     return gh, tensor_grads, None, None
 
 
-def _register() -> bool:
+def register() -> bool:
     """Define the ops (and cbam_infer's fake implementation) once the kernel library is loaded."""
     if _registered:
         return _registered[0]
