@@ -265,3 +265,15 @@ def test_ops_pass_torch_library_opcheck(layout, with_bn):
     results = torch.library.opcheck(torch.ops.cbam_multi.cbam_infer.default, args,
                                     test_utils=("test_schema", "test_faketensor"))
     assert set(results.values()) == {"SUCCESS"}, results
+
+
+def test_export_keeps_standard_ops():
+    """torch.export (and the exporters built on it) traces the composed ops: an exported program must run
+    where this package's kernel library is not loaded."""
+    model = _modules("official", "first", "eval-cbam", "float64")[0]
+    h, _ = _inputs(False, "float64", "nchw")
+    program = torch.export.export(model, (h,))
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert not any("cbam_multi" in t for t in targets), sorted(targets)
+    err = (program.module()(h) - model(h)).abs().max().item()
+    assert err <= TOLERANCES["float64"]["y"], f"exported vs eager: max abs err {err:.3e}"

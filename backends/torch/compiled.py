@@ -20,7 +20,8 @@ implementations promise.
 
 `applies` holds under torch.compile where the eager fast paths would: CPU, float32/float64, NCHW or
 channels_last (NCHW for the BatchNorm pair), the standard two-gate variant with avg/max pools, no hooks, no
-autocast, a built kernel library, no ``disabled()`` block or off switch. Anything else traces the composed ops.
+autocast, a built kernel library, no ``disabled()`` block or off switch, and not `torch.export` (an exported
+program keeps standard ops, to run where this library is not loaded). Anything else traces the composed ops.
 Module settings, shapes and dtypes are guarded by dynamo; the hooks, the switches and the BatchNorms'
 momentum and eps are read when a graph is traced (change them, and call ``torch._dynamo.reset()``).
 """
@@ -50,8 +51,8 @@ def applies(bn: nn.Module | None, cbam, h: Tensor) -> bool:
     """Whether ``cbam(bn(h))`` (``cbam(h)`` for ``bn=None``) being traced by torch.compile may call the ops.
     Module settings, shapes and dtypes are read in traced code (dynamo guards them); the hooks, the kernel
     library and the switches (`fused.disabled`, the environment variables) once per trace."""
-    if not torch.compiler.is_compiling():
-        return False
+    if not torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return False  # an exported program keeps standard ops: it must run where this library is not loaded
     spec = cbam.spec
     if spec.no_spatial or spec.variant != "standard" or not set(spec.channel_pools) <= {"avg", "max"}:
         return False
