@@ -286,7 +286,9 @@ def _bfloat16_checkpoints_are_float32(report):
 # Each (preset, dtype) pair compiles the step twice (1 and 4 devices): the fewest pairs that cover both
 # dtypes and both CBAM presets (the float64 path is the same code for either preset). 10 steps of 32
 # (n_train 320, as in the multi-process test) give 10 per-step comparisons against the <= 20-step bounds.
-SHARDED_RUNS = (("seed", "float32"), ("official", "float64"))
+# one pair: the official preset (a BatchNorm inside CBAM, its statistics over the sharded batch) in float64,
+# where the 1- and 4-device numbers must agree to rounding; the sharding code does not depend on the dtype
+SHARDED_RUNS = (("official", "float64"),)
 SHARDED_SCRIPT = textwrap.dedent(
     """
     import json, sys
@@ -389,7 +391,7 @@ def _torchrun() -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("dtype", ["float64"])  # float64: agreement to rounding; DDP's code is the same for float32
 def test_torch_ddp_matches_single_process(mnist_dir, tmp_path, dtype):
     out = tmp_path / "ddp"
     cmd = [*_torchrun(), "--standalone", "--nproc_per_node", "2", "-m", "cbam_multi.training.cli", "train", "--backend", "torch",
