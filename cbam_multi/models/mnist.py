@@ -24,7 +24,7 @@ import numpy as np
 from cbam_multi import reference
 from cbam_multi.errors import InputError, SpecError
 from cbam_multi.jsondata import JsonData
-from cbam_multi.spec import TIE_RULES, TRAINABLE, CBAMSpec
+from cbam_multi.spec import TIE_RULES, TRAINABLE, CBAMSpec, check_float_input
 from cbam_multi.weights import register_spec_type
 
 MODEL_FORMAT_VERSION = 1
@@ -142,7 +142,7 @@ class MNISTNetSpec(JsonData, json_format="cbam_multi.MNISTNetSpec", json_version
                 f"MNISTNet expects {layout} images of {self.in_channels}x{self.image_size}x{self.image_size} "
                 f"(channels on axis {c_axis}), got shape {shape}"
             )
-        CBAMSpec(self.in_channels, reduction=1).check_input(shape, dtype_name, layout)  # dtype message
+        check_float_input(dtype_name)  # CBAM's dtype message
 
 
 # ------------------------------------------------------------ NumPy oracle
