@@ -187,16 +187,10 @@ def test_switches_and_non_finite_input():
     assert torch.allclose(y, ref, equal_nan=True, atol=TOLERANCES["float64"]["y"], rtol=0)
 
 
-def test_compiled_resnet_train_step_matches_composed():
-    """A ResNet-18-CBAM (width 16, 32x32) train step under torch.compile (fullgraph; ``aot_eager``: inductor
-    takes ~30 s to compile the network here, and its handling of the ops is the table's inductor case): every
-    block's last BN + CBAM is the op pair, and logits, every gradient and every buffer match the composed
-    network."""
-    spec = ResNetSpec(18, "cifar", num_classes=10, width=16)
-    torch.manual_seed(0)
-    model = ResNet(spec, dtype=torch.float64).train()
+def _compiled_step_vs_composed(model, x):
+    """One loss-gradient step of ``model`` compiled (fullgraph, aot_eager) and of a copy with the composed ops
+    -> (calls of the forward op in the compiled graph, max abs difference of output, gradients and buffers)."""
     reference = copy.deepcopy(model)
-    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     seen: list = []
     torch._dynamo.reset()
     y = torch.compile(model, fullgraph=True, backend=_graph_targets("aot_eager", seen))(x)
@@ -204,10 +198,21 @@ def test_compiled_resnet_train_step_matches_composed():
     with fused.disabled():
         ref = reference(x)
         ref.square().sum().backward()
-    assert sum("bn_cbam_fwd" in t for t in seen) == len(spec.cbam_blocks())
     got = [y.detach(), *(p.grad for p in model.parameters()), *model.buffers()]
     want = [ref.detach(), *(p.grad for p in reference.parameters()), *reference.buffers()]
-    err = _err(got, want)
+    return sum("bn_cbam_fwd" in t for t in seen), _err(got, want)
+
+
+def test_compiled_resnet_train_step_matches_composed():
+    """A ResNet-18-CBAM (width 16, 32x32) train step under torch.compile (fullgraph; ``aot_eager``: inductor
+    takes ~30 s to compile the network here, and parity_tests' compile rows run inductor with the ops): every
+    block's last BN + CBAM is the op pair, and logits, every gradient and every buffer match the composed
+    network."""
+    spec = ResNetSpec(18, "cifar", num_classes=10, width=16)
+    torch.manual_seed(0)
+    calls, err = _compiled_step_vs_composed(ResNet(spec, dtype=torch.float64).train(),
+                                            torch.randn(2, 3, 32, 32, dtype=torch.float64))
+    assert calls == len(spec.cbam_blocks())
     assert err <= TOLERANCES["float64"]["grad"], f"compiled ResNet vs composed: max abs err {err:.3e}"
 
 
@@ -249,11 +254,8 @@ def test_ops_pass_torch_library_opcheck(layout, with_bn):
     h, _ = _inputs(False, "float64", layout)
     h.requires_grad_()
     sbn = cbam.spatial.bn
-    full = [*([None] * 5 if bn is None else [bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked]),
-            *(p for lin in (cbam.channel.fc1, cbam.channel.fc2, cbam.spatial.conv) for p in (lin.weight, lin.bias)),
-            sbn.weight, sbn.bias, sbn.running_mean, sbn.running_var, sbn.num_batches_tracked]
     results = torch.library.opcheck(torch.ops.cbam_multi.bn_cbam_fwd.default,
-                                    (h, *compiled._compress(full), compiled._config(bn, cbam)))
+                                    (h, *compiled._compress(compiled.op_tensors(bn, cbam)), compiled._config(bn, cbam)))
     assert set(results.values()) == {"SUCCESS"}, results
     cbam.eval()
     x = h.detach()
@@ -288,17 +290,6 @@ def test_compiled_mnist_net_train_step_matches_composed(preset):
 
     torch.manual_seed(0)
     model = MNISTNet(MNISTNetSpec(cbam_preset=preset), dtype=torch.float64).train()
-    reference = copy.deepcopy(model)
-    x = torch.randn(4, 1, 28, 28, dtype=torch.float64)
-    seen: list = []
-    torch._dynamo.reset()
-    y = torch.compile(model, fullgraph=True, backend=_graph_targets("aot_eager", seen))(x)
-    y.square().sum().backward()
-    with fused.disabled():
-        ref = reference(x)
-        ref.square().sum().backward()
-    assert sum("bn_cbam_fwd" in t for t in seen) == len(model.spec.conv_channels)
-    got = [y.detach(), *(p.grad for p in model.parameters()), *model.buffers()]
-    want = [ref.detach(), *(p.grad for p in reference.parameters()), *reference.buffers()]
-    err = _err(got, want)
+    calls, err = _compiled_step_vs_composed(model, torch.randn(4, 1, 28, 28, dtype=torch.float64))
+    assert calls == len(model.spec.conv_channels)
     assert err <= TOLERANCES["float64"]["grad"], f"compiled MNIST net vs composed: max abs err {err:.3e}"

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from . import cpu_kernel, fused, fused_bn
 from .guards import has_hooks
 
-__all__ = ["applies", "bn_cbam", "infers", "register"]
+__all__ = ["applies", "bn_cbam", "infers", "op_tensors", "register"]
 
 _FLOATS = (torch.float32, torch.float64)
 _lock = threading.Lock()
@@ -102,15 +102,10 @@ def bn_cbam(bn: nn.BatchNorm2d | None, cbam, h: Tensor) -> Tensor:
     """``cbam(bn(h))`` (``cbam(h)`` for ``bn=None``) through the custom ops (call only where `applies`)."""
     if infers(bn, cbam, h):
         return cpu_kernel.cbam_infer(cbam, h) if bn is None else cpu_kernel.bn_then_cbam_infer(bn, cbam, h)
-    ch, sp = cbam.channel, cbam.spatial
-    sbn = sp.bn
-    full = [*([None] * 5 if bn is None else [bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked]),
-            ch.fc1.weight, ch.fc1.bias, ch.fc2.weight, ch.fc2.bias, sp.conv.weight, sp.conv.bias,
-            *([None] * 5 if sbn is None else [sbn.weight, sbn.bias, sbn.running_mean, sbn.running_var, sbn.num_batches_tracked])]
-    out, *rest = torch.ops.cbam_multi.bn_cbam_fwd(h, *_compress(full), _config(bn, cbam))
+    out, *rest = torch.ops.cbam_multi.bn_cbam_fwd(h, *_compress(op_tensors(bn, cbam)), _config(bn, cbam))
     new_stats = iter(rest[len(_SLOTS):])
     with torch.no_grad():  # what nn.BatchNorm2d.forward writes: the counter, the running averages (from the op)
-        for norm in (bn, sbn):
+        for norm in (bn, cbam.spatial.bn):
             if norm is None:
                 continue
             if norm.training and norm.num_batches_tracked is not None:
@@ -122,10 +117,20 @@ def bn_cbam(bn: nn.BatchNorm2d | None, cbam, h: Tensor) -> Tensor:
     return out
 
 
+def op_tensors(bn: nn.BatchNorm2d | None, cbam) -> list:
+    """The forward op's tensor slots (None where a module has no such tensor): block BN (weight, bias, running
+    mean, running var, counter), fc1 (weight, bias), fc2 (weight, bias), spatial conv (weight, bias), spatial
+    BN (weight, bias, running mean, running var, counter)."""
+    def norm(m):
+        return [None] * 5 if m is None else [m.weight, m.bias, m.running_mean, m.running_var, m.num_batches_tracked]
+
+    ch, sp = cbam.channel, cbam.spatial
+    return [*norm(bn), ch.fc1.weight, ch.fc1.bias, ch.fc2.weight, ch.fc2.bias, sp.conv.weight, sp.conv.bias, *norm(sp.bn)]
+
+
 def _compress(full: list) -> tuple[list, str]:
-    """(the tensors, which of the slots hold one): torch.library's autograd takes lists of tensors, not of
-    optional tensors. Slots: block BN (weight, bias, running mean, running var, counter), fc1 (weight, bias),
-    fc2 (weight, bias), spatial conv (weight, bias), spatial BN (weight, bias, running mean, var, counter)."""
+    """(the tensors, which of the slots (`op_tensors`) hold one): torch.library's autograd takes lists of
+    tensors, not of optional tensors."""
     return [t for t in full if t is not None], "".join("0" if t is None else "1" for t in full)
 
 
@@ -181,10 +186,7 @@ class _BatchNorm:
         if self.replay:
             stats = (None, None) if batch else (self.running_mean, self.running_var)
             return F.batch_norm(z, *stats, self.weight, self.bias, batch, 0.0, self.eps)
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        factor = fused_bn.momentum_factor(self)
         return F.batch_norm(z, self.running_mean, self.running_var, self.weight, self.bias, batch, factor, self.eps)
 
 
@@ -324,7 +326,7 @@ def _bwd_impl(g: Tensor, h: Tensor, saved: list[Tensor], tensors: list[Tensor], 
     cfg, full = _parse(config), _expand(tensors, present)
     bn, params = full[:5], full[5:]
     slot = {name: t for (name, _, _), t in zip(_SLOTS, saved)}
-    path, kern, batch_stats, present = slot["flags"].tolist()
+    path, kern, batch_stats, maps = slot["flags"].tolist()
     dt, first, pools = h.dtype, cfg["tie_rule"] == "first", tuple(cfg["pools"])
     ctx = _Ctx()
     with _autograd_on():
@@ -340,7 +342,7 @@ def _bwd_impl(g: Tensor, h: Tensor, saved: list[Tensor], tensors: list[Tensor], 
                                  slot["mean"], slot["invstd"])
             gh, _, _, _, gw, gb, *grads = fused_bn._BNThenCBAMKernels.backward(ctx, g)
         else:
-            opt = [slot[n] if present & bit else None for n, bit in (("idx_hw", 1), ("idx_c", 2), ("cnt_hw", 4), ("cnt_c", 4))]
+            opt = [slot[n] if maps & bit else None for n, bit in (("idx_hw", 1), ("idx_c", 2), ("cnt_hw", 4), ("cnt_c", 4))]
             ctx.graphs = (ca, leaves1, pools, opt[0], s_graph, leaves2, opt[1], bool(kern), opt[2], opt[3])
             ctx.tie_first = first
             if path == _CBAM:
@@ -367,7 +369,7 @@ def _bwd_fake(g, h, saved, tensors, present, need_h, config):
             for t in (h if need_h else None, full[0], full[0], *full[5:13])]
 
 
-# the forward's tensors the backward reads (slot numbers of `_compress`): the block BN's weight, the CBAM
+# the forward's tensors the backward reads (slot numbers of `op_tensors`): the block BN's weight, the CBAM
 # parameters, and the spatial BN's running statistics where the forward used them (eval mode: not updated)
 _READ = (0, *range(5, 13))
 

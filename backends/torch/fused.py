@@ -284,6 +284,7 @@ class _SpatialConv(torch.autograd.Function):
 
 
 KERNEL_ENV_VAR = "CBAM_MULTI_FUSED_TRAIN_KERNEL"
+_kernel_switch_on = FastPathSwitch(KERNEL_ENV_VAR).env_enabled  # the variable alone (no disabled() block)
 
 
 @contextlib.contextmanager
@@ -313,10 +314,6 @@ def _kernel_applies(x: torch.Tensor) -> bool:
         and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
         and cpu_kernel.available()
     )
-
-
-def _kernel_switch_on() -> bool:
-    return os.environ.get(KERNEL_ENV_VAR, "1").strip().lower() not in ("0", "off", "false", "no")
 
 
 def _kernel(name: str, x: torch.Tensor):

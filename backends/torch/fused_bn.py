@@ -32,7 +32,7 @@ from torch.autograd.function import once_differentiable
 from . import fused
 from .guards import has_hooks
 
-__all__ = ["applies", "bn_cbam_train"]
+__all__ = ["applies", "bn_cbam_train", "momentum_factor"]
 
 
 def applies(bn: nn.Module, cbam, h: torch.Tensor) -> bool:
@@ -69,6 +69,18 @@ def _finite_affine(bn: nn.BatchNorm2d) -> bool:
         return all(bool(torch.isfinite(t).all()) for t in ts)
 
 
+def momentum_factor(bn) -> float:
+    """The weight ``nn.BatchNorm2d.forward`` gives this batch in the running averages (``momentum``, or with
+    ``momentum=None`` the cumulative average's 1 / batches), advancing ``num_batches_tracked`` where it does
+    (training with running statistics). ``bn``: the module, or a stand-in with its attributes."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:  # cumulative moving average
+            factor = 1.0 / float(bn.num_batches_tracked)
+    return factor
+
+
 def _statistics(bn: nn.BatchNorm2d, h: torch.Tensor):
     """(mean, biased variance, batch statistics used?) as ``nn.BatchNorm2d.forward`` chooses them, updating
     the running averages and ``num_batches_tracked`` exactly where it does."""
@@ -76,12 +88,7 @@ def _statistics(bn: nn.BatchNorm2d, h: torch.Tensor):
     if not batch_stats:
         return bn.running_mean.clone(), bn.running_var.clone(), False
     if bn.training and bn.track_running_stats:
-        momentum = 0.0 if bn.momentum is None else bn.momentum
-        if bn.num_batches_tracked is not None:
-            bn.num_batches_tracked.add_(1)
-            if bn.momentum is None:  # cumulative moving average
-                momentum = 1.0 / float(bn.num_batches_tracked)
-        mean, var = torch.batch_norm_update_stats(h, bn.running_mean, bn.running_var, momentum)
+        mean, var = torch.batch_norm_update_stats(h, bn.running_mean, bn.running_var, momentum_factor(bn))
     else:  # batch statistics without running averages (track_running_stats=False)
         mean, var = torch.batch_norm_update_stats(h, None, None, 0.0)
     return mean, var, True
@@ -135,11 +142,7 @@ def _kernel_statistics(bn: nn.BatchNorm2d, psum: torch.Tensor, pm2: torch.Tensor
     mean = psum.sum(0) / n
     var = (pm2 + hw * (psum / hw - mean) ** 2).sum(0) / n
     if bn.training and bn.track_running_stats:
-        momentum = 0.0 if bn.momentum is None else bn.momentum
-        if bn.num_batches_tracked is not None:
-            bn.num_batches_tracked.add_(1)
-            if bn.momentum is None:
-                momentum = 1.0 / float(bn.num_batches_tracked)
+        momentum = momentum_factor(bn)
         rm, rv = bn.running_mean, bn.running_var
         rm.copy_(rm.double() * (1 - momentum) + mean * momentum)
         rv.copy_(rv.double() * (1 - momentum) + var * (n / (n - 1)) * momentum)
