@@ -28,6 +28,8 @@ from cbam_multi.errors import InputError, SpecError, WeightsError
 from cbam_multi.spec import LEAKY_SLOPE, CBAMSpec, require_spec
 from cbam_multi.weights import init_weights
 
+from . import cpu_kernel
+
 Params = Mapping[str, jax.Array]
 
 BN_STATS = ("spatial.bn.mean", "spatial.bn.var")
@@ -350,7 +352,10 @@ def cbam(params: Params, x, spec: CBAMSpec, *, train: bool = False):
     """CBAM on NHWC ``x``: channel gate, then spatial gate. Returns ``(y, new_stats)``."""
     x = _checked_input(x, spec, train)
     _check_params(params, spec, None)
-    return _cbam({n: params[n] for n in spec.param_shapes()}, x, spec, train)
+    params = {n: params[n] for n in spec.param_shapes()}
+    if cpu_kernel.applies(spec, x, train):  # eval on CPU: the fused kernel, one pass per sample
+        return _fused(params, x, None, None, spec), {}
+    return _cbam(params, x, spec, train)
 
 
 # Jitted so that an eager call (an NNX or linen module outside jit, a debugging session) runs one compiled
@@ -364,9 +369,10 @@ def _cbam(params: Params, x, spec: CBAMSpec, train: bool):
     return _spatial(params, x * g[:, None, None, :], spec, train, gated_from=(x, g))
 
 
-def cbam_after_affine(params: Params, h, scale, shift, spec: CBAMSpec, *, train: bool = False):
+def cbam_after_affine(params: Params, h, scale, shift, spec: CBAMSpec, *, train: bool = False, residual=None):
     """``cbam(params, h * scale + shift, spec)`` with per-channel ``scale``, ``shift`` (C,): an eval-mode
-    BatchNorm in front of the block. Returns ``(y, new_stats)`` like `cbam`.
+    BatchNorm in front of the block. Returns ``(y, new_stats)`` like `cbam`; with ``residual`` (h's shape),
+    ``y = relu(cbam(...) + residual)``: a ResNet block's tail, one kernel call on CPU in eval mode.
 
     The block reads ``h`` and never materialises ``x = h * scale + shift``: XLA fuses the affine map into
     each of the block's passes (the pools as ``mean(h) * scale + shift`` and ``max(h * scale) + shift``, the
@@ -379,10 +385,16 @@ def cbam_after_affine(params: Params, h, scale, shift, spec: CBAMSpec, *, train:
     acc = _acc_dtype(dt)  # half precision: the map in float32, rounded once (as `batch_norm` does)
     scale, shift = jnp.asarray(scale).astype(acc), jnp.asarray(shift).astype(acc)
     params = {n: params[n] for n in spec.param_shapes()}
+    if residual is not None and (residual.shape != h.shape or residual.dtype != dt):
+        raise InputError(f"residual must have h's shape {h.shape} and dtype {dt}, got {residual.shape} {residual.dtype}")
+    if cpu_kernel.applies(spec, h, train):  # eval on CPU: the fused kernel forms x sample by sample in cache
+        return _fused(params, h, (scale, shift), residual, spec), {}
     if (spec.no_spatial or spec.variant != "standard" or not set(spec.channel_pools) <= {"avg", "max"}
             or dt not in (jnp.float32, jnp.float64)):
-        return _cbam(params, (h.astype(acc) * scale + shift).astype(dt), spec, train)
-    return _cbam_after_affine(params, h, scale, shift, spec, train)
+        y, stats = _cbam(params, (h.astype(acc) * scale + shift).astype(dt), spec, train)
+    else:
+        y, stats = _cbam_after_affine(params, h, scale, shift, spec, train)
+    return (y if residual is None else jax.nn.relu(y + residual)), stats
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "train"))
@@ -402,6 +414,22 @@ def _cbam_after_affine(params: Params, h, scale, shift, spec: CBAMSpec, train: b
     maps = {"mean": mean / h.shape[3], "max": max_reduce(y1, (3,), spec.tie_rule)}
     s, stats = _gate_from_maps(params, maps, spec, train)
     return y1 * s, stats
+
+
+def _composed(params: Params, x, in_affine, residual, spec: CBAMSpec):
+    """What `cpu_kernel.cbam_infer` computes, from the composed ops: eval-mode cbam(x) (of x * scale + shift
+    with ``in_affine``), then relu(. + residual) with a residual. Its derivatives are the kernel path's."""
+    if in_affine is None:
+        y, _ = _cbam(params, x, spec, False)
+    else:
+        y, _ = _cbam_after_affine(params, x, *in_affine, spec, False)
+    return y if residual is None else jax.nn.relu(y + residual)
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))  # one program for eager calls, as `_cbam`
+def _fused(params: Params, x, in_affine, residual, spec: CBAMSpec):
+    composed = functools.partial(_composed, spec=spec)
+    return cpu_kernel.cbam_infer(params, x, spec, composed, in_affine, residual)
 
 
 def promote_input(x, params: Params, dtype=None):

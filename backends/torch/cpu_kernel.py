@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+import cbam_multi
 from cbam_multi.machine import cpu_flags
 
 from .guards import FastPathSwitch, functorch_wrapped, has_hooks
@@ -42,8 +43,10 @@ _SOURCE = Path(__file__).with_name("csrc") / "cbam_infer.cpp"
 _CSRC = Path(__file__).with_name("csrc")
 # the training Function's kernels: one unit that includes cbam_train.cpp, cbam_train_cl.cpp, cbam_bn_train.cpp
 _SOURCES = (_SOURCE, _CSRC / "cbam_train_all.cpp")
+# the inference kernel's framework-free core, shared with the JAX backend's XLA FFI handler
+_CORE = Path(cbam_multi.__file__).with_name("csrc")
 _INCLUDED = (_CSRC / "cbam_train.cpp", _CSRC / "cbam_train_cl.cpp", _CSRC / "cbam_bn_train.cpp", _CSRC / "lanes.h",
-             _CSRC / "infer_simd.h")
+             _CORE / "infer_core.h", _CORE / "infer_simd.h")
 _POOL_CODES = {"avg": 0, "max": 1}  # the pools the kernel computes (every preset's)
 _FLOATS = (torch.float32, torch.float64)
 _log = logging.getLogger(__name__)

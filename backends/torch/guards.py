@@ -3,13 +3,11 @@ fused CPU kernel (one home, so `modules` and `cpu_kernel` need not import each o
 
 from __future__ import annotations
 
-import contextlib
-import os
-import threading
-
 import torch
 from torch import nn
 from torch.nn.modules import module as _nn_module
+
+from cbam_multi.fastpath import FastPathSwitch
 
 __all__ = ["FastPathSwitch", "functorch_wrapped", "has_hooks"]
 
@@ -28,27 +26,3 @@ def has_hooks(module: nn.Module) -> bool:
         or module._backward_pre_hooks or m._global_forward_hooks or m._global_forward_pre_hooks
         or m._global_backward_hooks or m._global_backward_pre_hooks
     )
-
-
-class FastPathSwitch:
-    """A fast path's on/off: an environment variable (on unless set to 0/off/false/no) and a per-thread
-    ``disabled()`` block (e.g. to compare or benchmark the composed ops)."""
-
-    def __init__(self, env_var: str):
-        self.env_var = env_var
-        self._local = threading.local()  # per-thread `disabled()` depth
-
-    def env_enabled(self) -> bool:
-        return os.environ.get(self.env_var, "1").strip().lower() not in ("0", "off", "false", "no")
-
-    def enabled(self) -> bool:
-        return not getattr(self._local, "off", 0) and self.env_enabled()
-
-    @contextlib.contextmanager
-    def disabled(self):
-        """Run the composed torch ops inside this block (this thread)."""
-        self._local.off = getattr(self._local, "off", 0) + 1
-        try:
-            yield
-        finally:
-            self._local.off -= 1

@@ -247,7 +247,8 @@ class LayerOps(Protocol):
     def relu(self, x): ...
     def max_pool_3x3_s2(self, x): ...  # padding 1, like torch's MaxPool2d(3, 2, 1)
     def cbam(self, x, prefix: str, spec: CBAMSpec): ...
-    def bn_cbam(self, x, bn_prefix: str, cbam_prefix: str, spec: CBAMSpec): ...  # cbam(bn(x)), may be fused
+    # a CBAM block's tail, relu(cbam(bn(x)) + shortcut): may be fused (one kernel call in JAX eval on CPU)
+    def bn_cbam_add_relu(self, x, bn_prefix: str, cbam_prefix: str, spec: CBAMSpec, shortcut): ...
     def head(self, x): ...  # global average pool, then fc
 
 
@@ -260,18 +261,18 @@ def walk(spec: ResNetSpec, x, ops: LayerOps):
     for block in spec.blocks():
         out = h
         convs = spec.block_convs(block)
-        for i, (conv, _, _, _, stride) in enumerate(convs, 1):
-            z = ops.conv(out, f"{block.name}.{conv}", stride)
-            if i < len(convs):
-                out = ops.relu(ops.bn(z, f"{block.name}.bn{i}"))
-            elif spec.has_cbam:  # the last BN, then CBAM
-                out = ops.bn_cbam(z, f"{block.name}.bn{i}", f"{block.name}.cbam", spec.cbam_spec(block.out_channels))
-            else:
-                out = ops.bn(z, f"{block.name}.bn{i}")
+        for i, (conv, _, _, _, stride) in enumerate(convs[:-1], 1):
+            out = ops.relu(ops.bn(ops.conv(out, f"{block.name}.{conv}", stride), f"{block.name}.bn{i}"))
+        conv, *_, stride = convs[-1]
+        z = ops.conv(out, f"{block.name}.{conv}", stride)
         shortcut = h
         if block.downsample:
             shortcut = ops.bn(ops.conv(h, f"{block.name}.downsample.conv", block.stride), f"{block.name}.downsample.bn")
-        h = ops.relu(out + shortcut)
+        last_bn = f"{block.name}.bn{len(convs)}"
+        if spec.has_cbam:  # the last BN, CBAM, the shortcut add and ReLU
+            h = ops.bn_cbam_add_relu(z, last_bn, f"{block.name}.cbam", spec.cbam_spec(block.out_channels), shortcut)
+        else:
+            h = ops.relu(ops.bn(z, last_bn) + shortcut)
     return ops.head(h)
 
 
@@ -312,8 +313,8 @@ class _NumpyOps:
         self.stats.update({f"{prefix}.{n}": a for n, a in new.items()})
         return out
 
-    def bn_cbam(self, x, bn_prefix, cbam_prefix, spec):
-        return self.cbam(self.bn(x, bn_prefix), cbam_prefix, spec)
+    def bn_cbam_add_relu(self, x, bn_prefix, cbam_prefix, spec, shortcut):
+        return self.relu(self.cbam(self.bn(x, bn_prefix), cbam_prefix, spec) + shortcut)
 
     def head(self, x):
         return x.mean(axis=(2, 3)) @ self.w["fc.kernel"] + self.w["fc.bias"]

@@ -67,15 +67,15 @@ class _JaxOps:
         self.stats.update({f"{prefix}.{n}": v for n, v in new.items()})
         return out
 
-    def bn_cbam(self, z, bn_prefix, cbam_prefix, spec):
+    def bn_cbam_add_relu(self, z, bn_prefix, cbam_prefix, spec, shortcut):
         if self.train:  # batch statistics: the composed pair (XLA keeps no extra tensor in training)
-            return self.cbam(self.bn(z, bn_prefix), cbam_prefix, spec)
+            return self.relu(self.cbam(self.bn(z, bn_prefix), cbam_prefix, spec) + shortcut)
         p = self.params
         acc = F._acc_dtype(z.dtype)
         scale = p[f"{bn_prefix}.scale"].astype(acc) / jnp.sqrt(p[f"{bn_prefix}.var"].astype(acc) + self.spec.bn_eps)
         shift = p[f"{bn_prefix}.bias"].astype(acc) - p[f"{bn_prefix}.mean"].astype(acc) * scale
         sub = {n: p[f"{cbam_prefix}.{n}"] for n in spec.param_shapes()}
-        out, new = F.cbam_after_affine(sub, z, scale, shift, spec, train=False)
+        out, new = F.cbam_after_affine(sub, z, scale, shift, spec, train=False, residual=shortcut)
         self.stats.update({f"{cbam_prefix}.{n}": v for n, v in new.items()})
         return out
 

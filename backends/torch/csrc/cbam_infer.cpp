@@ -1,20 +1,5 @@
-// Fused CBAM inference for CPU: the whole block in one pass over each sample.
-//
-// Composed torch ops stream the full tensor through memory about 8 times (pools, channel-gated copy,
-// channel mean and max, spatial-gated product). Here each sample is handled start to finish by one
-// thread while its slab (C*H*W values: 200 KB for 64x28x28 float32) stays in that core's L2 cache:
-// x is read from memory once and the output written once; the other passes hit the cache.
-//
-// Same maths and rounding points as the composed path in functional.py / modules.py: y = x * cg is
-// rounded before the channel statistics, the output is (x * cg) * sg, BatchNorm (eval) is the affine
-// map with the running statistics. Sums run in another order (vector lanes) and the pools share one
-// fc2 product (fc2 is affine), so results agree to float rounding, not bit for bit.
-//
-// Covers: float32/float64, NCHW-contiguous or channels_last input, pools avg/max, either concat order,
-// any odd kernel, optional MLP/conv biases, BatchNorm in eval mode, sigmoid or hard_sigmoid gates, an eval
-// BatchNorm in front (in_scale/in_shift) and a ResNet block's shortcut add and ReLU behind (residual).
-// Anything else (autograd, BN in train mode, other pools or dtypes) stays on the composed path; the
-// Python side (cpu_kernel.py) decides.
+// The fused CBAM inference kernel (cbam_multi/csrc/infer_core.h) as the torch op cbam_multi::cbam_infer:
+// argument checks, the dtype dispatch, ATen's thread pool. NCHW-contiguous or channels_last input.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -22,273 +7,13 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <cmath>
-#include <limits>
 #include <optional>
-#include <vector>
 
-#include "infer_simd.h"
+#include "infer_core.h"
 
 namespace {
 
-using namespace cbam_infer_simd;
-
-constexpr int64_t kTile = 1024;    // spatial positions per channel-reduction tile (accumulators in L1)
-constexpr int64_t kBandBytes = 128 * 1024;  // x per band of rows in the maps + product passes (L2 holds a few)
-constexpr int64_t kPoolAvg = 0, kPoolMax = 1;
-
-
-template <typename T>
-inline T gate(T z, bool hard) {
-  if (hard) {  // same expression as functional.apply_gate: clamp(z / 6 + 0.5, 0, 1)
-    T v = z / T(6) + T(0.5);
-    return v < T(0) ? T(0) : (v > T(1) ? T(1) : v);
-  }
-  return T(1) / (T(1) + std::exp(-z));
-}
-
-template <typename T>
-struct Params {
-  const T* w1;  // (hidden, C), nn.Linear layout
-  const T* b1;  // (hidden,) or null
-  const T* w2;  // (C, hidden)
-  const T* b2;  // (C,) or null
-  int64_t hidden;
-  std::vector<int64_t> pools;  // kPoolAvg / kPoolMax in spec order
-  const T* conv;               // (2, k, k): input channel mean_channel is the mean map
-  int64_t k;
-  int64_t mean_channel;
-  T conv_bias;  // 0 when the conv has none
-  T z_scale;    // eval BatchNorm folded to z * scale + shift (1, 0 without BN)
-  T z_shift;
-  bool hard;
-  const T* in_scale;  // (C,) eval BatchNorm in front of the block, x = h * in_scale + in_shift; null: x given
-  const T* in_shift;
-};
-
-
-// per-channel sums and maxima over H*W -> sum[C], mx[C]
-template <typename T, bool ChannelsLast>
-void channel_pools(const T* x, const Affine<T>& in, int64_t C, int64_t HW, T* sum, T* mx) {
-  if (!ChannelsLast) {
-    for (int64_t c = 0; c < C; ++c) {
-      if (in.scale)
-        row_sum_max_affine(x + c * HW, in.scale[c], in.shift[c], HW, sum[c], mx[c]);
-      else
-        row_sum_max(x + c * HW, static_cast<const T*>(nullptr), HW, sum[c], mx[c]);
-    }
-    return;
-  }
-  for (int64_t c = 0; c < C; ++c) {
-    sum[c] = T(0);
-    mx[c] = -std::numeric_limits<T>::infinity();
-  }
-  // vectorised across channels; a vector max drops NaN, but a NaN also makes the channel's sum NaN: then
-  // (rarely) that channel's max is taken again, NaN-aware, as row_sum_max does for NCHW rows
-  for (int64_t p = 0; p < HW; ++p) {
-    const T* row = x + p * C;
-    if (in.scale) {
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const T v = row[c] * in.scale[c] + in.shift[c];
-        sum[c] += v;
-        mx[c] = v > mx[c] ? v : mx[c];
-      }
-    } else {
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        sum[c] += row[c];
-        mx[c] = row[c] > mx[c] ? row[c] : mx[c];
-      }
-    }
-  }
-  for (int64_t c = 0; c < C; ++c) {
-    if (sum[c] != sum[c]) {
-      T m = -std::numeric_limits<T>::infinity();
-      for (int64_t p = 0; p < HW; ++p) m = nan_max(m, in.scale ? x[p * C + c] * in.scale[c] + in.shift[c] : x[p * C + c]);
-      mx[c] = m;
-    }
-  }
-}
-
-
-template <typename T>
-inline T relu(T v) {
-  return v > T(0) ? v : (v != v ? v : T(0));  // NaN stays NaN, as in torch.relu
-}
-
-// cg = gate(sum over pools of fc2(relu(fc1(pool)))), computed as gate(fc2_w (sum of relu(fc1(pool)))
-// + P * fc2_b): fc2 is affine, so the pools share one fc2 product (same value, rounded differently).
-// `sum` is turned into the average in place; hid holds 3 * hidden values.
-template <typename T>
-void channel_gate(const Params<T>& p, int64_t C, int64_t HW, T* sum, const T* mx, T* hid, T* cg) {
-  for (int64_t c = 0; c < C; ++c) sum[c] /= T(HW);
-  const int64_t P = static_cast<int64_t>(p.pools.size()), H = p.hidden;
-  const T* pooled0 = p.pools[0] == kPoolAvg ? sum : mx;
-  const T* pooled1 = P > 1 ? (p.pools[1] == kPoolAvg ? sum : mx) : nullptr;
-  T *h0 = hid, *h1 = hid + H, *hs = hid + 2 * H;
-  matvec2(p.w1, H, C, pooled0, pooled1, h0, h1);
-  for (int64_t h = 0; h < H; ++h) {
-    const T b = p.b1 ? p.b1[h] : T(0);
-    hs[h] = relu(h0[h] + b);
-    if (pooled1) hs[h] += relu(h1[h] + b);
-  }
-  matvec2(p.w2, C, H, hs, static_cast<const T*>(nullptr), cg, static_cast<T*>(nullptr));
-  for (int64_t c = 0; c < C; ++c) cg[c] = gate(p.b2 ? cg[c] + T(P) * p.b2[c] : cg[c], p.hard);
-}
-
-// mean and max over channels of y = x * cg (y rounded as the composed path stores it) at positions
-// [p0, p1) -> mean[p], mx[p]; row: C values of scratch (channels_last with an input affine)
-template <typename T, bool ChannelsLast>
-void spatial_maps(const T* x, const Affine<T>& in, const T* cg, int64_t C, int64_t HW, int64_t p0, int64_t p1,
-                  T* mean, T* mx, T* row) {
-  if (!ChannelsLast) {
-    for (int64_t t0 = p0; t0 < p1; t0 += kTile) {
-      const int64_t n = std::min(kTile, p1 - t0);
-      T* s = mean + t0;
-      T* m = mx + t0;
-      for (int64_t i = 0; i < n; ++i) {
-        s[i] = T(0);
-        m[i] = -std::numeric_limits<T>::infinity();
-      }
-      for (int64_t c = 0; c < C; ++c) {
-        const T g = cg[c];
-        const T* r = x + c * HW + t0;
-        if (in.scale) {
-          const T a = in.scale[c], e = in.shift[c];
-          for (int64_t i = 0; i < n; ++i) {
-            const T v = (r[i] * a + e) * g;
-            s[i] += v;
-            m[i] = nan_max(m[i], v);
-          }
-        } else {
-          for (int64_t i = 0; i < n; ++i) {
-            const T v = r[i] * g;
-            s[i] += v;
-            m[i] = nan_max(m[i], v);
-          }
-        }
-      }
-    }
-  } else {
-    for (int64_t p = p0; p < p1; ++p) {
-      const T* r = x + p * C;
-      if (in.scale) {
-        for (int64_t c = 0; c < C; ++c) row[c] = r[c] * in.scale[c] + in.shift[c];
-        r = row;
-      }
-      row_sum_max(r, cg, C, mean[p], mx[p]);
-    }
-  }
-  for (int64_t i = p0; i < p1; ++i) mean[i] /= T(C);
-}
-
-// sg = gate(BN(conv_kxk([mean, max] in spec order) + bias)), zero 'same' padding, for the output rows
-// [r0, r1) (they read the maps' rows r0 - k/2 .. r1 - 1 + k/2)
-template <typename T>
-void spatial_gate(const Params<T>& p, int64_t H, int64_t W, int64_t r0, int64_t r1, const T* mean, const T* mx,
-                  T* z, T* sg) {
-  const int64_t k = p.k, pad = k / 2;
-  for (int64_t i = r0 * W; i < r1 * W; ++i) z[i] = T(0);
-  for (int64_t ch = 0; ch < 2; ++ch) {
-    const T* map = ch == p.mean_channel ? mean : mx;
-    for (int64_t dy = 0; dy < k; ++dy) {
-      for (int64_t dx = 0; dx < k; ++dx) {
-        const T w = p.conv[(ch * k + dy) * k + dx];
-        const int64_t oy = dy - pad, ox = dx - pad;  // output (i, j) reads map (i + oy, j + ox)
-        const int64_t i0 = std::max<int64_t>(r0, -oy), i1 = std::min<int64_t>(r1, H - oy);
-        const int64_t j0 = std::max<int64_t>(0, -ox), j1 = std::min<int64_t>(W, W - ox);
-        for (int64_t i = i0; i < i1; ++i) {
-          T* zr = z + i * W;
-          const T* mr = map + (i + oy) * W + ox;
-          for (int64_t j = j0; j < j1; ++j) zr[j] += w * mr[j];
-        }
-      }
-    }
-  }
-  for (int64_t i = r0 * W; i < r1 * W; ++i) sg[i] = gate((z[i] + p.conv_bias) * p.z_scale + p.z_shift, p.hard);
-}
-
-// out = (x * cg) * sg, or relu((x * cg) * sg + res) with a residual (a ResNet block's shortcut add and ReLU)
-// at positions [p0, p1)
-template <typename T, bool ChannelsLast>
-void apply_gates(const T* x, const Affine<T>& in, const T* cg, const T* sg, const T* res, int64_t C, int64_t HW,
-                 int64_t p0, int64_t p1, T* out) {
-  if (!ChannelsLast) {
-    const int64_t n = p1 - p0;
-    for (int64_t c = 0; c < C; ++c) {
-      const T g = cg[c];
-      const T* row = x + c * HW + p0;
-      const T* s = sg + p0;
-      T* o = out + c * HW + p0;
-      if (in.scale) {
-        const T a = in.scale[c], e = in.shift[c];
-        for (int64_t i = 0; i < n; ++i) o[i] = ((row[i] * a + e) * g) * s[i];
-      } else {
-        for (int64_t i = 0; i < n; ++i) o[i] = (row[i] * g) * s[i];
-      }
-      if (res) {
-        const T* r = res + c * HW + p0;
-        for (int64_t i = 0; i < n; ++i) o[i] = relu(o[i] + r[i]);  // o is still in L1: a short second loop
-      }
-    }
-  } else {
-    for (int64_t p = p0; p < p1; ++p) {
-      const T s = sg[p];
-      const T* row = x + p * C;
-      T* o = out + p * C;
-      if (in.scale) {
-        for (int64_t c = 0; c < C; ++c) o[c] = ((row[c] * in.scale[c] + in.shift[c]) * cg[c]) * s;
-      } else {
-        for (int64_t c = 0; c < C; ++c) o[c] = (row[c] * cg[c]) * s;
-      }
-      if (res) {
-        const T* r = res + p * C;
-        for (int64_t c = 0; c < C; ++c) o[c] = relu(o[c] + r[c]);
-      }
-    }
-  }
-}
-
-template <typename T, bool ChannelsLast>
-void run(const at::Tensor& x, const T* res, at::Tensor& out, const Params<T>& p) {
-  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
-  const T* xd = x.const_data_ptr<T>();
-  T* od = out.mutable_data_ptr<T>();
-  const int64_t pad = p.k / 2;
-  // rows per band: about kBandBytes of x, and at least the conv's reach so each band frees rows to gate
-  const int64_t row_bytes = C * W * static_cast<int64_t>(sizeof(T));
-  // (channels_last only: an NCHW band is C short strided pieces, which ran the product pass slower than
-  // re-reading the whole sample)
-  const int64_t band =
-      ChannelsLast ? std::max<int64_t>(std::max<int64_t>(1, pad), kBandBytes / std::max<int64_t>(1, row_bytes)) : H;
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> sum(C), mx(C), cg(C), hid(3 * p.hidden), mean(HW), cmax(HW), z(HW), sg(HW);
-    std::vector<T> rowbuf(ChannelsLast && p.in_scale ? C : 0);
-    const Affine<T> in{p.in_scale, p.in_shift};
-    for (int64_t b = begin; b < end; ++b) {
-      const T* xb = xd + b * C * HW;
-      channel_pools<T, ChannelsLast>(xb, in, C, HW, sum.data(), mx.data());
-      channel_gate(p, C, HW, sum.data(), mx.data(), hid.data(), cg.data());
-      // maps, gate and product in bands of rows: the product re-reads rows the maps read a band earlier
-      // (still in L2) instead of the whole sample again, which outgrows L2 (ResNet's layer1: 3.2 MB);
-      // NCHW runs the three passes over the whole sample (one band)
-      const T* rb = res ? res + b * C * HW : nullptr;
-      int64_t done = 0;  // rows gated and written
-      for (int64_t r0 = 0; r0 < H; r0 += band) {
-        const int64_t r1 = std::min(H, r0 + band);
-        spatial_maps<T, ChannelsLast>(xb, in, cg.data(), C, HW, r0 * W, r1 * W, mean.data(), cmax.data(),
-                                      rowbuf.data());
-        const int64_t ready = r1 == H ? H : std::max(done, r1 - pad);  // rows whose conv window is complete
-        if (ready == done) continue;
-        spatial_gate(p, H, W, done, ready, mean.data(), cmax.data(), z.data(), sg.data());
-        apply_gates<T, ChannelsLast>(xb, in, cg.data(), sg.data(), rb, C, HW, done * W, ready * W, od + b * C * HW);
-        done = ready;
-      }
-    }
-  });
-}
+using namespace cbam_infer_core;
 
 const at::Tensor* opt(const std::optional<at::Tensor>& t) { return t.has_value() ? &*t : nullptr; }
 
@@ -364,19 +89,21 @@ at::Tensor cbam_infer(const at::Tensor& x_in, const at::Tensor& fc1_w, const std
     p.conv_bias = scalar<scalar_t>(opt(conv_b), scalar_t(0));
     p.z_scale = scalar_t(1);
     p.z_shift = scalar_t(0);
-    if (has_bn) {  // eval BatchNorm as torch computes it: z * (gamma * invstd) + (beta - mean * gamma * invstd)
-      const scalar_t invstd = scalar_t(1) / std::sqrt(scalar<scalar_t>(opt(bn_var), 0) + scalar_t(bn_eps));
-      p.z_scale = scalar<scalar_t>(opt(bn_w), 0) * invstd;
-      p.z_shift = scalar<scalar_t>(opt(bn_b), 0) - scalar<scalar_t>(opt(bn_mean), 0) * p.z_scale;
-    }
+    if (has_bn)
+      fold_eval_bn(scalar<scalar_t>(opt(bn_w), 0), scalar<scalar_t>(opt(bn_b), 0), scalar<scalar_t>(opt(bn_mean), 0),
+                   scalar<scalar_t>(opt(bn_var), 0), bn_eps, p);
     p.hard = hard_sigmoid;
     p.in_scale = in_scale ? in_scale->const_data_ptr<scalar_t>() : nullptr;
     p.in_shift = in_shift ? in_shift->const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* res = residual ? res_t.const_data_ptr<scalar_t>() : nullptr;
+    const auto on_aten_threads = [](int64_t n, const auto& body) { at::parallel_for(0, n, 1, body); };
+    const scalar_t* xd = x.const_data_ptr<scalar_t>();
+    scalar_t* od = out.mutable_data_ptr<scalar_t>();
+    const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
     if (channels_last) {
-      run<scalar_t, true>(x, res, out, p);
+      run<scalar_t, true>(xd, res, od, B, C, H, W, p, on_aten_threads);
     } else {
-      run<scalar_t, false>(x, res, out, p);
+      run<scalar_t, false>(xd, res, od, B, C, H, W, p, on_aten_threads);
     }
   });
   return out;

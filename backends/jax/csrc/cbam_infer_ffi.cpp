@@ -1,0 +1,158 @@
+// The fused CBAM inference kernel (cbam_multi/csrc/infer_core.h) as an XLA FFI handler for CPU, NHWC:
+// relu?(cbam(h * in_scale + in_shift) (+ residual)), one pass over each sample on XLA's intra-op threads.
+//
+// Operands (canonical layouts transposed to the core's on the Python side, cpu_kernel.py):
+//   x (B, H, W, C); fc1_w (hidden, C); fc1_b (hidden,) or (0,); fc2_w (C, hidden); fc2_b (C,) or (0,);
+//   conv_w (2, k, k); conv_b (1,) or (0,); bn (4,) = weight, bias, running mean, running var, or (0,);
+//   in_scale, in_shift (C,) or (0,); residual x's shape or (0,).
+// An absent optional is an empty array, so one handler serves every preset without a rebuild.
+// Attributes: pools (1 or 2 codes, 0 = avg, 1 = max, spec order), mean_channel, hard_sigmoid, eps.
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include "infer_core.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using namespace cbam_infer_core;
+
+// Runs body(i, i + 1) for i in [0, n) on the calling thread and up to num_threads - 1 tasks on XLA's pool,
+// which claim samples from a shared counter. The caller waits only for samples already claimed: a task that
+// starts late (its pool threads busy, e.g. with another custom call waiting the same way) finds none left
+// and returns without touching the body, so the wait cannot deadlock and the state it reads outlives it.
+template <typename Body>
+void on_xla_threads(ffi::ThreadPool& pool, int64_t n, const Body& body) {
+  struct Shared {
+    std::atomic<int64_t> next{0}, busy{0};
+    std::mutex m;
+    std::condition_variable done;
+  };
+  auto shared = std::make_shared<Shared>();
+  const Body* work = &body;
+  auto drain = [shared, work, n] {
+    for (;;) {
+      shared->busy.fetch_add(1);
+      const int64_t i = shared->next.fetch_add(1);
+      if (i < n) (*work)(i, i + 1);
+      if (shared->busy.fetch_sub(1) == 1) {
+        std::lock_guard<std::mutex> lock(shared->m);
+        shared->done.notify_all();
+      }
+      if (i >= n) return;
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(n, pool.num_threads()) - 1;
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule(decltype(drain)(drain));  // Schedule takes its own copy
+  drain();
+  std::unique_lock<std::mutex> lock(shared->m);
+  shared->done.wait(lock, [&] { return shared->busy.load() == 0; });
+}
+
+template <typename T>
+const T* data_or_null(const ffi::AnyBuffer& b) {
+  return b.element_count() == 0 ? nullptr : static_cast<const T*>(b.untyped_data());
+}
+
+template <typename T>
+void compute(ffi::ThreadPool& pool, const ffi::AnyBuffer& x, const ffi::AnyBuffer& fc1_w, const ffi::AnyBuffer& fc1_b,
+             const ffi::AnyBuffer& fc2_w, const ffi::AnyBuffer& fc2_b, const ffi::AnyBuffer& conv_w,
+             const ffi::AnyBuffer& conv_b, const ffi::AnyBuffer& bn, const ffi::AnyBuffer& in_scale,
+             const ffi::AnyBuffer& in_shift, const ffi::AnyBuffer& residual, ffi::Span<const int64_t> pools,
+             int64_t mean_channel, bool hard_sigmoid, double eps, ffi::Result<ffi::AnyBuffer>& out) {
+  const auto dims = x.dimensions();
+  const int64_t B = dims[0], H = dims[1], W = dims[2], C = dims[3];
+  Params<T> p;
+  p.w1 = data_or_null<T>(fc1_w);
+  p.b1 = data_or_null<T>(fc1_b);
+  p.w2 = data_or_null<T>(fc2_w);
+  p.b2 = data_or_null<T>(fc2_b);
+  p.hidden = fc1_w.dimensions()[0];
+  p.pools.assign(pools.begin(), pools.end());
+  p.conv = data_or_null<T>(conv_w);
+  p.k = conv_w.dimensions()[1];
+  p.mean_channel = mean_channel;
+  p.conv_bias = conv_b.element_count() ? data_or_null<T>(conv_b)[0] : T(0);
+  p.z_scale = T(1);
+  p.z_shift = T(0);
+  if (const T* b = data_or_null<T>(bn)) fold_eval_bn(b[0], b[1], b[2], b[3], eps, p);
+  p.hard = hard_sigmoid;
+  p.in_scale = data_or_null<T>(in_scale);
+  p.in_shift = data_or_null<T>(in_shift);
+  run<T, true>(static_cast<const T*>(x.untyped_data()), data_or_null<T>(residual), static_cast<T*>(out->untyped_data()),
+               B, C, H, W, p, [&](int64_t n, const auto& f) { on_xla_threads(pool, n, f); });
+}
+
+ffi::Error check(const ffi::AnyBuffer& x, const ffi::AnyBuffer& fc1_w, const ffi::AnyBuffer& fc2_w,
+                 const ffi::AnyBuffer& conv_w, const ffi::AnyBuffer& bn, const ffi::AnyBuffer& in_scale,
+                 const ffi::AnyBuffer& in_shift, const ffi::AnyBuffer& residual, ffi::Span<const int64_t> pools,
+                 int64_t mean_channel) {
+  auto bad = [](const std::string& what) { return ffi::Error::InvalidArgument("cbam_infer: " + what); };
+  if (x.dimensions().size() != 4) return bad("x must be (B, H, W, C)");
+  const int64_t C = x.dimensions()[3];
+  if (fc1_w.dimensions().size() != 2 || fc1_w.dimensions()[1] != C) return bad("fc1 weight must be (hidden, C)");
+  if (fc2_w.element_count() != fc1_w.element_count()) return bad("fc2 weight must be (C, hidden)");
+  const auto k = conv_w.dimensions();
+  if (k.size() != 3 || k[0] != 2 || k[1] != k[2] || k[1] % 2 != 1) return bad("conv weight must be (2, k, k), k odd");
+  if (bn.element_count() != 0 && bn.element_count() != 4) return bad("bn must hold weight, bias, mean, var");
+  if (in_scale.element_count() != in_shift.element_count() || (in_scale.element_count() && in_scale.element_count() != C))
+    return bad("in_scale and in_shift must both be (C,) or both empty");
+  if (residual.element_count() && residual.element_count() != x.element_count()) return bad("residual must be x's shape");
+  if (pools.size() < 1 || pools.size() > 2) return bad("expects 1 or 2 channel pools");
+  for (int64_t pool : pools)
+    if (pool != kPoolAvg && pool != kPoolMax) return bad("unknown pool code");
+  if (mean_channel != 0 && mean_channel != 1) return bad("mean_channel must be 0 or 1");
+  for (const ffi::AnyBuffer* b : {&fc1_w, &fc2_w, &conv_w, &bn, &in_scale, &in_shift, &residual})
+    if (b->element_count() && b->element_type() != x.element_type()) return bad("every operand must have x's dtype");
+  return ffi::Error::Success();
+}
+
+ffi::Error cbam_infer_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer fc1_w, ffi::AnyBuffer fc1_b,
+                           ffi::AnyBuffer fc2_w, ffi::AnyBuffer fc2_b, ffi::AnyBuffer conv_w, ffi::AnyBuffer conv_b,
+                           ffi::AnyBuffer bn, ffi::AnyBuffer in_scale, ffi::AnyBuffer in_shift, ffi::AnyBuffer residual,
+                           ffi::Result<ffi::AnyBuffer> out, ffi::Span<const int64_t> pools, int64_t mean_channel,
+                           bool hard_sigmoid, double eps) {
+  ffi::Error e = check(x, fc1_w, fc2_w, conv_w, bn, in_scale, in_shift, residual, pools, mean_channel);
+  if (e.failure()) return e;
+  switch (x.element_type()) {
+    case ffi::DataType::F32:
+      compute<float>(pool, x, fc1_w, fc1_b, fc2_w, fc2_b, conv_w, conv_b, bn, in_scale, in_shift, residual, pools,
+                     mean_channel, hard_sigmoid, eps, out);
+      return ffi::Error::Success();
+    case ffi::DataType::F64:
+      compute<double>(pool, x, fc1_w, fc1_b, fc2_w, fc2_b, conv_w, conv_b, bn, in_scale, in_shift, residual, pools,
+                      mean_channel, hard_sigmoid, eps, out);
+      return ffi::Error::Success();
+    default:
+      return ffi::Error::InvalidArgument("cbam_infer: x must be float32 or float64");
+  }
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CbamInferNHWC, cbam_infer_impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // x
+                                  .Arg<ffi::AnyBuffer>()  // fc1_w
+                                  .Arg<ffi::AnyBuffer>()  // fc1_b
+                                  .Arg<ffi::AnyBuffer>()  // fc2_w
+                                  .Arg<ffi::AnyBuffer>()  // fc2_b
+                                  .Arg<ffi::AnyBuffer>()  // conv_w
+                                  .Arg<ffi::AnyBuffer>()  // conv_b
+                                  .Arg<ffi::AnyBuffer>()  // bn
+                                  .Arg<ffi::AnyBuffer>()  // in_scale
+                                  .Arg<ffi::AnyBuffer>()  // in_shift
+                                  .Arg<ffi::AnyBuffer>()  // residual
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<ffi::Span<const int64_t>>("pools")
+                                  .Attr<int64_t>("mean_channel")
+                                  .Attr<bool>("hard_sigmoid")
+                                  .Attr<double>("eps"));
