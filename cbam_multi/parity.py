@@ -202,6 +202,22 @@ def run_torch_inference(spec, weights, x, dtype: str, channels_last: bool = Fals
     return RunResult(y.cpu().numpy(), {}, {})
 
 
+def run_jax_inference(spec, weights, x, dtype: str) -> RunResult:
+    """Eval-mode forward of the NNX block under ``nnx.jit``, no derivative taken: on CPU the fused kernel where it
+    applies (`cbam_multi.jax.cpu_kernel`, an XLA custom call). Outputs only."""
+    jnp = require("jax.numpy", "the JAX inference parity runner")
+    from flax import nnx
+
+    import cbam_multi.jax as cj
+
+    jdtype = getattr(jnp, dtype)
+    model = cj.CBAM(spec, param_dtype=jdtype)
+    cj.import_weights(model, weights)
+    model.eval()
+    y = nnx.jit(lambda m, xin: m(xin))(model, _nhwc(x, jdtype))
+    return RunResult(_nchw(y), {}, {})
+
+
 def run_nnx(spec, weights, x, g, dtype: str, train: bool, jit: bool = False) -> RunResult:
     jnp = require("jax.numpy", "the NNX parity runner")
     from flax import nnx
@@ -345,6 +361,9 @@ def check_case(case: ParityCase, dtype: str, backends=("torch", "jax"), with_com
         for layout, cl in (("", False), ("-cl", True)):
             res = run_torch_inference(spec, weights, x, dtype, channels_last=cl)
             rows += _compare(cid, dtype, f"torch-infer{layout}~oracle", res, None, (y_eval, {}))
+    if "jax" in backends:  # eval-mode forward (on CPU the fused kernel as an XLA custom call) against the oracle
+        y_eval = cbam_forward(x, weights, spec, train=False)[0] if train else y_ref
+        rows += _compare(cid, dtype, "jax-infer~oracle", run_jax_inference(spec, weights, x, dtype), None, (y_eval, {}))
     if "torch" in results and "nnx" in results:
         # Each side runs with the weights the *other* side exported, and must reproduce its outputs/grads.
         rows += _compare(cid, dtype, "torch->nnx", run["nnx"](results["torch"].exported), results["torch"])

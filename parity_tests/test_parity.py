@@ -54,7 +54,7 @@ def test_parity(case, dtype):
     rows = check_case(case, dtype, with_compile=case.compile and dtype == "float32")
     checks = {r.check for r in rows}
     assert {"torch~oracle", "nnx~oracle", "linen~oracle", "torch->nnx", "nnx->torch", "linen~nnx",
-            "torch-infer~oracle", "torch-infer-cl~oracle", "torch-fused~composed"} <= checks
+            "torch-infer~oracle", "torch-infer-cl~oracle", "torch-fused~composed", "jax-infer~oracle"} <= checks
     bad = [r for r in rows if not r.ok]
     assert not bad, "parity failures:\n" + format_table(bad) + "\n\nall rows:\n" + format_table(rows)
     # README quotes the largest errors on CPU; a row above them means README understates them (update its

@@ -16,7 +16,9 @@ other platform the same program is lowered for. Under ``vmap`` the custom call r
 Built with the system C++ compiler (``$CXX``, default ``c++``; ~4 s once) against jaxlib's FFI headers, for
 ``-march=native`` or ``$CBAM_MULTI_CPU_KERNEL_ARCH``, into ``$CBAM_MULTI_CACHE`` (default ``~/.cache/cbam_multi``)
 under a name keyed by the sources, flags, CPU and jaxlib. If the build fails, one warning says why and the
-composed ops run. ``CBAM_MULTI_CPU_KERNEL=0`` turns the kernel off (both backends), as does ``with disabled():``.
+composed ops run. ``CBAM_MULTI_CPU_KERNEL=0`` turns the kernel off (both backends), as does ``with disabled():``
+for the functions traced inside the block (``jax.jit`` caches a traced function: one traced before keeps
+what it traced).
 """
 
 from __future__ import annotations
