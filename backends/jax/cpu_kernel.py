@@ -62,14 +62,15 @@ disabled = _switch.disabled  # `with cpu_kernel.disabled():` the composed ops in
 
 def _compiler_command(out: Path, arch: str) -> list[str]:
     cxx = os.environ.get("CXX") or shutil.which("c++") or "g++"
-    return [cxx, "-O3", f"-march={arch}", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{_CORE}",
+    # -fopenmp-simd: the core's `omp simd` reductions vectorise (no OpenMP runtime: XLA's threads run it)
+    return [cxx, "-O3", f"-march={arch}", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{_CORE}",
             f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", str(out)]
 
 
 def _library_path(arch: str) -> Path:
     """Where the library for these sources, flags, CPU and jaxlib lives (built by `_build` when missing)."""
-    h = hashlib.sha256(f"{platform.machine()} {' '.join(sorted(cpu_flags()))} {arch} {jaxlib.__version__} "
-                       f"{jax.ffi.include_dir()} {os.environ.get('CXX', '')}".encode())
+    flags = " ".join(_compiler_command(Path("out"), arch))
+    h = hashlib.sha256(f"{platform.machine()} {' '.join(sorted(cpu_flags()))} {flags} {jaxlib.__version__}".encode())
     for src in (_SOURCE, *_HEADERS):
         h.update(src.read_bytes())
     root = Path(os.environ.get("CBAM_MULTI_CACHE") or Path.home() / ".cache" / "cbam_multi")

@@ -32,6 +32,7 @@ using namespace cbam_infer_simd;
 
 constexpr int64_t kTile = 1024;    // spatial positions per channel-reduction tile (accumulators in L1)
 constexpr int64_t kBandBytes = 128 * 1024;  // x per band of rows in the maps + product passes (L2 holds a few)
+constexpr int64_t kWeightBlockBytes = 64 * 1024;  // MLP weight rows shared by the batch's samples (in L2)
 constexpr int64_t kPoolAvg = 0, kPoolMax = 1;
 
 
@@ -116,22 +117,54 @@ inline T relu(T v) {
 
 // cg = gate(sum over pools of fc2(relu(fc1(pool)))), computed as gate(fc2_w (sum of relu(fc1(pool)))
 // + P * fc2_b): fc2 is affine, so the pools share one fc2 product (same value, rounded differently).
-// `sum` is turned into the average in place; hid holds 3 * hidden values.
-template <typename T>
-void channel_gate(const Params<T>& p, int64_t C, int64_t HW, T* sum, const T* mx, T* hid, T* cg) {
-  for (int64_t c = 0; c < C; ++c) sum[c] /= T(HW);
+// For all B samples at once (sums[b * C + c], ...): the MLP's weights are read in blocks of rows that stay in
+// L2 while every sample uses them, where a sample at a time streamed them once per sample (ResNet-50's
+// layer4: 2 MB of fc1 + fc2 weights per sample, most of that block's time). `sums` becomes the averages.
+// Rows are grouped in fours from each block's start as from the matrix's (blocks are multiples of 4 rows), so
+// every value is rounded exactly as a sample-at-a-time matvec2 rounds it.
+template <typename T, typename ParallelFor>
+void channel_gates(const Params<T>& p, int64_t B, int64_t C, int64_t HW, T* sums, const T* mxs, T* cgs,
+                   ParallelFor&& parallel_for) {
+  for (int64_t i = 0; i < B * C; ++i) sums[i] /= T(HW);
   const int64_t P = static_cast<int64_t>(p.pools.size()), H = p.hidden;
-  const T* pooled0 = p.pools[0] == kPoolAvg ? sum : mx;
-  const T* pooled1 = P > 1 ? (p.pools[1] == kPoolAvg ? sum : mx) : nullptr;
-  T *h0 = hid, *h1 = hid + H, *hs = hid + 2 * H;
-  matvec2(p.w1, H, C, pooled0, pooled1, h0, h1);
-  for (int64_t h = 0; h < H; ++h) {
-    const T b = p.b1 ? p.b1[h] : T(0);
-    hs[h] = relu(h0[h] + b);
-    if (pooled1) hs[h] += relu(h1[h] + b);
+  auto pooled = [&](int64_t k, int64_t b) -> const T* {
+    return k < P ? (p.pools[k] == kPoolAvg ? sums : mxs) + b * C : nullptr;
+  };
+  auto block_rows = [](int64_t cols) {
+    const int64_t rows = kWeightBlockBytes / (cols * static_cast<int64_t>(sizeof(T)));
+    return std::max<int64_t>(4, rows / 4 * 4);
+  };
+  std::vector<T> h0(B * H), h1(B * H), hs(B * H);
+  const int64_t rows1 = block_rows(C);
+  parallel_for((H + rows1 - 1) / rows1, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t r0 = blk * rows1, n = std::min(rows1, H - r0);
+      for (int64_t b = 0; b < B; ++b)
+        matvec2(p.w1 + r0 * C, n, C, pooled(0, b), pooled(1, b), h0.data() + b * H + r0, h1.data() + b * H + r0);
+    }
+  });
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t h = 0; h < H; ++h) {
+      const T bias = p.b1 ? p.b1[h] : T(0);
+      T v = relu(h0[b * H + h] + bias);
+      if (P > 1) v += relu(h1[b * H + h] + bias);
+      hs[b * H + h] = v;
+    }
   }
-  matvec2(p.w2, C, H, hs, static_cast<const T*>(nullptr), cg, static_cast<T*>(nullptr));
-  for (int64_t c = 0; c < C; ++c) cg[c] = gate(p.b2 ? cg[c] + T(P) * p.b2[c] : cg[c], p.hard);
+  const int64_t rows2 = block_rows(H);
+  parallel_for((C + rows2 - 1) / rows2, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t r0 = blk * rows2, n = std::min(rows2, C - r0);
+      for (int64_t b = 0; b < B; ++b)
+        matvec2(p.w2 + r0 * H, n, H, hs.data() + b * H, static_cast<const T*>(nullptr), cgs + b * C + r0,
+                static_cast<T*>(nullptr));
+    }
+  });
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t c = 0; c < C; ++c) {
+      T& g = cgs[b * C + c];
+      g = gate(p.b2 ? g + T(P) * p.b2[c] : g, p.hard);
+    }
 }
 
 // mean and max over channels of y = x * cg (y rounded as the composed path stores it) at positions
@@ -248,8 +281,8 @@ void apply_gates(const T* x, const Affine<T>& in, const T* cg, const T* sg, cons
 }
 
 // The whole block for samples [0, B) of x (B, C, H, W) or, ChannelsLast, (B, H, W, C): out = cbam(x), or
-// relu(cbam(x) + res) with a residual (null: none). parallel_for(B, body) runs body(begin, end) over
-// disjoint ranges covering [0, B), on whatever threads the framework owns (ATen's pool, XLA's).
+// relu(cbam(x) + res) with a residual (null: none). parallel_for(n, body) runs body(begin, end) over
+// disjoint ranges covering [0, n), on whatever threads the framework owns (ATen's pool, XLA's).
 template <typename T, bool ChannelsLast, typename ParallelFor>
 void run(const T* xd, const T* res, T* od, int64_t B, int64_t C, int64_t H, int64_t W, const Params<T>& p,
          ParallelFor&& parallel_for) {
@@ -261,14 +294,19 @@ void run(const T* xd, const T* res, T* od, int64_t B, int64_t C, int64_t H, int6
   // re-reading the whole sample)
   const int64_t band =
       ChannelsLast ? std::max<int64_t>(std::max<int64_t>(1, pad), kBandBytes / std::max<int64_t>(1, row_bytes)) : H;
+  const Affine<T> in{p.in_scale, p.in_shift};
+  std::vector<T> sums(B * C), mxs(B * C), cgs(B * C);
   parallel_for(B, [&](int64_t begin, int64_t end) {
-    std::vector<T> sum(C), mx(C), cg(C), hid(3 * p.hidden), mean(HW), cmax(HW), z(HW), sg(HW);
+    for (int64_t b = begin; b < end; ++b)
+      channel_pools<T, ChannelsLast>(xd + b * C * HW, in, C, HW, sums.data() + b * C, mxs.data() + b * C);
+  });
+  channel_gates(p, B, C, HW, sums.data(), mxs.data(), cgs.data(), parallel_for);
+  parallel_for(B, [&](int64_t begin, int64_t end) {
+    std::vector<T> mean(HW), cmax(HW), z(HW), sg(HW);
     std::vector<T> rowbuf(ChannelsLast && p.in_scale ? C : 0);
-    const Affine<T> in{p.in_scale, p.in_shift};
     for (int64_t b = begin; b < end; ++b) {
       const T* xb = xd + b * C * HW;
-      channel_pools<T, ChannelsLast>(xb, in, C, HW, sum.data(), mx.data());
-      channel_gate(p, C, HW, sum.data(), mx.data(), hid.data(), cg.data());
+      const T* cg = cgs.data() + b * C;
       // maps, gate and product in bands of rows: the product re-reads rows the maps read a band earlier
       // (still in L2) instead of the whole sample again, which outgrows L2 (ResNet's layer1: 3.2 MB);
       // NCHW runs the three passes over the whole sample (one band)
@@ -276,12 +314,11 @@ void run(const T* xd, const T* res, T* od, int64_t B, int64_t C, int64_t H, int6
       int64_t done = 0;  // rows gated and written
       for (int64_t r0 = 0; r0 < H; r0 += band) {
         const int64_t r1 = std::min(H, r0 + band);
-        spatial_maps<T, ChannelsLast>(xb, in, cg.data(), C, HW, r0 * W, r1 * W, mean.data(), cmax.data(),
-                                      rowbuf.data());
+        spatial_maps<T, ChannelsLast>(xb, in, cg, C, HW, r0 * W, r1 * W, mean.data(), cmax.data(), rowbuf.data());
         const int64_t ready = r1 == H ? H : std::max(done, r1 - pad);  // rows whose conv window is complete
         if (ready == done) continue;
         spatial_gate(p, H, W, done, ready, mean.data(), cmax.data(), z.data(), sg.data());
-        apply_gates<T, ChannelsLast>(xb, in, cg.data(), sg.data(), rb, C, HW, done * W, ready * W, od + b * C * HW);
+        apply_gates<T, ChannelsLast>(xb, in, cg, sg.data(), rb, C, HW, done * W, ready * W, od + b * C * HW);
         done = ready;
       }
     }
