@@ -1,12 +1,15 @@
-"""A fast path's on/off switch, shared by both backends' kernels (framework-free)."""
+"""A fast path's on/off switch and a kernel library built once on first use, shared by both backends' kernels
+(framework-free)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import threading
+import warnings
+from collections.abc import Callable
 
-__all__ = ["FastPathSwitch"]
+__all__ = ["BuildOnce", "FastPathSwitch"]
 
 
 class FastPathSwitch:
@@ -31,3 +34,26 @@ class FastPathSwitch:
             yield
         finally:
             self._local.off -= 1
+
+
+class BuildOnce:
+    """``build()`` run on the first call, once per process, under a lock. A failure (no compiler, a failed
+    compile) is kept in ``state["error"]`` and warned about once, with ``failure_message(error)``; every call
+    then answers False and the caller keeps to the composed ops."""
+
+    def __init__(self, build: Callable[[], object], failure_message: Callable[[Exception], str]):
+        self._build, self._failure_message = build, failure_message
+        self._lock = threading.Lock()
+        self.state: dict = {"loaded": None, "error": None}  # loaded: True/False once tried
+
+    def __call__(self) -> bool:
+        if self.state["loaded"] is None:
+            with self._lock:
+                if self.state["loaded"] is None:
+                    try:
+                        self._build()
+                        self.state["loaded"] = True
+                    except Exception as e:  # keep working without the kernel
+                        self.state["loaded"], self.state["error"] = False, e
+                        warnings.warn(self._failure_message(e), RuntimeWarning, stacklevel=4)
+        return bool(self.state["loaded"])

@@ -29,8 +29,6 @@ import os
 import platform
 import shutil
 import subprocess
-import threading
-import warnings
 from pathlib import Path
 
 import jax
@@ -39,7 +37,7 @@ import jaxlib
 import numpy as np
 
 import cbam_multi
-from cbam_multi.fastpath import FastPathSwitch
+from cbam_multi.fastpath import BuildOnce, FastPathSwitch
 from cbam_multi.machine import cpu_flags
 from cbam_multi.spec import CBAMSpec
 
@@ -54,8 +52,8 @@ _HEADERS = (_CORE / "infer_core.h", _CORE / "infer_simd.h")
 _POOL_CODES = {"avg": 0, "max": 1}
 _FLOATS = (jnp.float32, jnp.float64)
 
-_lock = threading.Lock()
-_state: dict = {"loaded": None, "error": None}
+_built = BuildOnce(lambda: _build(), lambda e: _failure_message(e))
+_state = _built.state
 _switch = FastPathSwitch(ENV_VAR)
 disabled = _switch.disabled  # `with cpu_kernel.disabled():` the composed ops inside the block (this thread)
 
@@ -97,22 +95,13 @@ def _build() -> Path:
 
 def available() -> bool:
     """Whether the kernel is on and built (builds it on the first call; a failed build warns once)."""
-    if not _switch.enabled():
-        return False
-    if _state["loaded"] is None:
-        with _lock:
-            if _state["loaded"] is None:
-                try:
-                    _build()
-                    _state["loaded"] = True
-                except Exception as e:  # no compiler, no headers, a failed compile: keep working without
-                    _state["loaded"], _state["error"] = False, e
-                    lines = [line for line in str(e).splitlines() if "error" in line.lower()] or [str(e)]
-                    warnings.warn(
-                        f"cbam_multi: the fused CBAM CPU kernel for JAX could not be built ({type(e).__name__}: "
-                        f"{lines[0].strip()}); CPU inference uses the composed ops instead (set {ENV_VAR}=0 to skip "
-                        f"the build)", RuntimeWarning, stacklevel=3)
-    return bool(_state["loaded"])
+    return _switch.enabled() and _built()
+
+
+def _failure_message(e: Exception) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if "error" in line.lower()] or [str(e).strip()]
+    return (f"cbam_multi: the fused CBAM CPU kernel for JAX could not be built ({type(e).__name__}: {lines[0]}); "
+            f"CPU inference uses the composed ops instead (set {ENV_VAR}=0 to skip the build)")
 
 
 def applies(spec: CBAMSpec, x, train: bool) -> bool:

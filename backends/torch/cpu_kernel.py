@@ -23,16 +23,15 @@ import hashlib
 import logging
 import os
 import platform
-import threading
-import warnings
 from pathlib import Path
 
 import torch
 
 import cbam_multi
+from cbam_multi.fastpath import BuildOnce, FastPathSwitch
 from cbam_multi.machine import cpu_flags
 
-from .guards import FastPathSwitch, functorch_wrapped, has_hooks
+from .guards import functorch_wrapped, has_hooks
 
 __all__ = ["available", "applies", "cbam_infer", "disabled", "ENV_VAR", "ARCH_ENV_VAR"]
 
@@ -51,8 +50,6 @@ _POOL_CODES = {"avg": 0, "max": 1}  # the pools the kernel computes (every prese
 _FLOATS = (torch.float32, torch.float64)
 _log = logging.getLogger(__name__)
 
-_lock = threading.Lock()
-_state: dict = {"loaded": None, "error": None}  # loaded: True/False once tried
 
 
 def _arch() -> str:
@@ -108,6 +105,10 @@ def _build() -> None:
     )
 
 
+_built = BuildOnce(lambda: _build(), lambda e: (
+    f"cbam_multi: the fused CBAM CPU kernel could not be built ({_reason(e)}); eager CPU inference uses composed "
+    f"torch ops instead (set {ENV_VAR}=0 to skip the build)"))
+_state = _built.state
 _switch = FastPathSwitch(ENV_VAR)
 _env_enabled = _switch.env_enabled
 disabled = _switch.disabled  # `with cpu_kernel.disabled():` composed ops inside the block (this thread)
@@ -115,23 +116,7 @@ disabled = _switch.disabled  # `with cpu_kernel.disabled():` composed ops inside
 
 def available() -> bool:
     """Whether the kernel is on and built (builds it on the first call; a failed build warns once)."""
-    if not _switch.enabled():
-        return False
-    if _state["loaded"] is None:
-        with _lock:
-            if _state["loaded"] is None:
-                try:
-                    _build()
-                    _state["loaded"] = True
-                except Exception as e:  # no compiler, no ninja, a failed compile: keep working without
-                    _state["loaded"], _state["error"] = False, e
-                    warnings.warn(
-                        f"cbam_multi: the fused CBAM CPU kernel could not be built ({_reason(e)}); eager CPU "
-                        f"inference uses composed torch ops instead (set {ENV_VAR}=0 to skip the build)",
-                        RuntimeWarning,
-                        stacklevel=3,
-                    )
-    return bool(_state["loaded"])
+    return _switch.enabled() and _built()
 
 
 def _reason(e: Exception) -> str:

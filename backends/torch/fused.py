@@ -38,9 +38,11 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from cbam_multi.fastpath import FastPathSwitch
+
 from . import cpu_kernel
 from . import functional as CF
-from .guards import FastPathSwitch, functorch_wrapped, has_hooks
+from .guards import functorch_wrapped, has_hooks
 
 __all__ = ["applies", "cbam_train", "disabled", "ENV_VAR"]
 

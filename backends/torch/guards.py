@@ -1,5 +1,6 @@
 """When a fast path may replace the composed ops: checks shared by the functional ops, the modules and the
-fused CPU kernel (one home, so `modules` and `cpu_kernel` need not import each other)."""
+fused CPU kernel (one home, so `modules` and `cpu_kernel` need not import each other). The on/off switch
+itself is framework-free: `cbam_multi.fastpath`."""
 
 from __future__ import annotations
 
@@ -7,9 +8,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _nn_module
 
-from cbam_multi.fastpath import FastPathSwitch
-
-__all__ = ["FastPathSwitch", "functorch_wrapped", "has_hooks"]
+__all__ = ["functorch_wrapped", "has_hooks"]
 
 
 def functorch_wrapped(t: torch.Tensor) -> bool:
