@@ -48,6 +48,27 @@ void row_stats(const T* row, const T* g, int64_t C, T& sum, T& max, int64_t& fir
   sum = s, max = m, first = f, count = n;
 }
 
+// one row of the H,W-max tie pass: where row[c] equals the maximum m[c], the first such position p (first[c]
+// still `none`) and the count. 32-bit counters, as wide as a float lane, so the loop vectorises (int64 ones
+// next to float compares ran it one channel at a time: the slowest forward pass at C = 32).
+template <typename T>
+void tie_row(const T* row, const T* m, int64_t C, int32_t p, int32_t none, int32_t* first, int32_t* n) {
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) {
+    const bool hit = row[c] == m[c];
+    first[c] = (hit && first[c] == none) ? p : first[c];
+    n[c] += hit ? 1 : 0;
+  }
+}
+
+// where idx[c] == p (the H,W max of channel c sits at this position, tie rule "first"): o[c] += r[c]. idx as
+// 32-bit lanes, to vectorise next to the float ones
+template <typename T>
+void add_at_max(const int32_t* idx, int32_t p, const T* r, int64_t C, T* o) {
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) o[c] += idx[c] == p ? r[c] : T(0);
+}
+
 // sum of d * (x * k)
 template <typename T>
 T row_dot3(const T* d, const T* x, const T* k, int64_t C) {
@@ -71,7 +92,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool_hw_cl(const at::
     at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
       std::vector<double> sum(C);
       std::vector<scalar_t> m(C), part(C);
-      std::vector<int64_t> first(C), n(C);
+      std::vector<int32_t> first(C), n(C);
+      const int32_t hw32 = static_cast<int32_t>(HW);
       for (int64_t b = lo; b < hi; ++b) {
         const scalar_t* xb = px + b * HW * C;
         for (int64_t c = 0; c < C; ++c) sum[c] = 0.0, m[c] = xb[c];
@@ -87,14 +109,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool_hw_cl(const at::
           }
           for (int64_t c = 0; c < C; ++c) sum[c] += double(part[c]);
         }
-        for (int64_t c = 0; c < C; ++c) first[c] = HW, n[c] = 0;
+        for (int64_t c = 0; c < C; ++c) first[c] = hw32, n[c] = 0;
         for (int64_t p = 0; p < HW; ++p) {  // the sample is in cache now
-          const scalar_t* row = xb + p * C;
-          for (int64_t c = 0; c < C; ++c) {
-            const bool hit = row[c] == m[c];
-            first[c] = (hit && first[c] == HW) ? p : first[c];
-            n[c] += hit ? 1 : 0;
-          }
+          tie_row(xb + p * C, m.data(), C, static_cast<int32_t>(p), hw32, first.data(), n.data());
         }
         for (int64_t c = 0; c < C; ++c) {
           pa[b * C + c] = scalar_t(sum[c] / double(HW));
@@ -248,19 +265,20 @@ at::Tensor grad_x_cl(const at::Tensor& g, const at::Tensor& x, const at::Tensor&
     const scalar_t* pm = mxx.data_ptr<scalar_t>();
     const int64_t *pic = icc.data_ptr<int64_t>(), *pi = ixx.data_ptr<int64_t>();
     scalar_t* po = gx.data_ptr<scalar_t>();
+    std::vector<int32_t> idx32(first ? B * C : 0);  // positions < H*W fit 32 bits
+    for (size_t i = 0; i < idx32.size(); ++i) idx32[i] = static_cast<int32_t>(pi[i]);
     at::parallel_for(0, B * HW, 256, [&](int64_t lo, int64_t hi) {
       for (int64_t q = lo; q < hi; ++q) {
         const int64_t b = q / HW, p = q % HW;
         const scalar_t *row = px + q * C, *d = pd + q * C, *k = pg + b * C, *av = pav + b * C, *r = pgx + b * C;
         const scalar_t *m = pm + b * C;
-        const int64_t* im = pi + b * C;
         const scalar_t sv = ps[q], gmv = pgm[q], grv = pgr[q], mcv = pmc[q];
         scalar_t* o = po + q * C;
         if (first) {  // dense part; the pixel's channel max and the H,W maxima at this pixel below
           for (int64_t c = 0; c < C; ++c) o[c] = (d[c] * sv + gmv) * k[c] + av[c];
           const int64_t c = pic[q];
           o[c] += grv * k[c];
-          for (int64_t cc = 0; cc < C; ++cc) o[cc] += im[cc] == p ? r[cc] : scalar_t(0);
+          add_at_max(idx32.data() + b * C, static_cast<int32_t>(p), r, C, o);
         } else {
           for (int64_t c = 0; c < C; ++c) {
             const scalar_t dv = gy1_at(d[c], row[c], k[c], sv, gmv, grv, mcv, int64_t(0), c, false) * k[c] + av[c];
