@@ -218,3 +218,40 @@ def test_a_failed_build_warns_once_and_runs_the_composed_ops(tmp_path):
     built = [m for m in report["warnings"] if "could not be built" in m]
     assert len(built) == 1 and cpu_kernel.ENV_VAR in built[0], report["warnings"]
     assert not list(tmp_path.rglob("*.so")) and not list(tmp_path.rglob("*.tmp"))  # nothing half-written left
+
+
+SHARDED = """
+import json
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from cbam_multi import CBAMSpec
+from cbam_multi.jax import cpu_kernel, functional as F
+spec = CBAMSpec.official(16)
+params = F.init_params(spec, seed=1)
+mesh = Mesh(np.array(jax.devices()), ("data",))
+rng = np.random.default_rng(0)
+h, res = (jnp.asarray(rng.normal(size=(8, 6, 5, 16)), jnp.float32) for _ in range(2))
+scale, shift = jnp.asarray(rng.uniform(0.5, 1.5, 16), jnp.float32), jnp.asarray(rng.normal(size=16), jnp.float32)
+def tail(p, h, r):
+    return F.cbam_after_affine(p, h, scale, shift, spec, residual=r)[0]
+split = NamedSharding(mesh, P("data"))
+run = jax.jit(tail)
+hs, rs = jax.device_put(h, split), jax.device_put(res, split)
+hlo = run.lower(params, hs, rs).compile().as_text()
+y = run(params, hs, rs)
+with cpu_kernel.disabled():
+    ref = jax.jit(lambda p, h, r: tail(p, h, r))(params, h, res)
+print(json.dumps({"devices": jax.device_count(), "custom_call": cpu_kernel.TARGET in hlo, "all_gather": "all-gather" in hlo,
+                  "out_spec": str(y.sharding.spec), "err": float(jnp.max(jnp.abs(y - ref)))}))
+"""
+
+
+def test_a_batch_split_over_devices_stays_split():
+    """Sharded jit: each device runs the kernel on its own samples (custom partitioning), no gather of the batch."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    proc = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["devices"] == 4 and report["custom_call"] and not report["all_gather"], report
+    assert report["out_spec"] == "P('data',)", report
+    assert report["err"] <= TOLERANCES["float32"]["y"], report

@@ -11,7 +11,8 @@ An inference path: `applies` admits eval-mode calls (no BatchNorm statistics to 
 input, the standard two-gate block with a ReLU MLP and avg/max pools, and JAX's default backend the CPU. The
 call is a `jax.custom_jvp` whose derivative is the composed ops' (so ``jax.grad``/``jvp`` through an eval
 forward still work, on the composed maths), and ``jax.lax.platform_dependent`` keeps the composed ops on any
-other platform the same program is lowered for. Under ``vmap`` the custom call runs once per mapped element.
+other platform the same program is lowered for. Under ``vmap`` the custom call runs once per mapped element;
+with the batch split over devices (a sharded ``jit``) each device runs it on its own samples.
 
 Built with the system C++ compiler (``$CXX``, default ``c++``; ~4 s once) against jaxlib's FFI headers, for
 ``-march=native`` or ``$CBAM_MULTI_CPU_KERNEL_ARCH``, into ``$CBAM_MULTI_CACHE`` (default ``~/.cache/cbam_multi``)
@@ -24,6 +25,7 @@ what it traced).
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -35,6 +37,9 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 import numpy as np
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import cbam_multi
 from cbam_multi.fastpath import BuildOnce, FastPathSwitch
@@ -150,8 +155,7 @@ def _call(spec: CBAMSpec, params, x, in_affine, residual):
     else:
         bn = empty
     scale, shift = (empty, empty) if in_affine is None else (a.astype(dt) for a in in_affine)
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(x.shape, dt), vmap_method="sequential")
-    return call(
+    operands = (
         x,
         get("channel.fc1.kernel").T,  # canonical (in, out) -> the core's (out, in)
         get("channel.fc1.bias"),
@@ -163,8 +167,77 @@ def _call(spec: CBAMSpec, params, x, in_affine, residual):
         scale,
         shift,
         empty if residual is None else residual.astype(dt),
+    )
+    return _kernel(spec, tuple(a.ndim for a in operands))(*operands)
+
+
+@functools.cache
+def _kernel(spec: CBAMSpec, ranks: tuple[int, ...]):
+    """The partitioned custom call with a batching rule: under ``vmap`` it runs once per mapped element
+    (`jax.lax.map`; custom_partitioning has no batching rule of its own)."""
+    partitioned = _batch_partitioned(spec, ranks)
+
+    @jax.custom_batching.custom_vmap
+    def kernel(*operands):
+        return partitioned(*operands)
+
+    @kernel.def_vmap
+    def _per_element(axis_size, in_batched, *operands):
+        def one(mapped):
+            it = iter(mapped)
+            return kernel(*(next(it) if b else o for o, b in zip(operands, in_batched)))
+
+        return jax.lax.map(one, tuple(o for o, b in zip(operands, in_batched) if b)), True
+
+    return kernel
+
+
+def _ffi(spec: CBAMSpec, *operands):
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(operands[0].shape, operands[0].dtype))
+    return call(
+        *operands,
         pools=np.array([_POOL_CODES[p] for p in spec.channel_pools], np.int64),
         mean_channel=np.int64(spec.concat_order.index("mean")),
         hard_sigmoid=spec.gate == "hard_sigmoid",
         eps=np.float64(spec.norm_eps),
     )
+
+
+@functools.cache
+def _batch_partitioned(spec: CBAMSpec, ranks: tuple[int, ...]):
+    """The custom call for a batch split over devices: each device runs the kernel on its own samples (the
+    block is per sample), with the small operands replicated. Without this rule XLA's partitioner gathers the
+    whole batch onto every device around an opaque custom call. Operands: x, ..., residual (x's shape or
+    empty); the rule names x's, the residual's and the result's batch dimension alike, every other dimension
+    unsplittable."""
+    names = iter(f"f{i}" for i in range(1000))
+    keep = []
+
+    def dims(rank, batched):
+        if batched:
+            return "b h w c"
+        ds = [next(names) for _ in range(rank)]
+        keep.extend(ds)
+        return " ".join(ds)
+
+    n = len(ranks)
+    lhs = ", ".join(dims(r, i == 0 or (i == n - 1 and r == 4)) for i, r in enumerate(ranks))
+    rule = f"{lhs} -> b h w c"
+
+    def batch_only(mesh, sharding, rank):
+        spec0 = sharding.spec[0] if isinstance(sharding, NamedSharding) and len(sharding.spec) else None
+        return NamedSharding(mesh, P(spec0, *([None] * (rank - 1))))
+
+    def infer(mesh, arg_shapes, result_shape):
+        return batch_only(mesh, arg_shapes[0].sharding, 4)
+
+    def partition(mesh, arg_shapes, result_shape):
+        x_sharding = batch_only(mesh, arg_shapes[0].sharding, 4)
+        args = [x_sharding if (i == 0 or (i == n - 1 and a.ndim == 4)) else NamedSharding(mesh, P())
+                for i, a in enumerate(arg_shapes)]
+        return mesh, functools.partial(_ffi, spec), x_sharding, tuple(args)
+
+    fn = custom_partitioning(functools.partial(_ffi, spec))
+    fn.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=rule,
+                     need_replication_factors=("h", "w", "c", *keep))
+    return fn
