@@ -71,12 +71,16 @@ def test_kernel_builds():
     assert cpu_kernel.available(), f"the fused kernel did not build: {cpu_kernel._state['error']!r}"
 
 
-# the plain block against the oracle is a parity row (``jax-infer~oracle`` in parity_tests); here both tails
-# against the composed ops, the ResNet tail against the oracle too
-@pytest.mark.parametrize("tail", ["cbam", "bn+cbam+residual"])
+# the plain block against the oracle is a parity row for every case (``jax-infer~oracle`` in parity_tests); here
+# the ResNet tail (eval BN in front, shortcut add and ReLU behind) for every case, against the composed ops and
+# the oracle, and the plain block against the composed ops for one case per preset (the parity rows cover the rest)
+TAIL_CASES = [("bn+cbam+residual", c) for c in KERNEL_CASES] + [
+    ("cbam", c) for c in {c.preset: c for c in reversed(KERNEL_CASES)}.values()]
+
+
 @pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: c.id)
-def test_kernel_matches_composed_ops_and_oracle(case, dtype, tail):
+@pytest.mark.parametrize("tail, case", TAIL_CASES, ids=lambda v: v if isinstance(v, str) else v.id)
+def test_kernel_matches_composed_ops_and_oracle(tail, case, dtype):
     spec, dt = case.spec, DTYPES[dtype]
     w = _weights(spec)
     h64, scale64, shift64, res64 = _inputs(case)
@@ -91,11 +95,9 @@ def test_kernel_matches_composed_ops_and_oracle(case, dtype, tail):
 
     # the oracle sees x as the composed path rounds it (the affine map in the input dtype)
     x_ref = h64 if tail == "cbam" else np.asarray((h * scale + shift).astype(dt), np.float64)
-    assert cpu_kernel.applies(spec, h, False)
-    assert cpu_kernel.TARGET in _hlo(lambda *a: run(*a), params, h)
+    assert cpu_kernel.applies(spec, h, False)  # the program holds the custom call: test_where_the_kernel_...
     fused = jax.jit(lambda *a: run(*a))(params, h)
     with cpu_kernel.disabled():
-        assert cpu_kernel.TARGET not in _hlo(lambda *a: run(*a), params, h)
         composed = jax.jit(lambda *a: run(*a))(params, h)
     y_ref = cbam_forward(np.moveaxis(x_ref, 3, 1), w, spec, train=False)[0]
     y_ref = np.moveaxis(y_ref, 1, 3)
@@ -125,6 +127,12 @@ def test_where_the_kernel_does_not_apply():
     assert not cpu_kernel.applies(spec, x.astype(jnp.bfloat16), False)  # half precision keeps its float32 gate
     assert not cpu_kernel.applies(spec, x[0], False)
     params = F.init_params(spec)
+    scale, shift = jnp.ones(16), jnp.zeros(16)
+    for block in (lambda p, x: F.cbam(p, x, spec)[0],
+                  lambda p, x: F.cbam_after_affine(p, x, scale, shift, spec, residual=x)[0]):
+        assert cpu_kernel.TARGET in _hlo(lambda *a: block(*a), params, x)
+        with cpu_kernel.disabled():  # traced inside the block: the composed ops
+            assert cpu_kernel.TARGET not in _hlo(lambda *a: block(*a), params, x)
     hlo = _hlo(lambda p, x: F.cbam(p, x, spec, train=True)[0], params, x)
     assert cpu_kernel.TARGET not in hlo
     # another platform lowered from the same program gets the composed ops (no custom call there)
