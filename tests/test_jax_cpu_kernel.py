@@ -160,6 +160,7 @@ def test_derivatives_are_the_composed_ops():
         grads_ref = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, h)
         _, jvp_ref = jax.jvp(lambda h: loss(params, h), (h,), (tangent,))
         batched_ref = jax.jit(jax.vmap(lambda h: F.cbam(params, h, spec)[0]))(h[:, None])
+    assert cpu_kernel.TARGET in _hlo(jax.vmap(lambda h: F.cbam(params, h, spec)[0]), h[:, None])  # per element
     assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), grads, grads_ref))
     assert float(jvp) == float(jvp_ref)
     assert _max_err(batched, batched_ref) <= TOLERANCES["float64"]["y"]
@@ -179,6 +180,35 @@ def test_nan_and_inf_propagate_like_the_composed_ops():
     finite = np.isfinite(composed)
     assert np.array_equal(np.isfinite(fused), finite)
     assert _max_err(fused[finite], composed[finite]) <= TOLERANCES["float32"]["y"]
+
+
+def test_broadcast_affine_other_residual_dtypes_shard_map_and_export():
+    """What the composed ops accept, the kernel path accepts too: a scalar BN scale/shift, a residual of another
+    dtype (promoted, composed path), a call inside shard_map; jax.export of a program traced with the kernel
+    off (an exported program must not need this package's custom call)."""
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    spec = CBAMSpec.official(16)
+    params = F.init_params(spec, seed=1)
+    rng = np.random.default_rng(4)
+    h = jnp.asarray(rng.normal(size=(2, 5, 4, 16)), jnp.float32)
+    res64 = jnp.asarray(rng.normal(size=h.shape))
+
+    def run(h, res=None):
+        return F.cbam_after_affine(params, h, 1.5, jnp.asarray([0.25]), spec, residual=res)[0]
+
+    mesh = Mesh(np.array(jax.devices()[:1]), ("d",))
+    shard = jax.shard_map(lambda h: run(h), mesh=mesh, in_specs=P("d"), out_specs=P("d"))
+    assert cpu_kernel.TARGET in _hlo(lambda h: run(h), h) and cpu_kernel.TARGET in _hlo(shard, h)
+    got = [jax.jit(lambda h: run(h))(h), jax.jit(shard)(h), jax.jit(lambda h, r: run(h, r))(h, res64)]
+    with cpu_kernel.disabled():
+        want = [jax.jit(lambda h: run(h))(h)] * 2 + [jax.jit(lambda h, r: run(h, r))(h, res64)]
+        exported = jax.export.export(jax.jit(lambda h: run(h)))(h)
+    assert got[2].dtype == jnp.float64  # promoted like the composed add
+    for a, b in zip(got, want):
+        assert _max_err(a, b) <= TOLERANCES["float32"]["y"]
+    assert _max_err(exported.call(h), want[0]) <= TOLERANCES["float32"]["y"]
 
 
 def test_residual_of_another_shape_is_refused():

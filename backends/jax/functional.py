@@ -383,11 +383,13 @@ def cbam_after_affine(params: Params, h, scale, shift, spec: CBAMSpec, *, train:
     _check_params(params, spec, None)
     dt = h.dtype
     acc = _acc_dtype(dt)  # half precision: the map in float32, rounded once (as `batch_norm` does)
-    scale, shift = jnp.asarray(scale).astype(acc), jnp.asarray(shift).astype(acc)
+    c = h.shape[-1]  # scalars and (1,) broadcast, as in h * scale + shift
+    scale, shift = (jnp.broadcast_to(jnp.asarray(a).astype(acc), (c,)) for a in (scale, shift))
     params = {n: params[n] for n in spec.param_shapes()}
-    if residual is not None and (residual.shape != h.shape or residual.dtype != dt):
-        raise InputError(f"residual must have h's shape {h.shape} and dtype {dt}, got {residual.shape} {residual.dtype}")
-    if cpu_kernel.applies(spec, h, train):  # eval on CPU: the fused kernel forms x sample by sample in cache
+    if residual is not None and tuple(residual.shape) != tuple(h.shape):
+        raise InputError(f"residual must have h's shape {h.shape}, got {residual.shape}")
+    same_dtype = residual is None or residual.dtype == dt
+    if same_dtype and cpu_kernel.applies(spec, h, train):  # eval on CPU: the kernel forms x sample by sample in cache
         return _fused(params, h, (scale, shift), residual, spec), {}
     if (spec.no_spatial or spec.variant != "standard" or not set(spec.channel_pools) <= {"avg", "max"}
             or dt not in (jnp.float32, jnp.float64)):

@@ -1,7 +1,7 @@
 """Fused CPU kernel for CBAM inference (`csrc/cbam_infer.cpp`), built on first use, and when it applies.
 
 Eager torch ops cannot fuse: the composed block streams the full tensor through memory ~8 times, where
-the kernel reads ``x`` once and writes the output once, handling each sample while it sits in L2
+the kernel (`cbam_multi/csrc/infer_core.h`) reads ``x`` twice from beyond L2 and writes the output once
 (64x64x28x28 float32 on 2 cores: ~2.1 -> ~0.7-0.9 ms, see benchmarks/RESULTS.md). It is an inference
 path, like ``nn.MultiheadAttention``'s fast path: `CBAM.forward` takes it only when autograd records
 nothing (``torch.no_grad()``, ``torch.inference_mode()`` or frozen weights), on CPU, for float32/float64

@@ -1,10 +1,11 @@
-// Fused CBAM inference for CPU: the whole block in one pass over each sample. Framework-free: the torch op
-// (backends/torch/csrc/cbam_infer.cpp) and the XLA FFI handler (backends/jax/csrc/cbam_infer_ffi.cpp) wrap it.
+// Fused CBAM inference for CPU: the whole block in three passes over each sample. Framework-free: the torch
+// op (backends/torch/csrc/cbam_infer.cpp) and the XLA FFI handler (backends/jax/csrc/cbam_infer_ffi.cpp) wrap it.
 //
 // Composed torch ops stream the full tensor through memory about 8 times (pools, channel-gated copy,
-// channel mean and max, spatial-gated product). Here each sample is handled start to finish by one
-// thread while its slab (C*H*W values: 200 KB for 64x28x28 float32) stays in that core's L2 cache:
-// x is read from memory once and the output written once; the other passes hit the cache.
+// channel mean and max, spatial-gated product). Here the channel pools read every sample once, the channel
+// MLP runs for the whole batch (its weights read once, not once per sample), and then each sample's maps,
+// spatial gate and product run in bands of rows: the product re-reads a band the maps have just read (in L2).
+// So x is read twice from beyond L2 (once from memory, once from L3 or memory) and the output written once.
 //
 // Same maths and rounding points as the composed path in each backend's functional.py: y = x * cg is
 // rounded before the channel statistics, the output is (x * cg) * sg, BatchNorm (eval) is the affine
@@ -131,7 +132,7 @@ void channel_gates(const Params<T>& p, int64_t B, int64_t C, int64_t HW, T* sums
     return k < P ? (p.pools[k] == kPoolAvg ? sums : mxs) + b * C : nullptr;
   };
   auto block_rows = [](int64_t cols) {
-    const int64_t rows = kWeightBlockBytes / (cols * static_cast<int64_t>(sizeof(T)));
+    const int64_t rows = kWeightBlockBytes / (std::max<int64_t>(1, cols) * static_cast<int64_t>(sizeof(T)));
     return std::max<int64_t>(4, rows / 4 * 4);
   };
   std::vector<T> h0(B * H), h1(B * H), hs(B * H);

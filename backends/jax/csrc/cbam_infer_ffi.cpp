@@ -90,27 +90,37 @@ void compute(ffi::ThreadPool& pool, const ffi::AnyBuffer& x, const ffi::AnyBuffe
                B, C, H, W, p, [&](int64_t n, const auto& f) { on_xla_threads(pool, n, f); });
 }
 
-ffi::Error check(const ffi::AnyBuffer& x, const ffi::AnyBuffer& fc1_w, const ffi::AnyBuffer& fc2_w,
-                 const ffi::AnyBuffer& conv_w, const ffi::AnyBuffer& bn, const ffi::AnyBuffer& in_scale,
-                 const ffi::AnyBuffer& in_shift, const ffi::AnyBuffer& residual, ffi::Span<const int64_t> pools,
-                 int64_t mean_channel) {
+ffi::Error check(const ffi::AnyBuffer& x, const ffi::AnyBuffer& fc1_w, const ffi::AnyBuffer& fc1_b,
+                 const ffi::AnyBuffer& fc2_w, const ffi::AnyBuffer& fc2_b, const ffi::AnyBuffer& conv_w,
+                 const ffi::AnyBuffer& conv_b, const ffi::AnyBuffer& bn, const ffi::AnyBuffer& in_scale,
+                 const ffi::AnyBuffer& in_shift, const ffi::AnyBuffer& residual, const ffi::AnyBuffer& out,
+                 ffi::Span<const int64_t> pools, int64_t mean_channel) {
   auto bad = [](const std::string& what) { return ffi::Error::InvalidArgument("cbam_infer: " + what); };
+  auto empty_or = [](const ffi::AnyBuffer& b, int64_t n) { return b.element_count() == 0 || b.element_count() == n; };
   if (x.dimensions().size() != 4) return bad("x must be (B, H, W, C)");
   const int64_t C = x.dimensions()[3];
-  if (fc1_w.dimensions().size() != 2 || fc1_w.dimensions()[1] != C) return bad("fc1 weight must be (hidden, C)");
-  if (fc2_w.element_count() != fc1_w.element_count()) return bad("fc2 weight must be (C, hidden)");
+  if (C < 1) return bad("x must have at least one channel");
+  if (fc1_w.dimensions().size() != 2 || fc1_w.dimensions()[1] != C || fc1_w.dimensions()[0] < 1)
+    return bad("fc1 weight must be (hidden, C), hidden >= 1");
+  const int64_t hidden = fc1_w.dimensions()[0];
+  if (fc2_w.dimensions().size() != 2 || fc2_w.dimensions()[0] != C || fc2_w.dimensions()[1] != hidden)
+    return bad("fc2 weight must be (C, hidden)");
+  if (!empty_or(fc1_b, hidden) || !empty_or(fc2_b, C) || !empty_or(conv_b, 1))
+    return bad("biases must be (hidden,), (C,) and (1,), or empty");
   const auto k = conv_w.dimensions();
   if (k.size() != 3 || k[0] != 2 || k[1] != k[2] || k[1] % 2 != 1) return bad("conv weight must be (2, k, k), k odd");
-  if (bn.element_count() != 0 && bn.element_count() != 4) return bad("bn must hold weight, bias, mean, var");
-  if (in_scale.element_count() != in_shift.element_count() || (in_scale.element_count() && in_scale.element_count() != C))
+  if (!empty_or(bn, 4)) return bad("bn must hold weight, bias, mean, var");
+  if (in_scale.element_count() != in_shift.element_count() || !empty_or(in_scale, C))
     return bad("in_scale and in_shift must both be (C,) or both empty");
-  if (residual.element_count() && residual.element_count() != x.element_count()) return bad("residual must be x's shape");
+  if (residual.element_count() && !(residual.dimensions() == x.dimensions())) return bad("residual must be x's shape");
   if (pools.size() < 1 || pools.size() > 2) return bad("expects 1 or 2 channel pools");
   for (int64_t pool : pools)
     if (pool != kPoolAvg && pool != kPoolMax) return bad("unknown pool code");
   if (mean_channel != 0 && mean_channel != 1) return bad("mean_channel must be 0 or 1");
-  for (const ffi::AnyBuffer* b : {&fc1_w, &fc2_w, &conv_w, &bn, &in_scale, &in_shift, &residual})
+  for (const ffi::AnyBuffer* b : {&fc1_w, &fc1_b, &fc2_w, &fc2_b, &conv_w, &conv_b, &bn, &in_scale, &in_shift, &residual})
     if (b->element_count() && b->element_type() != x.element_type()) return bad("every operand must have x's dtype");
+  if (out.element_type() != x.element_type() || !(out.dimensions() == x.dimensions()))
+    return bad("the result must have x's shape and dtype");
   return ffi::Error::Success();
 }
 
@@ -119,7 +129,8 @@ ffi::Error cbam_infer_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffe
                            ffi::AnyBuffer bn, ffi::AnyBuffer in_scale, ffi::AnyBuffer in_shift, ffi::AnyBuffer residual,
                            ffi::Result<ffi::AnyBuffer> out, ffi::Span<const int64_t> pools, int64_t mean_channel,
                            bool hard_sigmoid, double eps) {
-  ffi::Error e = check(x, fc1_w, fc2_w, conv_w, bn, in_scale, in_shift, residual, pools, mean_channel);
+  ffi::Error e = check(x, fc1_w, fc1_b, fc2_w, fc2_b, conv_w, conv_b, bn, in_scale, in_shift, residual, *out, pools,
+                       mean_channel);
   if (e.failure()) return e;
   switch (x.element_type()) {
     case ffi::DataType::F32:

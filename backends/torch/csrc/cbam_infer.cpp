@@ -47,6 +47,7 @@ at::Tensor cbam_infer(const at::Tensor& x_in, const at::Tensor& fc1_w, const std
   const int64_t C = x.size(1);
   TORCH_CHECK(fc1_w.dim() == 2 && fc1_w.size(1) == C, "cbam_infer: fc1 weight must be (hidden, C)");
   const int64_t hidden = fc1_w.size(0);
+  TORCH_CHECK(C >= 1 && hidden >= 1, "cbam_infer: needs at least one channel and one hidden unit");
   TORCH_CHECK(mean_channel == 0 || mean_channel == 1, "cbam_infer: mean_channel must be 0 or 1");
   TORCH_CHECK(pools.size() == 1 || pools.size() == 2, "cbam_infer: expects 1 or 2 channel pools");
   for (int64_t pool : pools) TORCH_CHECK(pool == kPoolAvg || pool == kPoolMax, "cbam_infer: unknown pool ", pool);

@@ -82,6 +82,7 @@ T row_dot3(const T* d, const T* x, const T* k, int64_t C) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool_hw_cl(const at::Tensor& x) {
   check_cl(x);
   const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  TORCH_CHECK(HW < std::numeric_limits<int32_t>::max(), "cbam_train_cl: H * W must be below 2^31 (32-bit positions)");
   auto avg = at::empty({B, C}, x.options().memory_format(at::MemoryFormat::Contiguous));
   auto mx = at::empty_like(avg), cnt = at::empty_like(avg);
   auto idx = at::empty({B, C}, avg.options().dtype(at::kLong));
@@ -93,7 +94,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool_hw_cl(const at::
       std::vector<double> sum(C);
       std::vector<scalar_t> m(C), part(C);
       std::vector<int32_t> first(C), n(C);
-      const int32_t hw32 = static_cast<int32_t>(HW);
+      const int32_t hw32 = static_cast<int32_t>(HW);  // H * W < 2^31: checked above
       for (int64_t b = lo; b < hi; ++b) {
         const scalar_t* xb = px + b * HW * C;
         for (int64_t c = 0; c < C; ++c) sum[c] = 0.0, m[c] = xb[c];
@@ -265,6 +266,7 @@ at::Tensor grad_x_cl(const at::Tensor& g, const at::Tensor& x, const at::Tensor&
     const scalar_t* pm = mxx.data_ptr<scalar_t>();
     const int64_t *pic = icc.data_ptr<int64_t>(), *pi = ixx.data_ptr<int64_t>();
     scalar_t* po = gx.data_ptr<scalar_t>();
+    TORCH_CHECK(HW < std::numeric_limits<int32_t>::max(), "cbam_train_cl: H * W must be below 2^31 (32-bit positions)");
     std::vector<int32_t> idx32(first ? B * C : 0);  // positions < H*W fit 32 bits
     for (size_t i = 0; i < idx32.size(); ++i) idx32[i] = static_cast<int32_t>(pi[i]);
     at::parallel_for(0, B * HW, 256, [&](int64_t lo, int64_t hi) {
