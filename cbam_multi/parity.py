@@ -356,13 +356,12 @@ def check_case(case: ParityCase, dtype: str, backends=("torch", "jax"), with_com
         rows += _compare(cid, dtype, f"{name}~oracle", res, None, oracle)
     if "torch" in results:  # the fused training Function (where it applies) against the composed ops
         rows += _compare(cid, dtype, "torch-fused~composed", results["torch"], run["torch"](weights, composed=True))
+    y_eval = cbam_forward(x, weights, spec, train=False)[0] if train else y_ref  # the inference rows' reference
     if "torch" in backends:  # eager inference (the fused CPU kernel) against the eval-mode oracle
-        y_eval = cbam_forward(x, weights, spec, train=False)[0] if train else y_ref
         for layout, cl in (("", False), ("-cl", True)):
             res = run_torch_inference(spec, weights, x, dtype, channels_last=cl)
             rows += _compare(cid, dtype, f"torch-infer{layout}~oracle", res, None, (y_eval, {}))
     if "jax" in backends:  # eval-mode forward (on CPU the fused kernel as an XLA custom call) against the oracle
-        y_eval = cbam_forward(x, weights, spec, train=False)[0] if train else y_ref
         rows += _compare(cid, dtype, "jax-infer~oracle", run_jax_inference(spec, weights, x, dtype), None, (y_eval, {}))
     if "torch" in results and "nnx" in results:
         # Each side runs with the weights the *other* side exported, and must reproduce its outputs/grads.

@@ -179,8 +179,8 @@ def _call(spec: CBAMSpec, params, x, in_affine, residual):
 
 @functools.cache
 def _kernel(spec: CBAMSpec, ranks: tuple[int, ...]):
-    """The partitioned custom call with a batching rule: under ``vmap`` it runs once per mapped element
-    (`jax.lax.map`; custom_partitioning has no batching rule of its own)."""
+    """The partitioned custom call with a batching rule, once per spec and operand ranks: under ``vmap`` it runs
+    once per mapped element (`jax.lax.map`; custom_partitioning has no batching rule of its own)."""
     partitioned = _batch_partitioned(spec, ranks)
 
     @jax.custom_batching.custom_vmap
@@ -209,39 +209,37 @@ def _ffi(spec: CBAMSpec, *operands):
     )
 
 
-@functools.cache
 def _batch_partitioned(spec: CBAMSpec, ranks: tuple[int, ...]):
     """The custom call for a batch split over devices: each device runs the kernel on its own samples (the
     block is per sample), with the small operands replicated. Without this rule XLA's partitioner gathers the
     whole batch onto every device around an opaque custom call. Operands: x, ..., residual (x's shape or
     empty); the rule names x's, the residual's and the result's batch dimension alike, every other dimension
     unsplittable."""
-    names = iter(f"f{i}" for i in range(1000))
+    n = len(ranks)
+    batched = [i == 0 or (i == n - 1 and r == 4) for i, r in enumerate(ranks)]  # x and a given residual
+    names = iter(f"f{i}" for i in range(sum(ranks)))
     keep = []
 
-    def dims(rank, batched):
-        if batched:
+    def dims(rank, is_batched):
+        if is_batched:
             return "b h w c"
         ds = [next(names) for _ in range(rank)]
         keep.extend(ds)
         return " ".join(ds)
 
-    n = len(ranks)
-    lhs = ", ".join(dims(r, i == 0 or (i == n - 1 and r == 4)) for i, r in enumerate(ranks))
-    rule = f"{lhs} -> b h w c"
+    rule = ", ".join(dims(r, b) for r, b in zip(ranks, batched)) + " -> b h w c"
 
-    def batch_only(mesh, sharding, rank):
+    def batch_only(mesh, sharding):  # x's batch split kept, nothing else split
         spec0 = sharding.spec[0] if isinstance(sharding, NamedSharding) and len(sharding.spec) else None
-        return NamedSharding(mesh, P(spec0, *([None] * (rank - 1))))
+        return NamedSharding(mesh, P(spec0, None, None, None))
 
     def infer(mesh, arg_shapes, result_shape):
-        return batch_only(mesh, arg_shapes[0].sharding, 4)
+        return batch_only(mesh, arg_shapes[0].sharding)
 
     def partition(mesh, arg_shapes, result_shape):
-        x_sharding = batch_only(mesh, arg_shapes[0].sharding, 4)
-        args = [x_sharding if (i == 0 or (i == n - 1 and a.ndim == 4)) else NamedSharding(mesh, P())
-                for i, a in enumerate(arg_shapes)]
-        return mesh, functools.partial(_ffi, spec), x_sharding, tuple(args)
+        x_sharding = batch_only(mesh, arg_shapes[0].sharding)
+        args = tuple(x_sharding if b else NamedSharding(mesh, P()) for b in batched)
+        return mesh, functools.partial(_ffi, spec), x_sharding, args
 
     fn = custom_partitioning(functools.partial(_ffi, spec))
     fn.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=rule,

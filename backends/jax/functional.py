@@ -353,7 +353,7 @@ def cbam(params: Params, x, spec: CBAMSpec, *, train: bool = False):
     x = _checked_input(x, spec, train)
     _check_params(params, spec, None)
     params = {n: params[n] for n in spec.param_shapes()}
-    if cpu_kernel.applies(spec, x, train):  # eval on CPU: the fused kernel, one pass per sample
+    if cpu_kernel.applies(spec, x, train):  # eval on CPU: the fused kernel (cbam_multi/csrc/infer_core.h)
         return _fused(params, x, None, None, spec), {}
     return _cbam(params, x, spec, train)
 

@@ -51,7 +51,6 @@ _FLOATS = (torch.float32, torch.float64)
 _log = logging.getLogger(__name__)
 
 
-
 def _arch() -> str:
     return os.environ.get(ARCH_ENV_VAR, "native").strip() or "native"
 
@@ -210,7 +209,6 @@ def bn_then_cbam_infer(bn, cbam, h: torch.Tensor, residual: torch.Tensor | None 
     scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
     shift = bn.bias - bn.running_mean * scale
     return cbam_infer(cbam, h, (scale.contiguous(), shift.contiguous()), residual)
-
 
 
 def _autograd_records(cbam, x: torch.Tensor) -> bool:
