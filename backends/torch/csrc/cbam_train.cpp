@@ -22,6 +22,7 @@
 #include "lanes.h"
 
 #include <algorithm>
+#include <limits>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -42,6 +43,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool_hw(const at::Ten
   auto mx = at::empty({B, C}, x.options());
   auto cnt = at::empty({B, C}, x.options());
   auto idx = at::empty({B, C}, x.options().dtype(at::kLong));
+  TORCH_CHECK(HW < std::numeric_limits<int32_t>::max(), "cbam_train: H * W must be below 2^31 (32-bit positions)");
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_pool_hw", [&] {
     const scalar_t* px = x.data_ptr<scalar_t>();
     scalar_t *pa = avg.data_ptr<scalar_t>(), *pm = mx.data_ptr<scalar_t>(), *pc = cnt.data_ptr<scalar_t>();
@@ -49,8 +51,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool_hw(const at::Ten
     at::parallel_for(0, B * C, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t p = lo; p < hi; ++p) {
         const scalar_t* v = px + p * HW;
-        const double s = sum_lanes(v, HW);
-        const scalar_t m = max_lanes(v, HW);
+        double s;
+        scalar_t m;
+        sum_max_lanes(v, HW, s, m);
         int64_t am, n;  // the first position holding the max (HW - 1 if none: a NaN plane) and the tie count
         first_count_eq(v, HW, m, am, n);
         pa[p] = scalar_t(s / double(HW));
@@ -313,28 +316,54 @@ at::Tensor grad_x(const at::Tensor& g, const at::Tensor& x, const at::Tensor& ca
 
 // The spatial gate's k x k 'same' cross-correlation, Ci (1 or 2) maps -> 1 channel, and its backward.
 // oneDNN's general convolution is slow for this shape (64x2x28x28, k=7: ~20 ms forward+backward on one
-// core, where the direct loops below take well under 1 ms): its setup and layout conversions dominate.
+// core): its setup and layout conversions dominate. Here each sample's maps are copied into a zero-padded
+// buffer of row pitch Wp = W + 2p, so every weight tap is one contiguous loop over H * Wp positions (the
+// Wp - W extra columns per row are computed and dropped): loops of a plane's length instead of one per row
+// (28 or 14 long at MNIST's sizes, where loop overhead dominated).
+struct Padded {
+  int64_t H, W, p, Wp, rows;  // rows: H + 2p, plus one so the last row's extra columns stay inside
+  explicit Padded(int64_t H_, int64_t W_, int64_t k) : H(H_), W(W_), p(k / 2), Wp(W_ + 2 * (k / 2)), rows(H_ + 2 * (k / 2) + 1) {}
+  int64_t size() const { return rows * Wp; }
+  // src (H, W) into dst (size()), zero around: src[y][x] at dst[(y + p) * Wp + x + p]
+  template <typename T>
+  void fill(const T* src, T* dst) const {
+    std::fill(dst, dst + size(), T(0));
+    for (int64_t y = 0; y < H; ++y) std::copy(src + y * W, src + (y + 1) * W, dst + (y + p) * Wp + p);
+  }
+  // acc (H, Wp) -> dst (H, W)
+  template <typename T>
+  void crop(const T* acc, T* dst) const {
+    for (int64_t y = 0; y < H; ++y) std::copy(acc + y * Wp, acc + y * Wp + W, dst + y * W);
+  }
+};
+
+// acc[i] += w * src[i] for i < n (one weight tap over a padded plane)
+template <typename T>
+inline void axpy(T w, const T* src, int64_t n, T* acc) {
+  for (int64_t i = 0; i < n; ++i) acc[i] += w * src[i];
+}
+
 at::Tensor conv_fwd(const at::Tensor& in, const at::Tensor& w) {
   TORCH_CHECK(in.is_contiguous() && w.is_contiguous() && in.dim() == 4, "cbam_train.conv_fwd: contiguous NCHW");
-  const int64_t B = in.size(0), Ci = in.size(1), H = in.size(2), W = in.size(3), k = w.size(-1), p = k / 2;
-  auto out = at::zeros({B, 1, H, W}, in.options());
+  const int64_t B = in.size(0), Ci = in.size(1), H = in.size(2), W = in.size(3), k = w.size(-1);
+  const Padded pad(H, W, k);
+  const int64_t n = H * pad.Wp;
+  auto out = at::empty({B, 1, H, W}, in.options());
   AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "cbam_conv_fwd", [&] {
     const scalar_t *pi = in.data_ptr<scalar_t>(), *pw = w.data_ptr<scalar_t>();
     scalar_t* po = out.data_ptr<scalar_t>();
     at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t b = lo; b < hi; ++b)
+      std::vector<scalar_t> maps(Ci * pad.size()), acc(n);
+      for (int64_t b = lo; b < hi; ++b) {
+        for (int64_t c = 0; c < Ci; ++c) pad.fill(pi + (b * Ci + c) * H * W, maps.data() + c * pad.size());
+        std::fill(acc.begin(), acc.end(), scalar_t(0));
+        // taps in (c, dy, dx) order: each output sums its terms in that order, as a row-by-row loop would
         for (int64_t c = 0; c < Ci; ++c)
           for (int64_t dy = 0; dy < k; ++dy)
-            for (int64_t dx = 0; dx < k; ++dx) {
-              const scalar_t wt = pw[(c * k + dy) * k + dx];
-              const int64_t sy = dy - p, sx = dx - p;
-              const int64_t x0 = std::max<int64_t>(0, -sx), x1 = std::min<int64_t>(W, W - sx);
-              for (int64_t y = std::max<int64_t>(0, -sy); y < std::min<int64_t>(H, H - sy); ++y) {
-                scalar_t* o = po + (b * H + y) * W;
-                const scalar_t* src = pi + ((b * Ci + c) * H + y + sy) * W + sx;
-                for (int64_t x = x0; x < x1; ++x) o[x] += wt * src[x];
-              }
-            }
+            for (int64_t dx = 0; dx < k; ++dx)
+              axpy(pw[(c * k + dy) * k + dx], maps.data() + c * pad.size() + dy * pad.Wp + dx, n, acc.data());
+        pad.crop(acc.data(), po + b * H * W);
+      }
     });
   });
   return out;
@@ -342,37 +371,36 @@ at::Tensor conv_fwd(const at::Tensor& in, const at::Tensor& w) {
 
 std::tuple<at::Tensor, at::Tensor> conv_bwd(const at::Tensor& g, const at::Tensor& in, const at::Tensor& w) {
   TORCH_CHECK(g.is_contiguous() && in.is_contiguous() && w.is_contiguous(), "cbam_train.conv_bwd: contiguous");
-  const int64_t B = in.size(0), Ci = in.size(1), H = in.size(2), W = in.size(3), k = w.size(-1), p = k / 2;
-  const int64_t K = Ci * k * k;
-  auto gin = at::zeros_like(in);
-  auto part = at::zeros({B, K}, in.options().dtype(at::kDouble));  // per-sample weight gradients, summed below
+  const int64_t B = in.size(0), Ci = in.size(1), H = in.size(2), W = in.size(3), k = w.size(-1);
+  const Padded pad(H, W, k);
+  const int64_t n = H * pad.Wp, K = Ci * k * k, p = pad.p;
+  auto gin = at::empty_like(in);
+  auto part = at::empty({B, K}, in.options().dtype(at::kDouble));  // per-sample weight gradients, summed below
   AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "cbam_conv_bwd", [&] {
     const scalar_t *pi = in.data_ptr<scalar_t>(), *pw = w.data_ptr<scalar_t>(), *pg = g.data_ptr<scalar_t>();
     scalar_t* pgi = gin.data_ptr<scalar_t>();
     double* pp = part.data_ptr<double>();
     at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
-      std::vector<scalar_t> row(W);
-      for (int64_t b = lo; b < hi; ++b)
-        for (int64_t c = 0; c < Ci; ++c)
+      std::vector<scalar_t> maps(Ci * pad.size()), gpad(pad.size()), acc(n);
+      for (int64_t b = lo; b < hi; ++b) {
+        for (int64_t c = 0; c < Ci; ++c) pad.fill(pi + (b * Ci + c) * H * W, maps.data() + c * pad.size());
+        pad.fill(pg + b * H * W, gpad.data());
+        // g with zero extra columns, at the maps' pitch: g[y][x] at gz[y * Wp + x]
+        const scalar_t* gz = gpad.data() + p * pad.Wp + p;
+        for (int64_t c = 0; c < Ci; ++c) {
+          const scalar_t* mc = maps.data() + c * pad.size();
+          std::fill(acc.begin(), acc.end(), scalar_t(0));
           for (int64_t dy = 0; dy < k; ++dy)
             for (int64_t dx = 0; dx < k; ++dx) {
               const int64_t j = (c * k + dy) * k + dx;
-              const scalar_t wt = pw[j];
-              const int64_t sy = dy - p, sx = dx - p;
-              const int64_t x0 = std::max<int64_t>(0, -sx), x1 = std::min<int64_t>(W, W - sx);
-              std::fill(row.begin(), row.end(), scalar_t(0));  // per-column partial sums: the loops vectorise
-              for (int64_t y = std::max<int64_t>(0, -sy); y < std::min<int64_t>(H, H - sy); ++y) {
-                const scalar_t* gy = pg + (b * H + y) * W;
-                const int64_t off = ((b * Ci + c) * H + y + sy) * W + sx;
-                scalar_t* d = pgi + off;
-                const scalar_t* src = pi + off;
-                for (int64_t x = x0; x < x1; ++x) d[x] += wt * gy[x];
-                for (int64_t x = x0; x < x1; ++x) row[x] += gy[x] * src[x];
-              }
-              double acc = 0;
-              for (int64_t x = x0; x < x1; ++x) acc += double(row[x]);
-              pp[b * K + j] = acc;
+              // d maps[y + dy - p][x + dx - p] = w * g[y][x]: gather form, g read at (u + 2p - dy, v + 2p - dx)
+              axpy(pw[j], gpad.data() + (2 * p - dy) * pad.Wp + (2 * p - dx), n, acc.data());
+              const scalar_t* src = mc + dy * pad.Wp + dx;
+              pp[b * K + j] = sum_lanes_f(n, [&](int64_t i) { return gz[i] * src[i]; });
             }
+          pad.crop(acc.data(), pgi + (b * Ci + c) * H * W);
+        }
+      }
     });
   });
   return {gin, part.sum(0).to(in.scalar_type()).view(w.sizes())};
