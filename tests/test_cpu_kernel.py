@@ -248,6 +248,25 @@ for spec, shape in [(CBAMSpec.seed(64), (3, 64, 7, 7)), (CBAMSpec.timm(48), (2, 
         worst = max(worst, (fused[ok] - composed[ok]).abs().max().item())
 print("max abs err", worst)
 assert worst <= 1e-5, worst
+# the training kernels' generic loops too (float32: AVX-512 builds take their intrinsics versions)
+from cbam_multi.torch import fused
+worst = 0.0
+for spec, shape in [(CBAMSpec.seed(40), (3, 40, 7, 6)), (CBAMSpec.timm(17), (2, 17, 5, 9))]:
+    model = CBAM(spec, seed=1).train()
+    for cl in (False, True):
+        x = torch.randn(shape).round()  # ties over channels and over H, W
+        x = x.contiguous(memory_format=torch.channels_last) if cl else x
+        ct = torch.randn(shape)
+        runs = []
+        for composed in (False, True):
+            xx = x.clone().requires_grad_()
+            with fused.disabled() if composed else torch.enable_grad():
+                assert fused.applies(model, xx) == (not composed)
+                y = model(xx)
+                runs.append([y, *torch.autograd.grad(y, [xx, *model.parameters()], ct)])
+        worst = max(worst, max((a - b).abs().max().item() for a, b in zip(*runs)))
+print("train max abs err", worst)
+assert worst <= 1e-4, worst
 """
 
 

@@ -13,8 +13,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -50,29 +54,66 @@ void row_stats(const T* __restrict row, const T* __restrict g, int32_t C, T& sum
   sum = s, max = m, first = f, count = n;
 }
 
-// one row (position p) of the H,W pools: part[c] += row[c]; the running maximum m[c], the first position
-// holding it and its tie count, in one pass (a later strictly greater value restarts both). 32-bit positions
-// and counters, as wide as a float lane, so the loop vectorises (int64 ones next to float compares ran it one
-// channel at a time); one pass instead of a max pass and a tie pass: 1.1 -> 0.66 ms at 128x32x28x28 (one core).
-template <typename T>
-void pool_row(const T* row, int64_t C, int32_t p, T* part, T* m, int32_t* first, int32_t* n) {
+#if defined(__AVX512F__)
+// float32 with AVX-512: GCC's `omp simd` reductions above spill their lanes and combine them one by one,
+// which dominated rows of C = 32..64 (as in cbam_multi/csrc/infer_simd.h); here the lanes are reduced by
+// shuffles and the tie pass is a compare mask, its count a popcount and its first hit the lowest set bit.
+inline __mmask16 row_tail(int32_t left) { return static_cast<__mmask16>((1u << left) - 1u); }
+
+inline void row_stats(const float* __restrict row, const float* __restrict g, int32_t C, float& sum, float& max,
+                      int32_t& first, int32_t& count) {
+  __m512 vs = _mm512_setzero_ps(), vm = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  int32_t c = 0;
+  for (; c + 16 <= C; c += 16) {
+    const __m512 y = _mm512_mul_ps(_mm512_loadu_ps(row + c), _mm512_loadu_ps(g + c));
+    vs = _mm512_add_ps(vs, y);
+    vm = _mm512_max_ps(vm, y);
+  }
+  if (c < C) {
+    const __mmask16 k = row_tail(C - c);
+    const __m512 y = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, row + c), _mm512_maskz_loadu_ps(k, g + c));
+    vs = _mm512_add_ps(vs, y);  // masked-off lanes hold 0
+    vm = _mm512_mask_max_ps(vm, k, vm, y);
+  }
+  const float m = _mm512_reduce_max_ps(vm);
+  const __m512 mv = _mm512_set1_ps(m);
+  // hits from the last block back to the first, so the lowest one is kept without a branch
+  int32_t f = C, n = 0;
+  for (c = (C - 1) / 16 * 16; c >= 0; c -= 16) {
+    const __mmask16 k = C - c >= 16 ? __mmask16(0xFFFF) : row_tail(C - c);
+    const __m512 y = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, row + c), _mm512_maskz_loadu_ps(k, g + c));
+    const unsigned hit = _mm512_mask_cmp_ps_mask(k, y, mv, _CMP_EQ_OQ);
+    n += __builtin_popcount(hit);
+    f = hit ? c + __builtin_ctz(hit) : f;
+  }
+  sum = _mm512_reduce_add_ps(vs), max = m, first = f, count = n;
+}
+#endif
+
+// U rows (positions p .. p + U - 1) of the H,W pools: part[c] += row[c]; the running maximum m[c], the first
+// position holding it and its tie count, in one pass (a later strictly greater value restarts both). 32-bit
+// positions and counters, as wide as a float lane, so the loop vectorises (int64 ones next to float compares
+// ran it one channel at a time); one pass instead of a max pass and a tie pass (1.1 -> 0.66 ms at
+// 128x32x28x28, one core); U rows per load and store of the accumulators, rows in order (same results).
+template <typename T, int U>
+void pool_rows(const T* __restrict rows, int64_t C, int32_t p, T* __restrict part, T* __restrict m,
+               int32_t* __restrict first, int32_t* __restrict n) {
 #pragma omp simd
   for (int64_t c = 0; c < C; ++c) {
-    const T v = row[c];
-    part[c] += v;
-    const bool gt = v > m[c], eq = v == m[c];
-    n[c] = gt ? 1 : n[c] + (eq ? 1 : 0);
-    first[c] = gt ? p : first[c];
-    m[c] = gt ? v : m[c];
+    T sp = part[c], mm = m[c];
+    int32_t f = first[c], nn = n[c];
+    for (int u = 0; u < U; ++u) {
+      const T v = rows[u * C + c];
+      sp += v;
+      const bool gt = v > mm, eq = v == mm;
+      nn = gt ? 1 : nn + (eq ? 1 : 0);
+      f = gt ? p + u : f;
+      mm = gt ? v : mm;
+    }
+    part[c] = sp, m[c] = mm, first[c] = f, n[c] = nn;
   }
 }
 
-// part[c] += (d[c] * s + gm) * row[c]: one row's dense share of dL/dca
-template <typename T>
-void dense_gy1_dot(const T* d, const T* row, T s, T gm, int64_t C, T* part) {
-#pragma omp simd
-  for (int64_t c = 0; c < C; ++c) part[c] += (d[c] * s + gm) * row[c];
-}
 
 // sum of d * (x * k)
 template <typename T>
@@ -82,6 +123,21 @@ T row_dot3(const T* d, const T* x, const T* k, int64_t C) {
   for (int64_t c = 0; c < C; ++c) acc += d[c] * (x[c] * k[c]);
   return acc;
 }
+
+#if defined(__AVX512F__)
+inline float row_dot3(const float* d, const float* x, const float* k, int64_t C) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t c = 0;
+  for (; c + 16 <= C; c += 16)
+    acc = _mm512_fmadd_ps(_mm512_loadu_ps(d + c), _mm512_mul_ps(_mm512_loadu_ps(x + c), _mm512_loadu_ps(k + c)), acc);
+  if (c < C) {
+    const __mmask16 m = row_tail(static_cast<int32_t>(C - c));
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, d + c),
+                          _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + c), _mm512_maskz_loadu_ps(m, k + c)), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+#endif
 
 // (B, C): mean, max, first max position (flat h*W+w) and tie count over H, W
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool_hw_cl(const at::Tensor& x) {
@@ -105,8 +161,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool_hw_cl(const at::
         for (int64_t p0 = 0; p0 < HW; p0 += kBlock) {  // blocks of rows summed in T, then added in double
           const int64_t p1 = std::min(HW, p0 + kBlock);
           std::fill(part.begin(), part.end(), scalar_t(0));
-          for (int64_t p = p0; p < p1; ++p)
-            pool_row(xb + p * C, C, static_cast<int32_t>(p), part.data(), m.data(), first.data(), n.data());
+          int64_t p = p0;
+          for (; p + 4 <= p1; p += 4)
+            pool_rows<scalar_t, 4>(xb + p * C, C, static_cast<int32_t>(p), part.data(), m.data(), first.data(), n.data());
+          for (; p < p1; ++p)
+            pool_rows<scalar_t, 1>(xb + p * C, C, static_cast<int32_t>(p), part.data(), m.data(), first.data(), n.data());
           for (int64_t c = 0; c < C; ++c) sum[c] += double(part[c]);
         }
         for (int64_t c = 0; c < C; ++c) {
@@ -202,6 +261,34 @@ inline T gy1_at(T g, T x, T ca, T s, T gm, T gr, T mxc, int64_t idxc, int64_t c,
   return hit ? v + gr : v;
 }
 
+// U rows (positions q .. q + U - 1, in order) of dL/dca's sums: part[c] += dL/dy1 * x. "first": the dense
+// part, then the pixel's channel max (ic: its channel; adding 0 elsewhere leaves the sum as it was); "split":
+// gy1_at's expression. U rows per load and store of the accumulators, as in pool_rows.
+template <typename T, int U, bool First>
+void gca_rows(const T* __restrict d, const T* __restrict x, const T* __restrict k, const T* s, const T* gm,
+              const T* gr, const T* mc, const int64_t* idxc, int32_t C, T* __restrict part) {
+  int32_t ic[U];
+  T sv[U], gmv[U], grv[U], mcv[U];
+  for (int u = 0; u < U; ++u) {
+    ic[u] = First ? static_cast<int32_t>(idxc[u]) : 0;
+    sv[u] = s[u], gmv[u] = gm[u], grv[u] = gr[u], mcv[u] = First ? T(0) : mc[u];
+  }
+#pragma omp simd
+  for (int32_t c = 0; c < C; ++c) {
+    T sp = part[c];
+    for (int u = 0; u < U; ++u) {
+      const T dv = d[u * C + c], xv = x[u * C + c], v = dv * sv[u] + gmv[u];
+      if (First) {
+        sp += v * xv;
+        sp += c == ic[u] ? grv[u] * xv : T(0);
+      } else {
+        sp += (xv * k[c] == mcv[u] ? v + grv[u] : v) * xv;
+      }
+    }
+    part[c] = sp;
+  }
+}
+
 // (B, C): dL/dca = sum_hw dL/dy1 * x
 at::Tensor grad_ca_cl(const at::Tensor& g, const at::Tensor& x, const at::Tensor& ca, const at::Tensor& s,
                       const at::Tensor& gm, const at::Tensor& gr, const at::Tensor& mxc, const at::Tensor& idxc,
@@ -212,6 +299,8 @@ at::Tensor grad_ca_cl(const at::Tensor& g, const at::Tensor& x, const at::Tensor
   auto cac = ca.contiguous(), sc = s.contiguous(), gmc = gm.contiguous(), grc = gr.contiguous();
   auto mcc = mxc.contiguous(), icc = idxc.contiguous();
   auto gca = at::empty({B, C}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  TORCH_CHECK(C < std::numeric_limits<int32_t>::max(), "cbam_train_cl: C must be below 2^31 (32-bit channel indices)");
+  const int32_t C32 = static_cast<int32_t>(C);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_grad_ca_cl", [&] {
     const scalar_t *px = x.data_ptr<scalar_t>(), *pd = g.data_ptr<scalar_t>(), *pg = cac.data_ptr<scalar_t>();
     const scalar_t *ps = sc.data_ptr<scalar_t>(), *pgm = gmc.data_ptr<scalar_t>(), *pgr = grc.data_ptr<scalar_t>();
@@ -227,19 +316,18 @@ at::Tensor grad_ca_cl(const at::Tensor& g, const at::Tensor& x, const at::Tensor
         for (int64_t p0 = 0; p0 < HW; p0 += kBlock) {  // blocks of rows summed in T, then added in double
           const int64_t p1 = std::min(HW, p0 + kBlock);
           std::fill(part.begin(), part.end(), scalar_t(0));
-          for (int64_t p = p0; p < p1; ++p) {
+          int64_t p = p0;
+          auto rows = [&](auto u_const) {
+            constexpr int U = decltype(u_const)::value;
             const int64_t q = b * HW + p;
-            const scalar_t *row = px + q * C, *d = pd + q * C;
-            const scalar_t sv = ps[q], gmv = pgm[q];
-            if (first) {  // dense part; the pixel's channel max below
-              dense_gy1_dot(d, row, sv, gmv, C, part.data());
-              const int64_t c = pic[q];
-              part[c] += pgr[q] * row[c];
-            } else {
-              for (int64_t c = 0; c < C; ++c)
-                part[c] += gy1_at(d[c], row[c], k[c], sv, gmv, pgr[q], pmc[q], int64_t(0), c, false) * row[c];
-            }
-          }
+            if (first)
+              gca_rows<scalar_t, U, true>(pd + q * C, px + q * C, k, ps + q, pgm + q, pgr + q, pmc + q, pic + q, C32, part.data());
+            else
+              gca_rows<scalar_t, U, false>(pd + q * C, px + q * C, k, ps + q, pgm + q, pgr + q, pmc + q, pic + q, C32, part.data());
+            p += U;
+          };
+          while (p + 4 <= p1) rows(std::integral_constant<int, 4>{});
+          while (p < p1) rows(std::integral_constant<int, 1>{});
           for (int64_t c = 0; c < C; ++c) acc[c] += double(part[c]);
         }
         for (int64_t c = 0; c < C; ++c) po[b * C + c] = scalar_t(acc[c]);
