@@ -3,7 +3,7 @@
 Outputs, the gradients w.r.t. h, the BN's weight and bias and every CBAM parameter, the BN's running
 statistics and ``num_batches_tracked``: every BN mode ``nn.BatchNorm2d`` has (train with momentum or the
 cumulative average, eval, batch statistics without running ones), both tie rules on inputs with many tied
-maxima, the CPU kernels, the torch-op passes and channels_last; float64 within 1e-10 of the composed ops,
+maxima, the CPU kernels and the torch-op passes, NCHW and channels_last; float64 within 1e-10 of the composed ops,
 float32 within `cbam_multi.parity.TOLERANCES` of them in float64. The ResNet tests check that a ResNet block
 takes this path and that it keeps the saved activations of ResNet-CBAM near those of the plain ResNet.
 """
@@ -32,8 +32,10 @@ BN_MODES = {
     "eval-batch-stats-only": dict(train=False, track_running_stats=False),
 }
 CASES = [
-    *itertools.product(["official", "timm"], ["first", "split"], [False, True], ["train", "eval"], ["kernel"]),
-    *itertools.product(["official"], ["split"], [True], list(BN_MODES), ["kernel", "ops", "channels_last"]),
+    *itertools.product(["official", "timm"], ["first", "split"], [False, True], ["train", "eval"],
+                       ["kernel", "channels_last"]),
+    *itertools.product(["official"], ["split"], [True], list(BN_MODES),
+                       ["kernel", "ops", "channels_last", "channels_last-ops"]),
 ]
 
 
@@ -70,12 +72,12 @@ def _inputs(spec, ties, seed=0):
 def _run(spec, mode, h, ct, dtype, composed, path="kernel", steps=2):
     bn, cbam = _modules(spec, mode, dtype)
     hh = h.to(dtype).clone()
-    if path == "channels_last":
+    if path.startswith("channels_last"):
         hh = hh.contiguous(memory_format=torch.channels_last)
     hh.requires_grad_()
     params = [bn.weight, bn.bias, *cbam.parameters()]
     outs = []
-    with fused.disabled() if composed else fused.kernels(path == "kernel"):
+    with fused.disabled() if composed else fused.kernels(not path.endswith("ops")):
         for _ in range(steps):  # two calls: running statistics and num_batches_tracked move twice
             assert fused_bn.applies(bn, cbam, hh) == (not composed)
             y = cbam(bn(hh)) if composed else fused_bn.bn_cbam_train(bn, cbam, hh)
@@ -100,11 +102,12 @@ def test_bn_then_cbam_matches_composed_float64(case):
 
 @pytest.mark.parametrize("mode", list(BN_MODES))
 @pytest.mark.parametrize("preset,tie", [("official", "first"), ("timm", "split")])
-def test_bn_then_cbam_float32_within_tolerance(preset, tie, mode):
+@pytest.mark.parametrize("path", ["kernel", "channels_last"])
+def test_bn_then_cbam_float32_within_tolerance(preset, tie, mode, path):
     spec = CBAMSpec.preset(preset, 16, tie_rule=tie)
     h, ct = _inputs(spec, ties=False, seed=3)
     ref = _run(spec, mode, h, ct, torch.float64, composed=True, steps=1)
-    got = _run(spec, mode, h, ct, torch.float32, composed=False, steps=1)
+    got = _run(spec, mode, h, ct, torch.float32, composed=False, path=path, steps=1)
     n_out = 2 + len(list(CBAM(spec).parameters())) + 2  # y, h, BN weight and bias, CBAM parameters
     err_y = _err(got[:1], ref[:1])
     scale = max(r.abs().max().item() for r in ref[1:n_out])
@@ -226,7 +229,29 @@ def test_nan_and_inf_follow_the_composed_ops(bad, with_bn):
             assert _err([got[ok]], [ref[ok]]) <= TOLERANCES["float64"]["grad"]
 
 
-def test_float32_gradients_hold_for_a_large_mean_over_std():
+@pytest.mark.parametrize("path", ["kernel", "channels_last"])
+def test_kernels_run_in_both_layouts(path, monkeypatch):
+    """With the kernels on, NCHW and channels_last h take `_BNThenCBAMKernels` (x never stored); the output and
+    the input gradient keep h's layout."""
+    spec = CBAMSpec.preset("official", 16)
+    h, ct = _inputs(spec, ties=False)
+    calls = []
+    forward = fused_bn._BNThenCBAMKernels.forward
+    monkeypatch.setattr(fused_bn._BNThenCBAMKernels, "forward",
+                        staticmethod(lambda *a: calls.append(1) or forward(*a)))
+    bn, cbam = _modules(spec, "train", torch.float64)
+    hh = h.clone().contiguous(memory_format=torch.channels_last if path == "channels_last" else torch.contiguous_format)
+    hh.requires_grad_()
+    with fused.kernels(True):
+        y = fused_bn.bn_cbam_train(bn, cbam, hh)
+        (gh,) = torch.autograd.grad(y, [hh], ct)
+    fmt = torch.channels_last if path == "channels_last" else torch.contiguous_format
+    assert calls == [1]
+    assert y.is_contiguous(memory_format=fmt) and gh.is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("path", ["kernel", "channels_last"])
+def test_float32_gradients_hold_for_a_large_mean_over_std(path):
     """BN input far from zero (mean / std ~ 1e3): the kernels' BN sums are centred on the mean, as the BN
     backward's sum of dy * (h - mean); uncentred float32 products lose ~6e-8 * mean / std of them.
     The input's and the BN's gradients, each relative to its own largest float64 value, and every gradient
@@ -235,7 +260,7 @@ def test_float32_gradients_hold_for_a_large_mean_over_std():
     h, ct = _inputs(spec, ties=False, seed=4)
     h = h + 1000.0
     ref = _run(spec, "train", h, ct, torch.float64, composed=True, steps=1)
-    got = _run(spec, "train", h, ct, torch.float32, composed=False, steps=1)
+    got = _run(spec, "train", h, ct, torch.float32, composed=False, path=path, steps=1)
     tol = TOLERANCES["float32"]["grad"]
     for i, what in ((1, "h"), (2, "BN weight"), (3, "BN bias")):
         err = _err(got[i : i + 1], ref[i : i + 1]) / ref[i].abs().max().item()

@@ -14,9 +14,8 @@ saved maps. Inference is the C++ op ``cbam_multi::cbam_infer`` with a fake (shap
 
 The ops are tagged ``flexible_layout``: inductor may hand them channels_last buffers even where the traced
 model is NCHW (its layout optimisation runs convolutions channels_last), and copying those back to the traced
-strides cost more than CBAM itself. The bodies take either layout (the BatchNorm pair's kernels are NCHW; in
-channels_last it runs the BN as torch ops and CBAM's channels_last kernels) and return what the fake
-implementations promise.
+strides cost more than CBAM itself. The bodies take either layout (each kernel has an NCHW and a channels_last
+version) and return what the fake implementations promise.
 
 `applies` holds under torch.compile where the eager fast paths would: CPU, float32/float64, NCHW or
 channels_last (NCHW for the BatchNorm pair), the standard two-gate variant with avg/max pools, no hooks, no
@@ -262,8 +261,8 @@ def _fwd_impl(h: Tensor, tensors: list[Tensor], present: str, config: str) -> li
     else:
         bnm = _BatchNorm(_live(bn), cfg["bn"], replay=False)
         pool = None
-        if fused._kernel_applies(h) and h.is_contiguous() and fused_bn._finite_affine(bnm):  # the BN kernels: NCHW
-            pool = torch.ops.cbam_multi.bn_pool(h)
+        if fused._kernel_applies(h) and fused_bn._finite_affine(bnm):
+            pool = fused._kernel("bn_pool", h)(h)
             pool = pool if bool(torch.isfinite(pool[0]).all()) else None
         if pool is not None:
             out = fused_bn._BNThenCBAMKernels.forward(ctx, h, bnm, cbam, pool, bn[0], bn[1])

@@ -40,11 +40,13 @@ ARCH_ENV_VAR = "CBAM_MULTI_CPU_KERNEL_ARCH"  # -march value (default native), e.
 _SOURCE = Path(__file__).with_name("csrc") / "cbam_infer.cpp"
 # the training Function's full-size passes (fused.py), built into the same library
 _CSRC = Path(__file__).with_name("csrc")
-# the training Function's kernels: one unit that includes cbam_train.cpp, cbam_train_cl.cpp, cbam_bn_train.cpp
+# the training Function's kernels: one unit that includes cbam_train.cpp, cbam_train_cl.cpp, cbam_bn_train.cpp and
+# cbam_bn_train_cl.cpp
 _SOURCES = (_SOURCE, _CSRC / "cbam_train_all.cpp")
 # the inference kernel's framework-free core, shared with the JAX backend's XLA FFI handler
 _CORE = Path(cbam_multi.__file__).with_name("csrc")
-_INCLUDED = (_CSRC / "cbam_train.cpp", _CSRC / "cbam_train_cl.cpp", _CSRC / "cbam_bn_train.cpp", _CSRC / "lanes.h",
+_INCLUDED = (_CSRC / "cbam_train.cpp", _CSRC / "cbam_train_cl.cpp", _CSRC / "cbam_bn_train.cpp",
+             _CSRC / "cbam_bn_train_cl.cpp", _CSRC / "lanes.h",
              _CORE / "infer_core.h", _CORE / "infer_simd.h")
 _POOL_CODES = {"avg": 0, "max": 1}  # the pools the kernel computes (every preset's)
 _FLOATS = (torch.float32, torch.float64)

@@ -319,8 +319,15 @@ def _kernel_applies(x: torch.Tensor) -> bool:
 
 
 def _kernel(name: str, x: torch.Tensor):
-    """The CPU kernel ``name`` for x's layout: csrc/cbam_train.cpp (NCHW) or csrc/cbam_train_cl.cpp (channels_last)."""
+    """The CPU kernel ``name`` for x's layout: csrc/cbam_train.cpp, cbam_bn_train.cpp (NCHW) or their ``_cl``
+    versions in cbam_train_cl.cpp, cbam_bn_train_cl.cpp (channels_last)."""
     return getattr(torch.ops.cbam_multi, name if x.is_contiguous() else name + "_cl")
+
+
+def _kernel_for(x: torch.Tensor):
+    """``name -> _kernel(name, x)``, x's layout looked up once."""
+    suffix = "" if x.is_contiguous() else "_cl"
+    return lambda name: getattr(torch.ops.cbam_multi, name + suffix)
 
 
 def _memory_format(x: torch.Tensor):

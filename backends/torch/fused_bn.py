@@ -12,11 +12,11 @@ invstd`` and ``beta = bias - mean * alpha`` per channel, computed by one torch o
 op in the backward, so the recomputed ``x`` is the forward's bit for bit (the max-pool masks compare against
 it); the statistics and running averages are torch's (`torch.batch_norm_update_stats`, with
 ``nn.BatchNorm2d``'s momentum and ``num_batches_tracked`` rule), the BN gradients torch's
-(`native_batch_norm_backward`). `_BNThenCBAMKernels` (CPU, NCHW, the default there): the kernels of
-csrc/cbam_bn_train.cpp form ``x = fma(h, alpha, beta)`` in every pass and never store it; the statistics
-come from per-plane sums (float64, Chan's combination), the running averages follow the same rule, and the
-BN gradients are assembled from per-plane sums of the backward passes (the BN's backward is linear in
-dL/dx). Eval-mode BN (running statistics) is covered by both.
+(`native_batch_norm_backward`). `_BNThenCBAMKernels` (CPU, NCHW or channels_last, the default there): the
+kernels of csrc/cbam_bn_train.cpp (cbam_bn_train_cl.cpp) form ``x = fma(h, alpha, beta)`` in every pass and
+never store it; the statistics come from per-plane sums (float64, Chan's combination), the running averages
+follow the same rule, and the BN gradients are assembled from per-plane sums of the backward passes (the
+BN's backward is linear in dL/dx). Eval-mode BN (running statistics) is covered by both.
 
 `applies` holds where both halves would take their eager training paths: a plain ``nn.BatchNorm2d`` with
 affine parameters and no hooks, and `fused.applies` for the CBAM block; otherwise the caller runs
@@ -48,12 +48,12 @@ def applies(bn: nn.Module, cbam, h: torch.Tensor) -> bool:
 
 
 def bn_cbam_train(bn: nn.BatchNorm2d, cbam, h: torch.Tensor) -> torch.Tensor:
-    """``cbam(bn(h))`` through `_BNThenCBAMKernels` (CPU, NCHW: x never stored) or `_BNThenCBAM` (call only
+    """``cbam(bn(h))`` through `_BNThenCBAMKernels` (CPU: x never stored) or `_BNThenCBAM` (call only
     where `applies`); updates ``bn``'s running statistics as ``bn(h)`` would."""
     params = (bn.weight, bn.bias, *cbam.channel.parameters(), *cbam.spatial.parameters())
-    if fused._kernel_applies(h) and h.is_contiguous() and _finite_affine(bn):  # the BN kernels are NCHW only
+    if fused._kernel_applies(h) and _finite_affine(bn):
         with torch.no_grad():
-            pool = torch.ops.cbam_multi.bn_pool(h)
+            pool = fused._kernel("bn_pool", h)(h)
         if bool(torch.isfinite(pool[0]).all()):  # else a NaN or inf in h: the torch ops keep torch's NaN rules
             return _BNThenCBAMKernels.apply(h, bn, cbam, pool, *params)
     return _BNThenCBAM.apply(h, bn, cbam, *params)
@@ -167,35 +167,35 @@ class _BNThenCBAMKernels(torch.autograd.Function):
         avg, mx = ops.bn_pool_finish(psum, hmax, hmin, al, be, hw)
         ca, leaves1 = fused.channel_graph(cbam, [avg if kind == "avg" else mx for kind in spec.channel_pools])
         ca4 = ca.detach().contiguous()[:, :, None, None]
-        mean_c, max_c, idx_c, cnt_c = ops.train_maps(h, ca4, al, be)
+        mean_c, max_c, idx_c, cnt_c = fused._kernel("train_maps", h)(h, ca4, al, be)
         s, leaves2 = fused.spatial_graph(cbam, mean_c, max_c, True)
         sd = s.detach().contiguous()
         ctx.graphs = (ca, leaves1, s, leaves2)
         ctx.param_groups = (list(cbam.channel.parameters()), list(cbam.spatial.parameters()))
         ctx.batch_stats, ctx.first, ctx.pools = batch_stats, spec.tie_rule == "first", spec.channel_pools
         ctx.save_for_backward(h, weight, al, be, ca4, sd, mx, max_c, idx_c, cnt_c, psum, mean, invstd)
-        return ops.train_gate(h, ca4, sd, al, be)
+        return fused._kernel("train_gate", h)(h, ca4, sd, al, be)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
-        ops = torch.ops.cbam_multi
         h, weight, al, be, ca4, s, mx, max_c, idx_c, cnt_c, psum, mean, invstd = ctx.saved_tensors
+        kernel = fused._kernel_for(h)
         ca, leaves1, s_graph, leaves2 = ctx.graphs
         ch_params, sp_params = ctx.param_groups
         ctx.graphs = None
         need_h, _, _, _, need_w, need_b = ctx.needs_input_grad[:6]
         first, dt = ctx.first, h.dtype
         b, c, hw = h.shape[0], h.shape[1], h.shape[2] * h.shape[3]
-        g = g.contiguous()
+        g = g.contiguous(memory_format=fused._memory_format(h))
         # spatial gate: dL/ds, then its small graph -> the maps' gradients (gm per channel, gr routed)
         mu = mean.to(dt).contiguous()  # the sums over h are centred on the mean (as rounded to h's dtype)
-        gs, q1 = ops.bn_grad_s(g, h, al, be, ca4, s, mu)
+        gs, q1 = kernel("bn_grad_s")(g, h, al, be, ca4, s, mu)
         sp_train = [p for p in sp_params if p.requires_grad]
         grads2 = torch.autograd.grad(s_graph, [leaves2["mean"], leaves2["max"], *sp_train], gs, allow_unused=True)
         gm = (grads2[0] / c).contiguous()
         gr = (grads2[1] if first else grads2[1] / cnt_c).contiguous()
-        q2, idx_hw, cnt_hw = ops.bn_plane_sums(h, al, be, ca4, gm, gr, max_c, idx_c, mx, mu, first)
+        q2, idx_hw, cnt_hw = kernel("bn_plane_sums")(h, al, be, ca4, gm, gr, max_c, idx_c, mx, mu, first)
         # channel gate: dL/dca = sum_hw dL/dy1 * x = sum g*s*x + sum gm*x + sum hit*gr*x
         gca = (q1[..., 1] + q2[..., 0] + q2[..., 3]).to(dt)
         ch_train = [p for p in ch_params if p.requires_grad]
@@ -222,7 +222,7 @@ class _BNThenCBAMKernels(torch.autograd.Function):
                 coef = torch.stack([a, -a * invstd * s2 / n, -a * s1 / n, mean], 1)
             else:  # running statistics: the BN is a per-channel affine map
                 coef = torch.stack([a, torch.zeros_like(a), torch.zeros_like(a), mean], 1)
-            gh = ops.bn_grad_h(g, h, al, be, ca4, s, gm, gr, max_c, idx_c, gavg.contiguous(), gmx.contiguous(), mx,
+            gh = kernel("bn_grad_h")(g, h, al, be, ca4, s, gm, gr, max_c, idx_c, gavg.contiguous(), gmx.contiguous(), mx,
                                idx_hw, coef.to(dt).contiguous(), first)
         gw = s2.to(dt) if need_w else None
         gb = s1.to(dt) if need_b else None

@@ -3,3 +3,4 @@
 #include "cbam_train.cpp"
 #include "cbam_train_cl.cpp"
 #include "cbam_bn_train.cpp"
+#include "cbam_bn_train_cl.cpp"

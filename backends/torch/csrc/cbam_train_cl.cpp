@@ -12,11 +12,14 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include "lanes.h"
+
 #include <algorithm>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 #include <limits>
+#include <optional>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -115,6 +118,13 @@ void pool_rows(const T* __restrict rows, int64_t C, int32_t p, T* __restrict par
 }
 
 
+// x[c] = bn_x(h[c], al[c], be[c]): a BatchNorm's output from its input, as every pass of fused_bn forms it
+template <typename T>
+void affine_row(const T* __restrict h, const T* __restrict al, const T* __restrict be, int64_t C, T* __restrict x) {
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) x[c] = cbam_lanes::bn_x(h[c], al[c], be[c]);
+}
+
 // sum of d * (x * k)
 template <typename T>
 T row_dot3(const T* d, const T* x, const T* k, int64_t C) {
@@ -181,7 +191,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool_hw_cl(const at::
 }
 
 // (B, 1, H, W): channel mean, max, first argmax channel and tie count of y1 = x * ca
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> maps_cl(const at::Tensor& x, const at::Tensor& ca) {
+// al, be (C,) given: x is a BatchNorm's input h and the pass forms bn_x(h, al, be) (fused_bn.py)
+template <typename T>
+const T* affine_of(const std::optional<at::Tensor>& al, const std::optional<at::Tensor>& be, int64_t C, const T** shift) {
+  TORCH_CHECK(al.has_value() == be.has_value(), "cbam_train_cl: al and be go together");
+  *shift = nullptr;
+  if (!al.has_value()) return nullptr;
+  TORCH_CHECK(al->is_contiguous() && be->is_contiguous() && al->numel() == C && be->numel() == C,
+              "cbam_train_cl: al and be must be contiguous (C,)");
+  *shift = be->data_ptr<T>();
+  return al->data_ptr<T>();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> maps_cl(const at::Tensor& x, const at::Tensor& ca,
+                                                                   const std::optional<at::Tensor>& al,
+                                                                   const std::optional<at::Tensor>& be) {
   check_cl(x);
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
   auto cac = ca.contiguous();
@@ -193,11 +217,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> maps_cl(const at::Ten
     const scalar_t *px = x.data_ptr<scalar_t>(), *pg = cac.data_ptr<scalar_t>();
     scalar_t *pmean = mean.data_ptr<scalar_t>(), *pmx = mx.data_ptr<scalar_t>(), *pc = cnt.data_ptr<scalar_t>();
     int64_t* pi = idx.data_ptr<int64_t>();
+    const scalar_t* shift;
+    const scalar_t* scale = affine_of<scalar_t>(al, be, C, &shift);
     at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<scalar_t> xrow(scale ? C : 0);
       for (int64_t b = lo; b < hi; ++b) {
         const scalar_t* g = pg + b * C;
         for (int64_t p = 0; p < HW; ++p) {
           const scalar_t* row = px + (b * HW + p) * C;
+          if (scale) {
+            affine_row(row, scale, shift, C, xrow.data());
+            row = xrow.data();
+          }
           scalar_t s, m;
           int32_t first, n;
           row_stats(row, g, static_cast<int32_t>(C), s, m, first, n);
@@ -213,7 +244,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> maps_cl(const at::Ten
 }
 
 // y = (x * ca) * s
-at::Tensor gate_cl(const at::Tensor& x, const at::Tensor& ca, const at::Tensor& s) {
+at::Tensor gate_cl(const at::Tensor& x, const at::Tensor& ca, const at::Tensor& s, const std::optional<at::Tensor>& al,
+                   const std::optional<at::Tensor>& be) {
   check_cl(x);
   const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
   auto cac = ca.contiguous(), sc = s.contiguous();
@@ -221,11 +253,19 @@ at::Tensor gate_cl(const at::Tensor& x, const at::Tensor& ca, const at::Tensor& 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_gate_cl", [&] {
     const scalar_t *px = x.data_ptr<scalar_t>(), *pg = cac.data_ptr<scalar_t>(), *ps = sc.data_ptr<scalar_t>();
     scalar_t* po = out.data_ptr<scalar_t>();
+    const scalar_t* shift;
+    const scalar_t* scale = affine_of<scalar_t>(al, be, C, &shift);
     at::parallel_for(0, B * HW, 256, [&](int64_t lo, int64_t hi) {
       for (int64_t q = lo; q < hi; ++q) {
         const scalar_t* g = pg + (q / HW) * C;
         const scalar_t sv = ps[q];
-        for (int64_t c = 0; c < C; ++c) po[q * C + c] = (px[q * C + c] * g[c]) * sv;
+        scalar_t* o = po + q * C;
+        if (scale) {
+          affine_row(px + q * C, scale, shift, C, o);  // x in the output row, then gated in place
+          for (int64_t c = 0; c < C; ++c) o[c] = (o[c] * g[c]) * sv;
+        } else {
+          for (int64_t c = 0; c < C; ++c) o[c] = (px[q * C + c] * g[c]) * sv;
+        }
       }
     });
   });
@@ -391,8 +431,8 @@ at::Tensor grad_x_cl(const at::Tensor& g, const at::Tensor& x, const at::Tensor&
 
 TORCH_LIBRARY_FRAGMENT(cbam_multi, m) {
   m.def("train_pool_hw_cl(Tensor x) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("train_maps_cl(Tensor x, Tensor ca) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("train_gate_cl(Tensor x, Tensor ca, Tensor s) -> Tensor");
+  m.def("train_maps_cl(Tensor x, Tensor ca, Tensor? al=None, Tensor? be=None) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("train_gate_cl(Tensor x, Tensor ca, Tensor s, Tensor? al=None, Tensor? be=None) -> Tensor");
   m.def("train_grad_s_cl(Tensor g, Tensor x, Tensor ca) -> Tensor");
   m.def("train_grad_ca_cl(Tensor g, Tensor x, Tensor ca, Tensor s, Tensor gm, Tensor gr, Tensor mxc, Tensor idxc, "
         "bool first) -> Tensor");
