@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 namespace cbam_lanes {
 
@@ -12,8 +13,16 @@ namespace cbam_lanes {
 constexpr int kLanes = 16;
 // Compares (max, min, tie search) get 32 lanes of 32-bit indices: at 16 lanes, or with 64-bit indices next
 // to float compares, GCC (-march=znver4) left these loops 2-6x slower (a 784-float plane: max 0.44 -> 0.16,
-// tie search 0.74-1.39 -> 0.23 ms per 4096 planes on one core).
+// tie search 0.74-1.39 -> 0.23 ms per 4096 planes on one core). Short planes (ResNet's 7x7) keep 16 lanes,
+// so fewer values fall to the scalar tail (`cmp_lanes`).
 constexpr int kCmpLanes = 32;
+constexpr int64_t kShortPlane = 128;
+
+// f(std::integral_constant<int, L>) with L = kCmpLanes, or 16 for a plane of fewer than kShortPlane values
+template <typename F>
+inline auto cmp_lanes(int64_t n, F&& f) {
+  return n < kShortPlane ? f(std::integral_constant<int, 16>{}) : f(std::integral_constant<int, kCmpLanes>{});
+}
 
 template <typename T>
 inline double sum_lanes(const T* v, int64_t n) {
@@ -28,28 +37,33 @@ inline double sum_lanes(const T* v, int64_t n) {
 }
 
 // the extreme of v[0..n) under `better` (a strict order: > for the maximum, < for the minimum)
-template <typename T, typename Better>
-inline T best_lanes(const T* v, int64_t n, Better better) {
-  T acc[kCmpLanes];
-  for (int j = 0; j < kCmpLanes; ++j) acc[j] = v[0];
+template <int L, typename T, typename Better>
+inline T best_lanes_n(const T* v, int64_t n, Better better) {
+  T acc[L];
+  for (int j = 0; j < L; ++j) acc[j] = v[0];
   int64_t i = 0;
-  for (; i + kCmpLanes <= n; i += kCmpLanes)
-    for (int j = 0; j < kCmpLanes; ++j) acc[j] = better(v[i + j], acc[j]) ? v[i + j] : acc[j];
+  for (; i + L <= n; i += L)
+    for (int j = 0; j < L; ++j) acc[j] = better(v[i + j], acc[j]) ? v[i + j] : acc[j];
   T m = v[0];
   for (; i < n; ++i) m = better(v[i], m) ? v[i] : m;
-  for (int j = 0; j < kCmpLanes; ++j) m = better(acc[j], m) ? acc[j] : m;
+  for (int j = 0; j < L; ++j) m = better(acc[j], m) ? acc[j] : m;
   return m;
 }
 
+template <typename T, typename Better>
+inline T best_lanes(const T* v, int64_t n, Better better) {
+  return cmp_lanes(n, [&](auto lanes) { return best_lanes_n<decltype(lanes)::value>(v, n, better); });
+}
+
 // sum (in double) and maximum of v[0..n) in one pass; the maximum as max_lanes finds it
-template <typename T>
-inline void sum_max_lanes(const T* v, int64_t n, double& sum, T& max) {
-  double acc[kCmpLanes] = {0};
-  T m[kCmpLanes];
-  for (int j = 0; j < kCmpLanes; ++j) m[j] = v[0];
+template <int L, typename T>
+inline void sum_max_lanes_n(const T* v, int64_t n, double& sum, T& max) {
+  double acc[L] = {0};
+  T m[L];
+  for (int j = 0; j < L; ++j) m[j] = v[0];
   int64_t i = 0;
-  for (; i + kCmpLanes <= n; i += kCmpLanes)
-    for (int j = 0; j < kCmpLanes; ++j) {
+  for (; i + L <= n; i += L)
+    for (int j = 0; j < L; ++j) {
       acc[j] += double(v[i + j]);
       m[j] = v[i + j] > m[j] ? v[i + j] : m[j];
     }
@@ -59,12 +73,17 @@ inline void sum_max_lanes(const T* v, int64_t n, double& sum, T& max) {
     s += double(v[i]);
     mm = v[i] > mm ? v[i] : mm;
   }
-  for (int j = 0; j < kCmpLanes; ++j) {
+  for (int j = 0; j < L; ++j) {
     s += acc[j];
     mm = m[j] > mm ? m[j] : mm;
   }
   sum = s;
   max = mm;
+}
+
+template <typename T>
+inline void sum_max_lanes(const T* v, int64_t n, double& sum, T& max) {
+  cmp_lanes(n, [&](auto lanes) { sum_max_lanes_n<decltype(lanes)::value>(v, n, sum, max); });
 }
 
 template <typename T>
@@ -91,14 +110,14 @@ inline double sum_lanes_f(int64_t n, F f) {
 }
 
 // the first i with v[i] == m (n if none) and how many there are, in one pass; n < 2^31 (the caller checks)
-template <typename T>
-inline void first_count_eq(const T* v, int64_t n, T m, int64_t& first, int64_t& count) {
+template <int L, typename T>
+inline void first_count_eq_n(const T* v, int64_t n, T m, int64_t& first, int64_t& count) {
   const int32_t n32 = static_cast<int32_t>(n);
-  int32_t best[kCmpLanes], cnt[kCmpLanes];
-  for (int j = 0; j < kCmpLanes; ++j) best[j] = n32, cnt[j] = 0;
+  int32_t best[L], cnt[L];
+  for (int j = 0; j < L; ++j) best[j] = n32, cnt[j] = 0;
   int32_t i = 0;
-  for (; i + kCmpLanes <= n32; i += kCmpLanes)
-    for (int j = 0; j < kCmpLanes; ++j) {
+  for (; i + L <= n32; i += L)
+    for (int j = 0; j < L; ++j) {
       const bool hit = v[i + j] == m;
       const int32_t cand = hit ? i + j : n32;
       best[j] = cand < best[j] ? cand : best[j];
@@ -110,12 +129,17 @@ inline void first_count_eq(const T* v, int64_t n, T m, int64_t& first, int64_t& 
     b = (hit && i < b) ? i : b;
     c += hit ? 1 : 0;
   }
-  for (int j = 0; j < kCmpLanes; ++j) {
+  for (int j = 0; j < L; ++j) {
     b = best[j] < b ? best[j] : b;
     c += cnt[j];
   }
   first = b;
   count = c;
+}
+
+template <typename T>
+inline void first_count_eq(const T* v, int64_t n, T m, int64_t& first, int64_t& count) {
+  cmp_lanes(n, [&](auto lanes) { first_count_eq_n<decltype(lanes)::value>(v, n, m, first, count); });
 }
 
 // the first i < n with pred(i), n if none: per-lane minimum of candidate indices, so the loop vectorises
