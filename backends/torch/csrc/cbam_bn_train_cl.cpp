@@ -67,36 +67,30 @@ void grad_s_sums_rows(const T* __restrict d, const T* __restrict h, const T* __r
   }
 }
 
-// part (6, C) += over U consecutive pixels p .. p + U - 1 (rows h, x; per pixel gm, gr, mc), in order: gm*x,
-// gm*(h - mu); "split" (First false): hit*gr, hit*gr*x, hit*gr*(h - mu) (hit: x * ca is the pixel's channel max
-// mc) and h - mu where x is its channel's H,W max m. pos: the first position holding that max; n ("split"): how
-// many do. ("first": the caller adds the channel max's terms, the only ones in part[2..4].)
-template <typename T, int U, bool First>
-void plane_sums_rows(const T* __restrict h, const T* __restrict x, const T* __restrict k, const T* __restrict mu,
-                     const T* __restrict m, const T* gm, const T* gr, const T* mc, int64_t C, int32_t p, int32_t none,
-                     T* __restrict part, int32_t* __restrict pos, int32_t* __restrict n) {
-  T gmv[U], grv[U], mcv[U];
-  for (int u = 0; u < U; ++u) gmv[u] = gm[u], grv[u] = gr[u], mcv[u] = mc[u];
+// part (6, C) += at one pixel p: gm*x, gm*(h - mu); "split" (First false): hit*gr, hit*gr*x, hit*gr*(h - mu)
+// (hit: x * ca is the pixel's channel max mc) and h - mu where x is its channel's H,W max m. pos: the first
+// position holding that max; n ("split"): how many do. ("first": the caller adds the channel max's terms, the
+// only ones in part[2..4].) One pixel per call: four per load and store of the accumulators, as grad_s_sums_rows
+// takes them, ran this loop 2.3x slower (GCC left it scalar).
+template <typename T, bool First>
+void plane_sums_row(const T* __restrict h, const T* __restrict x, const T* __restrict k, const T* __restrict mu,
+                    const T* __restrict m, T gm, T gr, T mc, int64_t C, int32_t p, int32_t none, T* __restrict part,
+                    int32_t* __restrict pos, int32_t* __restrict n) {
 #pragma omp simd
   for (int64_t c = 0; c < C; ++c) {
-    T a0 = part[c], a1 = part[C + c];
-    int32_t f = pos[c];
-    for (int u = 0; u < U; ++u) {
-      const T xv = x[u * C + c], hm = h[u * C + c] - mu[c];
-      a0 += gmv[u] * xv;
-      a1 += gmv[u] * hm;
-      const bool at_max = xv == m[c];
-      f = (at_max && f == none) ? p + u : f;
-      if (!First) {
-        const bool hit = xv * k[c] == mcv[u];
-        n[c] += at_max ? 1 : 0;
-        part[2 * C + c] += hit ? grv[u] : T(0);
-        part[3 * C + c] += hit ? grv[u] * xv : T(0);
-        part[4 * C + c] += hit ? grv[u] * hm : T(0);
-        part[5 * C + c] += at_max ? hm : T(0);
-      }
+    const T hm = h[c] - mu[c];
+    part[c] += gm * x[c];
+    part[C + c] += gm * hm;
+    const bool at_max = x[c] == m[c];
+    pos[c] = (at_max && pos[c] == none) ? p : pos[c];
+    if (!First) {
+      const bool hit = x[c] * k[c] == mc;
+      n[c] += at_max ? 1 : 0;
+      part[2 * C + c] += hit ? gr : T(0);
+      part[3 * C + c] += hit ? gr * x[c] : T(0);
+      part[4 * C + c] += hit ? gr * hm : T(0);
+      part[5 * C + c] += at_max ? hm : T(0);
     }
-    part[c] = a0, part[C + c] = a1, pos[c] = f;
   }
 }
 
@@ -228,7 +222,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_plane_sums_cl(
     scalar_t* pc = cnt.data_ptr<scalar_t>();
     const int32_t none = static_cast<int32_t>(HW);
     at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
-      std::vector<scalar_t> part(6 * C), xrows(4 * C);
+      std::vector<scalar_t> part(6 * C), xrow(C);
       std::vector<double> acc(6 * C);
       std::vector<int32_t> pos(C), n(C);
       for (int64_t b = lo; b < hi; ++b) {
@@ -239,30 +233,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_plane_sums_cl(
         for (int64_t p0 = 0; p0 < HW; p0 += kBlock) {
           const int64_t p1 = std::min(HW, p0 + kBlock);
           std::fill(part.begin(), part.end(), scalar_t(0));
-          for (int64_t p = p0; p < p1;) {
-            const int64_t q = b * HW + p, u_n = p + 4 <= p1 ? 4 : 1;
-            for (int64_t u = 0; u < u_n; ++u) affine_row(ph + (q + u) * C, pa, pb, C, xrows.data() + u * C);
+          for (int64_t p = p0; p < p1; ++p) {
+            const int64_t q = b * HW + p;
+            const scalar_t* hr = ph + q * C;
+            affine_row(hr, pa, pb, C, xrow.data());
             const int32_t p32 = static_cast<int32_t>(p);
-            auto rows = [&](auto u_const, auto first_const) {
-              plane_sums_rows<scalar_t, decltype(u_const)::value, decltype(first_const)::value>(
-                  ph + q * C, xrows.data(), k, pmu, m, pgm + q, pgr + q, pmc + q, C, p32, none, part.data(), pos.data(),
-                  n.data());
-            };
-            using Four = std::integral_constant<int, 4>;
-            using One = std::integral_constant<int, 1>;
             if (first) {
-              u_n == 4 ? rows(Four{}, std::true_type{}) : rows(One{}, std::true_type{});
-              for (int64_t u = 0; u < u_n; ++u) {  // each pixel's channel max sits in one channel
-                const int64_t c = pic[q + u];
-                const scalar_t grv = pgr[q + u];
-                part[2 * C + c] += grv;
-                part[3 * C + c] += grv * xrows[u * C + c];
-                part[4 * C + c] += grv * (ph[(q + u) * C + c] - pmu[c]);
-              }
+              plane_sums_row<scalar_t, true>(hr, xrow.data(), k, pmu, m, pgm[q], pgr[q], pmc[q], C, p32, none,
+                                             part.data(), pos.data(), n.data());
+              const int64_t c = pic[q];  // the pixel's channel max sits in one channel
+              part[2 * C + c] += pgr[q];
+              part[3 * C + c] += pgr[q] * xrow[c];
+              part[4 * C + c] += pgr[q] * (hr[c] - pmu[c]);
             } else {
-              u_n == 4 ? rows(Four{}, std::false_type{}) : rows(One{}, std::false_type{});
+              plane_sums_row<scalar_t, false>(hr, xrow.data(), k, pmu, m, pgm[q], pgr[q], pmc[q], C, p32, none,
+                                              part.data(), pos.data(), n.data());
             }
-            p += u_n;
           }
           for (int64_t i = 0; i < 6 * C; ++i) acc[i] += double(part[i]);
         }
