@@ -20,7 +20,7 @@ pytest.importorskip("torch._dynamo")
 
 from cbam_multi import CBAMSpec, ResNetSpec
 from cbam_multi.parity import TOLERANCES
-from cbam_multi.torch import CBAM, cpu_kernel, fused
+from cbam_multi.torch import CBAM, cpu_kernel, fused, fused_bn
 from cbam_multi.torch.models import ResNet
 
 pytestmark = pytest.mark.skipif(not cpu_kernel.available(), reason="the CPU kernel library did not build")
@@ -217,9 +217,9 @@ def test_compiled_resnet_train_step_matches_composed():
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_op_pair_takes_channels_last_buffers(mode):
+def test_op_pair_takes_channels_last_buffers(mode, monkeypatch):
     """Inductor may hand the ops channels_last buffers where the traced model was NCHW (they are tagged
-    flexible_layout): called so, the pair runs the BN as torch ops and CBAM's channels_last kernels, returns
+    flexible_layout): called so, the pair runs the channels_last BN + CBAM kernels, returns
     channels_last outputs (what its fake implementation promises) and computes what the composed ops do."""
     from cbam_multi.torch import compiled
 
@@ -229,7 +229,11 @@ def test_op_pair_takes_channels_last_buffers(mode):
     h, ct = _inputs(True, "float64", "channels_last")
     params = list(model.parameters())
     hh = h.clone().requires_grad_()
+    kernels = []
+    forward = fused_bn._BNThenCBAMKernels.forward
+    monkeypatch.setattr(fused_bn._BNThenCBAMKernels, "forward", staticmethod(lambda *a: kernels.append(1) or forward(*a)))
     y = compiled.bn_cbam(model[0], model[1], hh)  # outside torch.compile: the op pair itself
+    assert kernels == [1], "the op pair runs the channels_last BN + CBAM kernels"
     assert y.is_contiguous(memory_format=torch.channels_last)
     got = [y.detach(), *torch.autograd.grad(y, [hh, *params], ct), *(b.clone() for b in model.buffers())]
     assert got[1].is_contiguous(memory_format=torch.channels_last)

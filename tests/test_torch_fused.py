@@ -85,6 +85,26 @@ def test_fused_float32_within_tolerance(preset, tie_rule, overrides, layout):
     assert err_y <= tol["y"] and err_g <= tol["grad"], f"float32: y err {err_y:.3e}, grad rel err {err_g:.3e}"
 
 
+@pytest.mark.parametrize("tie_rule", ["first", "split"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_float32_kernels_with_ties_past_one_vector(tie_rule, layout):
+    """float32 at C = 40 (two and a half 16-lane vectors: the channels_last AVX-512 rows' masked tails) and
+    12x11 positions (over 128: the NCHW compare loops' 32-lane form), integer inputs full of tied maxima over
+    channels and over H, W: the kernels against the composed ops in float32, which see the same ties."""
+    spec = CBAMSpec.preset("seed", 40, tie_rule=tie_rule)
+    g = torch.Generator().manual_seed(5)
+    x = torch.relu(torch.randn(3, 40, 12, 11, generator=g) * 2).round()
+    ct = torch.randn(x.shape, generator=g)
+    state = {k: v.float() for k, v in CBAM(spec, dtype=torch.float64, seed=6).state_dict().items()}
+    ref = _run(spec, state, x, ct, torch.float32, True, composed=True)
+    got = _run(spec, state, x, ct, torch.float32, True, composed=False, channels_last=layout == "channels_last")
+    err_y = _err(got[:1], ref[:1])
+    scale = max(r.abs().max().item() for r in ref[1:]) or 1.0
+    err_g = _err(got[1:], ref[1:]) / scale
+    tol = TOLERANCES["float32"]
+    assert err_y <= tol["y"] and err_g <= tol["grad"], f"float32 with ties: y err {err_y:.3e}, grad rel err {err_g:.3e}"
+
+
 def test_frozen_parameters_and_input_without_grad():
     spec = CBAMSpec.seed(8)
     state, x, ct = _inputs(spec, ties=True)

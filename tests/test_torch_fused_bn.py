@@ -229,6 +229,21 @@ def test_nan_and_inf_follow_the_composed_ops(bad, with_bn):
             assert _err([got[ok]], [ref[ok]]) <= TOLERANCES["float64"]["grad"]
 
 
+@pytest.mark.parametrize("tie", ["first", "split"])
+@pytest.mark.parametrize("path", ["kernel", "channels_last"])
+def test_bn_then_cbam_past_one_vector(tie, path):
+    """C = 40 (the channels_last rows' masked tails) and 12x11 positions (the NCHW compare loops' 32 lanes),
+    tied maxima, float64: the kernels against cbam(bn(h))."""
+    spec = CBAMSpec.preset("official", 40, tie_rule=tie)
+    g = torch.Generator().manual_seed(7)
+    h = (torch.randn(3, 40, 12, 11, generator=g, dtype=torch.float64) * 2).round().clamp(min=-1)
+    ct = torch.randn(h.shape, generator=g, dtype=torch.float64)
+    ref = _run(spec, "train", h, ct, torch.float64, composed=True, steps=1)
+    got = _run(spec, "train", h, ct, torch.float64, composed=False, path=path, steps=1)
+    err = _err(got, ref)
+    assert err <= TOLERANCES["float64"]["grad"], f"BN+CBAM kernels vs cbam(bn(h)), C=40: max abs err {err:.3e}"
+
+
 @pytest.mark.parametrize("path", ["kernel", "channels_last"])
 def test_kernels_run_in_both_layouts(path, monkeypatch):
     """With the kernels on, NCHW and channels_last h take `_BNThenCBAMKernels` (x never stored); the output and

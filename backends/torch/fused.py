@@ -324,11 +324,6 @@ def _kernel(name: str, x: torch.Tensor):
     return getattr(torch.ops.cbam_multi, name if x.is_contiguous() else name + "_cl")
 
 
-def _kernel_for(x: torch.Tensor):
-    """``name -> _kernel(name, x)``, x's layout looked up once."""
-    suffix = "" if x.is_contiguous() else "_cl"
-    return lambda name: getattr(torch.ops.cbam_multi, name + suffix)
-
 
 def _memory_format(x: torch.Tensor):
     return torch.contiguous_format if x.is_contiguous() else torch.channels_last

@@ -150,7 +150,8 @@ def _kernel_statistics(bn: nn.BatchNorm2d, psum: torch.Tensor, pm2: torch.Tensor
 
 
 class _BNThenCBAMKernels(torch.autograd.Function):
-    """The pair through csrc/cbam_bn_train.cpp: every pass reads h and forms x = fma(h, al, be) on the fly,
+    """The pair through csrc/cbam_bn_train.cpp (cbam_bn_train_cl.cpp for channels_last): every pass reads h and
+    forms x = fma(h, al, be) on the fly,
     so x is neither stored nor written; the BN's gradients come from per-plane sums of the backward passes."""
 
     @staticmethod
@@ -158,7 +159,7 @@ class _BNThenCBAMKernels(torch.autograd.Function):
         ops = torch.ops.cbam_multi
         spec = cbam.spec
         hw = h.shape[2] * h.shape[3]
-        psum, pm2, hmax, hmin = pool  # ops.bn_pool(h), checked finite by the caller
+        psum, pm2, hmax, hmin = pool  # bn_pool(h) (or bn_pool_cl), checked finite by the caller
         mean, var, batch_stats = _kernel_statistics(bn, psum, pm2, hw)
         invstd = torch.rsqrt(var + bn.eps)
         w64 = weight.detach().double()
@@ -180,7 +181,6 @@ class _BNThenCBAMKernels(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g):
         h, weight, al, be, ca4, s, mx, max_c, idx_c, cnt_c, psum, mean, invstd = ctx.saved_tensors
-        kernel = fused._kernel_for(h)
         ca, leaves1, s_graph, leaves2 = ctx.graphs
         ch_params, sp_params = ctx.param_groups
         ctx.graphs = None
@@ -190,12 +190,12 @@ class _BNThenCBAMKernels(torch.autograd.Function):
         g = g.contiguous(memory_format=fused._memory_format(h))
         # spatial gate: dL/ds, then its small graph -> the maps' gradients (gm per channel, gr routed)
         mu = mean.to(dt).contiguous()  # the sums over h are centred on the mean (as rounded to h's dtype)
-        gs, q1 = kernel("bn_grad_s")(g, h, al, be, ca4, s, mu)
+        gs, q1 = fused._kernel("bn_grad_s", h)(g, h, al, be, ca4, s, mu)
         sp_train = [p for p in sp_params if p.requires_grad]
         grads2 = torch.autograd.grad(s_graph, [leaves2["mean"], leaves2["max"], *sp_train], gs, allow_unused=True)
         gm = (grads2[0] / c).contiguous()
         gr = (grads2[1] if first else grads2[1] / cnt_c).contiguous()
-        q2, idx_hw, cnt_hw = kernel("bn_plane_sums")(h, al, be, ca4, gm, gr, max_c, idx_c, mx, mu, first)
+        q2, idx_hw, cnt_hw = fused._kernel("bn_plane_sums", h)(h, al, be, ca4, gm, gr, max_c, idx_c, mx, mu, first)
         # channel gate: dL/dca = sum_hw dL/dy1 * x = sum g*s*x + sum gm*x + sum hit*gr*x
         gca = (q1[..., 1] + q2[..., 0] + q2[..., 3]).to(dt)
         ch_train = [p for p in ch_params if p.requires_grad]
@@ -222,7 +222,7 @@ class _BNThenCBAMKernels(torch.autograd.Function):
                 coef = torch.stack([a, -a * invstd * s2 / n, -a * s1 / n, mean], 1)
             else:  # running statistics: the BN is a per-channel affine map
                 coef = torch.stack([a, torch.zeros_like(a), torch.zeros_like(a), mean], 1)
-            gh = kernel("bn_grad_h")(g, h, al, be, ca4, s, gm, gr, max_c, idx_c, gavg.contiguous(), gmx.contiguous(), mx,
+            gh = fused._kernel("bn_grad_h", h)(g, h, al, be, ca4, s, gm, gr, max_c, idx_c, gavg.contiguous(), gmx.contiguous(), mx,
                                idx_hw, coef.to(dt).contiguous(), first)
         gw = s2.to(dt) if need_w else None
         gb = s1.to(dt) if need_b else None

@@ -6,7 +6,10 @@
 //   backward: bn_grad_s_cl (reads g, h)  bn_plane_sums_cl (reads h)  bn_grad_h_cl (reads g, h, writes dh)
 // One sample per task; the backward's per-channel sums run in blocks of kBlock rows in T, then in double (as the
 // channels_last CBAM kernels do; the NCHW kernels sum every term in double), their terms centred on the BN's
-// mean where the BN backward's are. The BN's sums of h in the forward run in double throughout.
+// mean where the BN backward's are; dL/ds sums a pixel's channels in T (cbam_train_cl.cpp's row_dot3). The BN's
+// sums of h in the forward run in double throughout.
+// Part of cbam_train_all.cpp's unit, after cbam_train_cl.cpp: it uses that file's headers and row helpers
+// (kBlock, affine_row, row_dot3).
 #include "lanes.h"
 
 namespace {

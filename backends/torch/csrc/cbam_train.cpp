@@ -13,8 +13,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/zeros.h>
-#include <ATen/ops/zeros_like.h>
 #include <ATen/ops/sum.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>

@@ -33,8 +33,7 @@ void check_cl(const at::Tensor& x) {
               "cbam_train_cl: x must be channels_last CPU");
 }
 
-// One row of C values (pragmas cannot sit inside the dispatch macro's argument, hence these helpers). `omp
-// simd` reductions: at C = 32..64 per row, setting up lane arrays costs more than the row.
+// One row of C values (pragmas cannot sit inside the dispatch macro's argument, hence these helpers).
 // sum, max, first argmax and tie count of y = row * g; 32-bit index and count lanes (C < 2^31: the caller
 // checks), as wide as the float ones (64-bit ones ran the tie loop 12-22 % slower at C = 32..64)
 template <typename T>
@@ -66,23 +65,24 @@ inline __mmask16 row_tail(int32_t left) { return static_cast<__mmask16>((1u << l
 inline void row_stats(const float* __restrict row, const float* __restrict g, int32_t C, float& sum, float& max,
                       int32_t& first, int32_t& count) {
   __m512 vs = _mm512_setzero_ps(), vm = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  // max(y, vm) is `y > vm ? y : vm`, the generic loop's expression (a NaN y is passed over, as there)
   int32_t c = 0;
-  for (; c + 16 <= C; c += 16) {
+  for (; c <= C - 16; c += 16) {
     const __m512 y = _mm512_mul_ps(_mm512_loadu_ps(row + c), _mm512_loadu_ps(g + c));
     vs = _mm512_add_ps(vs, y);
-    vm = _mm512_max_ps(vm, y);
+    vm = _mm512_max_ps(y, vm);
   }
   if (c < C) {
     const __mmask16 k = row_tail(C - c);
     const __m512 y = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, row + c), _mm512_maskz_loadu_ps(k, g + c));
     vs = _mm512_add_ps(vs, y);  // masked-off lanes hold 0
-    vm = _mm512_mask_max_ps(vm, k, vm, y);
+    vm = _mm512_mask_max_ps(vm, k, y, vm);
   }
   const float m = _mm512_reduce_max_ps(vm);
   const __m512 mv = _mm512_set1_ps(m);
   // hits from the last block back to the first, so the lowest one is kept without a branch
   int32_t f = C, n = 0;
-  for (c = (C - 1) / 16 * 16; c >= 0; c -= 16) {
+  for (c = (C - 1) / 16 * 16; c >= 0; c -= 16) {  // C >= 1 (the caller's C is a tensor dim > 0)
     const __mmask16 k = C - c >= 16 ? __mmask16(0xFFFF) : row_tail(C - c);
     const __m512 y = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, row + c), _mm512_maskz_loadu_ps(k, g + c));
     const unsigned hit = _mm512_mask_cmp_ps_mask(k, y, mv, _CMP_EQ_OQ);
@@ -181,7 +181,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool_hw_cl(const at::
         for (int64_t c = 0; c < C; ++c) {
           pa[b * C + c] = scalar_t(sum[c] / double(HW));
           pm[b * C + c] = m[c];
-          pi[b * C + c] = first[c];
+          pi[b * C + c] = n[c] > 0 ? first[c] : HW - 1;  // no hit (a NaN first value): as pool_hw
           pc[b * C + c] = scalar_t(n[c]);
         }
       }
@@ -294,16 +294,16 @@ at::Tensor grad_s_cl(const at::Tensor& g, const at::Tensor& x, const at::Tensor&
 }
 
 // dL/dy1 at (b, p, c) = g * s + gm + (channel-max hit ? gr : 0); gm = dL/dmean_c / C, gr routed dL/dmax_c
+// ("first" adds gr at the recorded channel instead)
 template <typename T>
-inline T gy1_at(T g, T x, T ca, T s, T gm, T gr, T mxc, int64_t idxc, int64_t c, bool first) {
+inline T gy1_split(T g, T x, T ca, T s, T gm, T gr, T mxc) {
   const T v = g * s + gm;
-  const bool hit = first ? idxc == c : x * ca == mxc;
-  return hit ? v + gr : v;
+  return x * ca == mxc ? v + gr : v;  // "split": every channel tied at the pixel's channel max takes gr
 }
 
 // U rows (positions q .. q + U - 1, in order) of dL/dca's sums: part[c] += dL/dy1 * x. "first": the dense
 // part, then the pixel's channel max (ic: its channel; adding 0 elsewhere leaves the sum as it was); "split":
-// gy1_at's expression. U rows per load and store of the accumulators, as in pool_rows.
+// gy1_split's expression. U rows per load and store of the accumulators, as in pool_rows.
 template <typename T, int U, bool First>
 void gca_rows(const T* __restrict d, const T* __restrict x, const T* __restrict k, const T* s, const T* gm,
               const T* gr, const T* mc, const int64_t* idxc, int32_t C, T* __restrict part) {
@@ -409,7 +409,7 @@ at::Tensor grad_x_cl(const at::Tensor& g, const at::Tensor& x, const at::Tensor&
           o[c] += grv * k[c];
         } else {
           for (int64_t c = 0; c < C; ++c) {
-            const scalar_t dv = gy1_at(d[c], row[c], k[c], sv, gmv, grv, mcv, int64_t(0), c, false) * k[c] + av[c];
+            const scalar_t dv = gy1_split(d[c], row[c], k[c], sv, gmv, grv, mcv) * k[c] + av[c];
             o[c] = row[c] == m[c] ? dv + r[c] : dv;
           }
         }

@@ -1,5 +1,5 @@
 // Lane-parallel reductions and the BatchNorm-input map shared by the training kernels (cbam_train.cpp,
-// cbam_bn_train.cpp).
+// cbam_train_cl.cpp, cbam_bn_train.cpp, cbam_bn_train_cl.cpp).
 #pragma once
 
 #include <cmath>
@@ -116,7 +116,7 @@ inline void first_count_eq_n(const T* v, int64_t n, T m, int64_t& first, int64_t
   int32_t best[L], cnt[L];
   for (int j = 0; j < L; ++j) best[j] = n32, cnt[j] = 0;
   int32_t i = 0;
-  for (; i + L <= n32; i += L)
+  for (; i <= n32 - L; i += L)  // not i + L <= n32: that overflows for n32 near 2^31
     for (int j = 0; j < L; ++j) {
       const bool hit = v[i + j] == m;
       const int32_t cand = hit ? i + j : n32;
