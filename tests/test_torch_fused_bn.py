@@ -202,16 +202,18 @@ def test_resnet_cbam_saves_about_what_resnet_saves():
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("with_bn", [False, True], ids=["cbam", "bn+cbam"])
-def test_nan_and_inf_follow_the_composed_ops(bad, with_bn):
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_nan_and_inf_follow_the_composed_ops(bad, with_bn, layout):
     """A NaN or inf in the input: the kernels lack torch's NaN rules for max pools, so such a call runs the
     torch ops; output and gradients hold NaN / inf exactly where the composed ops' do."""
     spec = CBAMSpec.preset("official", 16, tie_rule="split")
     h, ct = _inputs(spec, ties=False)
     h[1, 3, 2, 4] = bad
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     outs = []
     for composed in (True, False):
         bn, cbam = _modules(spec, "train", torch.float64)
-        hh = h.clone().requires_grad_()
+        hh = h.clone().contiguous(memory_format=fmt).requires_grad_()
         with fused.disabled() if composed else fused.kernels(True):
             if with_bn:
                 y = cbam(bn(hh)) if composed else fused_bn.bn_cbam_train(bn, cbam, hh)

@@ -9,7 +9,7 @@
 // mean where the BN backward's are; dL/ds sums a pixel's channels in T (cbam_train_cl.cpp's row_dot3). The BN's
 // sums of h in the forward run in double throughout.
 // Part of cbam_train_all.cpp's unit, after cbam_train_cl.cpp: it uses that file's headers and row helpers
-// (kBlock, affine_row, row_dot3).
+// (kBlock, affine_row, row_dot3) and cbam_bn_train.cpp's check_small.
 #include "lanes.h"
 
 namespace {
@@ -21,9 +21,6 @@ void check_h_cl(const at::Tensor& h) {
               "cbam_bn_train_cl: h must be channels_last CPU");
 }
 
-void check_small_cl(std::initializer_list<const at::Tensor*> ts) {
-  for (auto* t : ts) TORCH_CHECK(t->is_contiguous(), "cbam_bn_train_cl: contiguous small operands expected");
-}
 
 // One row of C values each (pragmas cannot sit inside the dispatch macro's argument, hence these helpers).
 // sum[c] += h[c] in double (the backward's BN sums subtract H*W times the mean from it: a float partial sum's
@@ -156,7 +153,7 @@ std::tuple<at::Tensor, at::Tensor> bn_grad_s_cl(const at::Tensor& g, const at::T
                                                 const at::Tensor& mu) {
   check_h_cl(h);
   check_h_cl(g);
-  check_small_cl({&al, &be, &ca, &s, &mu});
+  check_small({&al, &be, &ca, &s, &mu});
   const int64_t B = h.size(0), C = h.size(1), H = h.size(2), W = h.size(3), HW = H * W;
   auto gs = at::empty({B, 1, H, W}, h.options().memory_format(at::MemoryFormat::Contiguous));
   auto sums = at::empty({B, C, 3}, h.options().dtype(at::kDouble).memory_format(at::MemoryFormat::Contiguous));
@@ -208,7 +205,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_plane_sums_cl(
     const at::Tensor& gr, const at::Tensor& mxc, const at::Tensor& idxc, const at::Tensor& mx, const at::Tensor& mu,
     bool first) {
   check_h_cl(h);
-  check_small_cl({&al, &be, &ca, &gm, &gr, &mxc, &idxc, &mx, &mu});
+  check_small({&al, &be, &ca, &gm, &gr, &mxc, &idxc, &mx, &mu});
   const int64_t B = h.size(0), C = h.size(1), HW = h.size(2) * h.size(3);
   TORCH_CHECK(HW < std::numeric_limits<int32_t>::max(), "cbam_bn_train_cl: H * W must be below 2^31");
   auto small = h.options().memory_format(at::MemoryFormat::Contiguous);
@@ -277,7 +274,7 @@ at::Tensor bn_grad_h_cl(const at::Tensor& g, const at::Tensor& h, const at::Tens
                         const at::Tensor& mx, const at::Tensor& idx, const at::Tensor& coef, bool first) {
   check_h_cl(h);
   check_h_cl(g);
-  check_small_cl({&al, &be, &ca, &s, &gm, &gr, &mxc, &idxc, &gavg, &gmx, &mx, &idx, &coef});
+  check_small({&al, &be, &ca, &s, &gm, &gr, &mxc, &idxc, &gavg, &gmx, &mx, &idx, &coef});
   const int64_t B = h.size(0), C = h.size(1), HW = h.size(2) * h.size(3);
   auto dh = at::empty_like(h);  // channels_last, as h
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "cbam_bn_grad_h_cl", [&] {
