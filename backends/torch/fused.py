@@ -324,7 +324,6 @@ def _kernel(name: str, x: torch.Tensor):
     return getattr(torch.ops.cbam_multi, name if x.is_contiguous() else name + "_cl")
 
 
-
 def _memory_format(x: torch.Tensor):
     return torch.contiguous_format if x.is_contiguous() else torch.channels_last
 

@@ -151,8 +151,8 @@ def _kernel_statistics(bn: nn.BatchNorm2d, psum: torch.Tensor, pm2: torch.Tensor
 
 class _BNThenCBAMKernels(torch.autograd.Function):
     """The pair through csrc/cbam_bn_train.cpp (cbam_bn_train_cl.cpp for channels_last): every pass reads h and
-    forms x = fma(h, al, be) on the fly,
-    so x is neither stored nor written; the BN's gradients come from per-plane sums of the backward passes."""
+    forms x = fma(h, al, be) on the fly, so x is neither stored nor written; the BN's gradients come from
+    per-plane sums of the backward passes."""
 
     @staticmethod
     def forward(ctx, h, bn, cbam, pool, weight, bias, *cbam_params):
