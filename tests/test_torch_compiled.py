@@ -40,6 +40,7 @@ CASES = [
     *[(f"bn-{m}-official-first", "official", "first", False, m, "nchw") for m in BN_MODES],
     ("bn-train-timm-split-ties", "timm", "split", True, "train", "nchw"),
     ("bn-train-official-first-ties", "official", "first", True, "train", "nchw"),
+    ("bn-train-official-split-ties-cl", "official", "split", True, "train", "channels_last"),
 ]
 DTYPES = ["float64", "float32"]
 # float64 for every case (agreement to rounding); float32 (within the dtype's tolerance) for the cases that

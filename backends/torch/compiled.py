@@ -18,7 +18,7 @@ strides cost more than CBAM itself. The bodies take either layout (each kernel h
 version) and return what the fake implementations promise.
 
 `applies` holds under torch.compile where the eager fast paths would: CPU, float32/float64, NCHW or
-channels_last (NCHW for the BatchNorm pair), the standard two-gate variant with avg/max pools, no hooks, no
+channels_last, the standard two-gate variant with avg/max pools, no hooks, no
 autocast, a built kernel library, no ``disabled()`` block or off switch, and not `torch.export` (an exported
 program keeps standard ops, to run where this library is not loaded). Anything else traces the composed ops.
 Module settings, shapes and dtypes are guarded by dynamo; the hooks, the switches and the BatchNorms'
@@ -57,7 +57,7 @@ def applies(bn: nn.Module | None, cbam, h: Tensor) -> bool:
         return False
     if not (h.device.type == "cpu" and h.dtype in _FLOATS and h.dim() == 4 and not torch.is_autocast_enabled("cpu")):
         return False
-    if not (h.is_contiguous() or (bn is None and h.is_contiguous(memory_format=torch.channels_last))):
+    if not (h.is_contiguous() or h.is_contiguous(memory_format=torch.channels_last)):
         return False
     if bn is not None and not (type(bn) is nn.BatchNorm2d and bn.affine and bn.weight.dtype == h.dtype):
         return False
