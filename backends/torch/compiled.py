@@ -260,10 +260,7 @@ def _fwd_impl(h: Tensor, tensors: list[Tensor], present: str, config: str) -> li
         path = _CBAM
     else:
         bnm = _BatchNorm(_live(bn), cfg["bn"], replay=False)
-        pool = None
-        if fused._kernel_applies(h) and fused_bn._finite_affine(bnm):
-            pool = fused._kernel("bn_pool", h)(h)
-            pool = pool if bool(torch.isfinite(pool[0]).all()) else None
+        pool = fused_bn.kernel_pool(bnm, h)
         if pool is not None:
             out = fused_bn._BNThenCBAMKernels.forward(ctx, h, bnm, cbam, pool, bn[0], bn[1])
             names = ("h", "weight", "al", "be", "ca4", "sd", "mx", "max_c", "idx_c", "cnt_c", "psum", "mean", "invstd")

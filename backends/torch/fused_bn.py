@@ -51,12 +51,21 @@ def bn_cbam_train(bn: nn.BatchNorm2d, cbam, h: torch.Tensor) -> torch.Tensor:
     """``cbam(bn(h))`` through `_BNThenCBAMKernels` (CPU: x never stored) or `_BNThenCBAM` (call only
     where `applies`); updates ``bn``'s running statistics as ``bn(h)`` would."""
     params = (bn.weight, bn.bias, *cbam.channel.parameters(), *cbam.spatial.parameters())
-    if fused._kernel_applies(h) and _finite_affine(bn):
-        with torch.no_grad():
-            pool = fused._kernel("bn_pool", h)(h)
-        if bool(torch.isfinite(pool[0]).all()):  # else a NaN or inf in h: the torch ops keep torch's NaN rules
-            return _BNThenCBAMKernels.apply(h, bn, cbam, pool, *params)
+    pool = kernel_pool(bn, h)
+    if pool is not None:
+        return _BNThenCBAMKernels.apply(h, bn, cbam, pool, *params)
     return _BNThenCBAM.apply(h, bn, cbam, *params)
+
+
+def kernel_pool(bn, h: torch.Tensor):
+    """``bn_pool(h)`` (NCHW or channels_last) where `_BNThenCBAMKernels` takes this call, else None: the CPU
+    kernels apply (`fused._kernel_applies`), the BN's affine map is finite and so is h (a NaN or inf in h: the
+    torch ops keep torch's NaN rules). ``bn``: the module or a stand-in with its attributes."""
+    if not (fused._kernel_applies(h) and _finite_affine(bn)):
+        return None
+    with torch.no_grad():
+        pool = fused._kernel("bn_pool", h)(h)
+    return pool if bool(torch.isfinite(pool[0]).all()) else None
 
 
 def _finite_affine(bn: nn.BatchNorm2d) -> bool:

@@ -9,18 +9,12 @@
 // mean where the BN backward's are; dL/ds sums a pixel's channels in T (cbam_train_cl.cpp's row_dot3). The BN's
 // sums of h in the forward run in double throughout.
 // Part of cbam_train_all.cpp's unit, after cbam_train_cl.cpp: it uses that file's headers and row helpers
-// (kBlock, affine_row, row_dot3) and cbam_bn_train.cpp's check_small.
+// (kBlock, check_cl, affine_row, row_dot3) and cbam_bn_train.cpp's check_small.
 #include "lanes.h"
 
 namespace {
 
 using cbam_lanes::bn_x;
-
-void check_h_cl(const at::Tensor& h) {
-  TORCH_CHECK(h.dim() == 4 && h.is_contiguous(at::MemoryFormat::ChannelsLast) && h.device().is_cpu(),
-              "cbam_bn_train_cl: h must be channels_last CPU");
-}
-
 
 // One row of C values each (pragmas cannot sit inside the dispatch macro's argument, hence these helpers).
 // sum[c] += h[c] in double (the backward's BN sums subtract H*W times the mean from it: a float partial sum's
@@ -120,7 +114,7 @@ struct GradHRow {
 
 // per (b, c) over H, W: sum of h, sum of squared deviations from that mean (double), max and min of h
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_pool_cl(const at::Tensor& h) {
-  check_h_cl(h);
+  check_cl(h);
   const int64_t B = h.size(0), C = h.size(1), HW = h.size(2) * h.size(3);
   auto dbl = h.options().dtype(at::kDouble).memory_format(at::MemoryFormat::Contiguous);
   auto small = h.options().memory_format(at::MemoryFormat::Contiguous);
@@ -151,8 +145,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_pool_cl(const at::
 std::tuple<at::Tensor, at::Tensor> bn_grad_s_cl(const at::Tensor& g, const at::Tensor& h, const at::Tensor& al,
                                                 const at::Tensor& be, const at::Tensor& ca, const at::Tensor& s,
                                                 const at::Tensor& mu) {
-  check_h_cl(h);
-  check_h_cl(g);
+  check_cl(h);
+  check_cl(g);
   check_small({&al, &be, &ca, &s, &mu});
   const int64_t B = h.size(0), C = h.size(1), H = h.size(2), W = h.size(3), HW = H * W;
   auto gs = at::empty({B, 1, H, W}, h.options().memory_format(at::MemoryFormat::Contiguous));
@@ -175,8 +169,8 @@ std::tuple<at::Tensor, at::Tensor> bn_grad_s_cl(const at::Tensor& g, const at::T
           for (int64_t p = p0; p < p1;) {
             const int64_t q = b * HW + p, u_n = p + 4 <= p1 ? 4 : 1;
             for (int64_t u = 0; u < u_n; ++u) {
-              const scalar_t* x = xrows.data() + u * C;
-              affine_row(ph + (q + u) * C, pa, pb, C, xrows.data() + u * C);
+              scalar_t* x = xrows.data() + u * C;
+              affine_row(ph + (q + u) * C, pa, pb, C, x);
               po[q + u] = row_dot3(pd + (q + u) * C, x, k, C);
             }
             if (u_n == 4)
@@ -204,7 +198,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_plane_sums_cl(
     const at::Tensor& h, const at::Tensor& al, const at::Tensor& be, const at::Tensor& ca, const at::Tensor& gm,
     const at::Tensor& gr, const at::Tensor& mxc, const at::Tensor& idxc, const at::Tensor& mx, const at::Tensor& mu,
     bool first) {
-  check_h_cl(h);
+  check_cl(h);
   check_small({&al, &be, &ca, &gm, &gr, &mxc, &idxc, &mx, &mu});
   const int64_t B = h.size(0), C = h.size(1), HW = h.size(2) * h.size(3);
   TORCH_CHECK(HW < std::numeric_limits<int32_t>::max(), "cbam_bn_train_cl: H * W must be below 2^31");
@@ -272,8 +266,8 @@ at::Tensor bn_grad_h_cl(const at::Tensor& g, const at::Tensor& h, const at::Tens
                         const at::Tensor& ca, const at::Tensor& s, const at::Tensor& gm, const at::Tensor& gr,
                         const at::Tensor& mxc, const at::Tensor& idxc, const at::Tensor& gavg, const at::Tensor& gmx,
                         const at::Tensor& mx, const at::Tensor& idx, const at::Tensor& coef, bool first) {
-  check_h_cl(h);
-  check_h_cl(g);
+  check_cl(h);
+  check_cl(g);
   check_small({&al, &be, &ca, &s, &gm, &gr, &mxc, &idxc, &gavg, &gmx, &mx, &idx, &coef});
   const int64_t B = h.size(0), C = h.size(1), HW = h.size(2) * h.size(3);
   auto dh = at::empty_like(h);  // channels_last, as h

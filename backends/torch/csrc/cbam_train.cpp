@@ -64,16 +64,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool_hw(const at::Ten
   return {avg, mx, idx, cnt};
 }
 
-// al, be (C,) given: the pass reads a BatchNorm's input h and forms x = bn_x(h, al, be) (fused_bn.py)
-template <typename T>
-Input<T> input_of(const std::optional<at::Tensor>& al, const std::optional<at::Tensor>& be, int64_t C) {
-  TORCH_CHECK(al.has_value() == be.has_value(), "cbam_train: al and be go together");
-  if (!al.has_value()) return Input<T>{nullptr, nullptr};
-  TORCH_CHECK(al->is_contiguous() && be->is_contiguous() && al->numel() == C && be->numel() == C,
-              "cbam_train: al and be must be contiguous (C,)");
-  return Input<T>{al->data_ptr<T>(), be->data_ptr<T>()};
-}
-
 // Folds channels c0 .. c0 + U - 1 of one sample (y = x * ca, in channel order, so every value and tie is as
 // one channel at a time gives) into the per-position sum, max, first argmax channel and tie count. U channels
 // per pass over the accumulators: at one, storing them back after every channel bounded the loop (U = 4:

@@ -117,7 +117,6 @@ void pool_rows(const T* __restrict rows, int64_t C, int32_t p, T* __restrict par
   }
 }
 
-
 // x[c] = bn_x(h[c], al[c], be[c]): a BatchNorm's output from its input, as every pass of fused_bn forms it
 template <typename T>
 void affine_row(const T* __restrict h, const T* __restrict al, const T* __restrict be, int64_t C, T* __restrict x) {
@@ -191,18 +190,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool_hw_cl(const at::
 }
 
 // (B, 1, H, W): channel mean, max, first argmax channel and tie count of y1 = x * ca
-// al, be (C,) given: x is a BatchNorm's input h and the pass forms bn_x(h, al, be) (fused_bn.py)
-template <typename T>
-const T* affine_of(const std::optional<at::Tensor>& al, const std::optional<at::Tensor>& be, int64_t C, const T** shift) {
-  TORCH_CHECK(al.has_value() == be.has_value(), "cbam_train_cl: al and be go together");
-  *shift = nullptr;
-  if (!al.has_value()) return nullptr;
-  TORCH_CHECK(al->is_contiguous() && be->is_contiguous() && al->numel() == C && be->numel() == C,
-              "cbam_train_cl: al and be must be contiguous (C,)");
-  *shift = be->data_ptr<T>();
-  return al->data_ptr<T>();
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> maps_cl(const at::Tensor& x, const at::Tensor& ca,
                                                                    const std::optional<at::Tensor>& al,
                                                                    const std::optional<at::Tensor>& be) {
@@ -217,16 +204,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> maps_cl(const at::Ten
     const scalar_t *px = x.data_ptr<scalar_t>(), *pg = cac.data_ptr<scalar_t>();
     scalar_t *pmean = mean.data_ptr<scalar_t>(), *pmx = mx.data_ptr<scalar_t>(), *pc = cnt.data_ptr<scalar_t>();
     int64_t* pi = idx.data_ptr<int64_t>();
-    const scalar_t* shift;
-    const scalar_t* scale = affine_of<scalar_t>(al, be, C, &shift);
+    const cbam_lanes::Input<scalar_t> in = cbam_lanes::input_of<scalar_t>(al, be, C);  // al, be: x = bn_x(h, al, be)
     at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
-      std::vector<scalar_t> xrow(scale ? C : 0);
+      std::vector<scalar_t> xrow(in.al ? C : 0);
       for (int64_t b = lo; b < hi; ++b) {
         const scalar_t* g = pg + b * C;
         for (int64_t p = 0; p < HW; ++p) {
           const scalar_t* row = px + (b * HW + p) * C;
-          if (scale) {
-            affine_row(row, scale, shift, C, xrow.data());
+          if (in.al) {
+            affine_row(row, in.al, in.be, C, xrow.data());
             row = xrow.data();
           }
           scalar_t s, m;
@@ -253,15 +239,14 @@ at::Tensor gate_cl(const at::Tensor& x, const at::Tensor& ca, const at::Tensor& 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_gate_cl", [&] {
     const scalar_t *px = x.data_ptr<scalar_t>(), *pg = cac.data_ptr<scalar_t>(), *ps = sc.data_ptr<scalar_t>();
     scalar_t* po = out.data_ptr<scalar_t>();
-    const scalar_t* shift;
-    const scalar_t* scale = affine_of<scalar_t>(al, be, C, &shift);
+    const cbam_lanes::Input<scalar_t> in = cbam_lanes::input_of<scalar_t>(al, be, C);
     at::parallel_for(0, B * HW, 256, [&](int64_t lo, int64_t hi) {
       for (int64_t q = lo; q < hi; ++q) {
         const scalar_t* g = pg + (q / HW) * C;
         const scalar_t sv = ps[q];
         scalar_t* o = po + q * C;
-        if (scale) {
-          affine_row(px + q * C, scale, shift, C, o);  // x in the output row, then gated in place
+        if (in.al) {
+          affine_row(px + q * C, in.al, in.be, C, o);  // x in the output row, then gated in place
           for (int64_t c = 0; c < C; ++c) o[c] = (o[c] * g[c]) * sv;
         } else {
           for (int64_t c = 0; c < C; ++c) o[c] = (px[q * C + c] * g[c]) * sv;
