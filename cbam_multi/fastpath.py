@@ -1,5 +1,5 @@
-"""A fast path's on/off switch and a kernel library built once on first use, shared by both backends' kernels
-(framework-free)."""
+"""A fast path's on/off switch, a kernel library built once on first use, and the facts both backends' builds
+of the fused inference kernel (`cbam_multi/csrc/infer_core.h`) share (framework-free)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,16 @@ import threading
 import warnings
 from collections.abc import Callable
 
-__all__ = ["BuildOnce", "FastPathSwitch"]
+__all__ = ["ARCH_ENV_VAR", "BuildOnce", "FastPathSwitch", "KERNEL_ENV_VAR", "POOL_CODES", "kernel_arch"]
+
+KERNEL_ENV_VAR = "CBAM_MULTI_CPU_KERNEL"  # 0/off: neither backend builds or runs the fused CPU kernels
+ARCH_ENV_VAR = "CBAM_MULTI_CPU_KERNEL_ARCH"  # -march value (default native), e.g. x86-64-v3 for AVX2 only
+POOL_CODES = {"avg": 0, "max": 1}  # infer_core.h's kPoolAvg, kPoolMax: the channel pools the kernel computes
+
+
+def kernel_arch() -> str:
+    """The ``-march`` target the kernels are built for: ``$CBAM_MULTI_CPU_KERNEL_ARCH``, default ``native``."""
+    return os.environ.get(ARCH_ENV_VAR, "native").strip() or "native"
 
 
 class FastPathSwitch:

@@ -44,19 +44,17 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import cbam_multi
-from cbam_multi.fastpath import BuildOnce, FastPathSwitch
+from cbam_multi.fastpath import ARCH_ENV_VAR, KERNEL_ENV_VAR, POOL_CODES, BuildOnce, FastPathSwitch, kernel_arch
 from cbam_multi.machine import cpu_flags
 from cbam_multi.spec import CBAMSpec
 
 __all__ = ["available", "applies", "cbam_infer", "disabled", "ENV_VAR", "ARCH_ENV_VAR"]
 
-ENV_VAR = "CBAM_MULTI_CPU_KERNEL"  # the same switch as the torch backend's kernel
-ARCH_ENV_VAR = "CBAM_MULTI_CPU_KERNEL_ARCH"
+ENV_VAR = KERNEL_ENV_VAR  # the same switch as the torch backend's kernel
 TARGET = "cbam_multi_cbam_infer_nhwc"
 _SOURCE = Path(__file__).with_name("csrc") / "cbam_infer_ffi.cpp"
 _CORE = Path(cbam_multi.__file__).with_name("csrc")
 _HEADERS = (_CORE / "infer_core.h", _CORE / "infer_simd.h")
-_POOL_CODES = {"avg": 0, "max": 1}
 _FLOATS = (jnp.float32, jnp.float64)
 
 _built = BuildOnce(lambda: _build(), lambda e: _failure_message(e))
@@ -83,7 +81,7 @@ def _library_path(arch: str) -> Path:
 
 
 def _build() -> Path:
-    arch = os.environ.get(ARCH_ENV_VAR, "native").strip() or "native"
+    arch = kernel_arch()
     lib = _library_path(arch)
     if not lib.is_file():
         lib.parent.mkdir(parents=True, exist_ok=True)
@@ -119,7 +117,7 @@ def applies(spec: CBAMSpec, x, train: bool) -> bool:
         and not spec.no_spatial
         and spec.variant == "standard"
         and spec.mlp_act == "relu"
-        and all(p in _POOL_CODES for p in spec.channel_pools)
+        and all(p in POOL_CODES for p in spec.channel_pools)
         and x.ndim == 4
         and x.dtype in _FLOATS
         and jax.default_backend() == "cpu"
@@ -202,7 +200,7 @@ def _ffi(spec: CBAMSpec, *operands):
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(operands[0].shape, operands[0].dtype))
     return call(
         *operands,
-        pools=np.array([_POOL_CODES[p] for p in spec.channel_pools], np.int64),
+        pools=np.array([POOL_CODES[p] for p in spec.channel_pools], np.int64),
         mean_channel=np.int64(spec.concat_order.index("mean")),
         hard_sigmoid=spec.gate == "hard_sigmoid",
         eps=np.float64(spec.norm_eps),

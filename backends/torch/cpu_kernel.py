@@ -28,15 +28,14 @@ from pathlib import Path
 import torch
 
 import cbam_multi
-from cbam_multi.fastpath import BuildOnce, FastPathSwitch
+from cbam_multi.fastpath import ARCH_ENV_VAR, KERNEL_ENV_VAR, POOL_CODES, BuildOnce, FastPathSwitch, kernel_arch
 from cbam_multi.machine import cpu_flags
 
 from .guards import functorch_wrapped, has_hooks
 
 __all__ = ["available", "applies", "cbam_infer", "disabled", "ENV_VAR", "ARCH_ENV_VAR"]
 
-ENV_VAR = "CBAM_MULTI_CPU_KERNEL"
-ARCH_ENV_VAR = "CBAM_MULTI_CPU_KERNEL_ARCH"  # -march value (default native), e.g. x86-64-v3 for AVX2 only
+ENV_VAR = KERNEL_ENV_VAR
 _SOURCE = Path(__file__).with_name("csrc") / "cbam_infer.cpp"
 # the training Function's full-size passes (fused.py), built into the same library
 _CSRC = Path(__file__).with_name("csrc")
@@ -48,13 +47,8 @@ _CORE = Path(cbam_multi.__file__).with_name("csrc")
 _INCLUDED = (_CSRC / "cbam_train.cpp", _CSRC / "cbam_train_cl.cpp", _CSRC / "cbam_bn_train.cpp",
              _CSRC / "cbam_bn_train_cl.cpp", _CSRC / "lanes.h",
              _CORE / "infer_core.h", _CORE / "infer_simd.h")
-_POOL_CODES = {"avg": 0, "max": 1}  # the pools the kernel computes (every preset's)
 _FLOATS = (torch.float32, torch.float64)
 _log = logging.getLogger(__name__)
-
-
-def _arch() -> str:
-    return os.environ.get(ARCH_ENV_VAR, "native").strip() or "native"
 
 
 def _build_key(arch: str) -> str:
@@ -91,7 +85,7 @@ def _build_dir(name: str) -> Path:
 def _build() -> None:
     from torch.utils.cpp_extension import load
 
-    arch = _arch()
+    arch = kernel_arch()
     name = f"cbam_multi_cpu_{_build_key(arch)}"
     build = _build_dir(name)
     _log.info("cbam_multi: building the fused CBAM CPU kernel (once per machine, ~15 s)")
@@ -147,7 +141,7 @@ def applies(cbam, x: torch.Tensor) -> bool:
         and x.dim() == 4
         and not _autograd_records(cbam, x)
         and not torch.is_autocast_enabled("cpu")
-        and all(p in _POOL_CODES for p in spec.channel_pools)
+        and all(p in POOL_CODES for p in spec.channel_pools)
         and (bn is None or not bn.training)
         and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
         and not _any_hooks(cbam)
@@ -174,7 +168,7 @@ def cbam_infer(cbam, x: torch.Tensor, in_affine: tuple[torch.Tensor, torch.Tenso
         ch.fc1.bias,
         ch.fc2.weight.reshape(c, spec.hidden).contiguous(),
         ch.fc2.bias,
-        [_POOL_CODES[p] for p in spec.channel_pools],
+        [POOL_CODES[p] for p in spec.channel_pools],
         sp.conv.weight.contiguous(),
         sp.conv.bias,
         None if bn is None else bn.weight,
