@@ -1,5 +1,6 @@
-"""The fused CBAM inference kernel on CPU as an XLA FFI custom call (`csrc/cbam_infer_ffi.cpp`), built on
-first use, and when it applies.
+"""The CBAM CPU kernels as XLA FFI custom calls, built on first use: the fused inference kernel
+(`csrc/cbam_infer_ffi.cpp`) and when it applies, and the training passes (`csrc/cbam_train_ffi.cpp`, called by
+`fused` through `train_call`), built into the same library.
 
 XLA fuses CBAM's passes no better than its own loop fusion allows: the block costs ResNet-50 inference 1.14x-1.18x
 on this machine's CPU (benchmarks/RESULTS.md), where the same maths in one kernel (`cbam_multi/csrc/infer_core.h`,
@@ -11,17 +12,16 @@ An inference path: `applies` admits eval-mode calls (no BatchNorm statistics to 
 input, the standard two-gate block with a ReLU MLP and avg/max pools, and JAX's default backend the CPU. The
 call is a `jax.custom_jvp` whose derivative is the composed ops' (so ``jax.grad``/``jvp`` through an eval
 forward still work, on the composed maths), and ``jax.lax.platform_dependent`` keeps the composed ops on any
-other platform the same program is lowered for. Under ``vmap`` the custom call runs once per mapped element;
-with the batch split over devices (a sharded ``jit``) each device runs it on its own samples.
+other platform the same program is lowered for. Under ``vmap`` every custom call here runs once per mapped
+element; with the batch split over devices (a sharded ``jit``) each device runs it on its own samples.
 
 Built with the system C++ compiler (``$CXX``, default ``c++``; ~4 s once) against jaxlib's FFI headers, for
 ``-march=native`` or ``$CBAM_MULTI_CPU_KERNEL_ARCH``, into ``$CBAM_MULTI_CACHE`` (default ``~/.cache/cbam_multi``)
 under a name keyed by the sources, flags, CPU and jaxlib. If the build fails, one warning says why and the
 composed ops run. ``CBAM_MULTI_CPU_KERNEL=0`` turns the kernel off (both backends), as does ``with disabled():``
 for the functions traced inside the block (``jax.jit`` caches a traced function: one traced before keeps
-what it traced). ``jax.export`` refuses custom calls without a compatibility guarantee: export an eval
-program traced inside ``with disabled():`` (the composed ops; an exported program must run without this
-package anyway).
+what it traced). ``jax.export`` refuses custom calls without a compatibility guarantee: export a program
+traced inside ``with disabled():`` (the composed ops; an exported program must run without this package anyway).
 """
 
 from __future__ import annotations
@@ -48,13 +48,18 @@ from cbam_multi.fastpath import ARCH_ENV_VAR, KERNEL_ENV_VAR, POOL_CODES, BuildO
 from cbam_multi.machine import cpu_flags
 from cbam_multi.spec import CBAMSpec
 
-__all__ = ["available", "applies", "cbam_infer", "disabled", "ENV_VAR", "ARCH_ENV_VAR"]
+__all__ = ["available", "applies", "cbam_infer", "train_call", "disabled", "ENV_VAR", "ARCH_ENV_VAR"]
 
 ENV_VAR = KERNEL_ENV_VAR  # the same switch as the torch backend's kernel
 TARGET = "cbam_multi_cbam_infer_nhwc"
-_SOURCE = Path(__file__).with_name("csrc") / "cbam_infer_ffi.cpp"
+# the training passes (fused.py), handlers CbamTrain<name> in csrc/cbam_train_ffi.cpp
+TRAIN_HANDLERS = ("PoolHW", "Maps", "Gate", "GradS", "GradCa", "GradX", "Conv", "ConvGrad")
+_CSRC = Path(__file__).with_name("csrc")
+_SOURCES = (_CSRC / "cbam_infer_ffi.cpp", _CSRC / "cbam_train_ffi.cpp")
 _CORE = Path(cbam_multi.__file__).with_name("csrc")
-_HEADERS = (_CORE / "infer_core.h", _CORE / "infer_simd.h")
+_HEADERS = (_CSRC / "xla_threads.h",
+            *(_CORE / name for name in ("infer_core.h", "infer_simd.h", "lanes.h", "train_core_nhwc.h",
+                                        "spatial_conv_core.h")))
 _FLOATS = (jnp.float32, jnp.float64)
 
 _built = BuildOnce(lambda: _build(), lambda e: _failure_message(e))
@@ -67,14 +72,14 @@ def _compiler_command(out: Path, arch: str) -> list[str]:
     cxx = os.environ.get("CXX") or shutil.which("c++") or "g++"
     # -fopenmp-simd: the core's `omp simd` reductions vectorise (no OpenMP runtime: XLA's threads run it)
     return [cxx, "-O3", f"-march={arch}", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{_CORE}",
-            f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", str(out)]
+            f"-I{jax.ffi.include_dir()}", *map(str, _SOURCES), "-o", str(out)]
 
 
 def _library_path(arch: str) -> Path:
     """Where the library for these sources, flags, CPU and jaxlib lives (built by `_build` when missing)."""
     flags = " ".join(_compiler_command(Path("out"), arch))
     h = hashlib.sha256(f"{platform.machine()} {' '.join(sorted(cpu_flags()))} {flags} {jaxlib.__version__}".encode())
-    for src in (_SOURCE, *_HEADERS):
+    for src in (*_SOURCES, *_HEADERS):
         h.update(src.read_bytes())
     root = Path(os.environ.get("CBAM_MULTI_CACHE") or Path.home() / ".cache" / "cbam_multi")
     return root / "kernels" / f"cbam_infer_ffi_{h.hexdigest()[:12]}.so"
@@ -93,9 +98,16 @@ def _build() -> Path:
             os.replace(tmp, lib)  # atomic: a concurrent build or load sees no half-written library
         finally:
             tmp.unlink(missing_ok=True)
-    handler = ctypes.cdll.LoadLibrary(str(lib)).CbamInferNHWC
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler), platform="cpu")
+    loaded = ctypes.cdll.LoadLibrary(str(lib))
+    targets = {TARGET: "CbamInferNHWC", **{train_target(name): f"CbamTrain{name}" for name in TRAIN_HANDLERS}}
+    for target, symbol in targets.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(loaded, symbol)), platform="cpu")
     return lib
+
+
+def train_target(name: str) -> str:
+    """The FFI target of the training handler ``CbamTrain<name>``."""
+    return f"cbam_multi_train_{name.lower()}"
 
 
 def available() -> bool:
@@ -168,32 +180,20 @@ def _call(spec: CBAMSpec, params, x, in_affine, residual):
         shift,
         empty if residual is None else residual.astype(dt),
     )
-    out = _kernel(spec, tuple(a.ndim for a in operands))(*operands)
-    # inside shard_map, x varies over manual mesh axes; the custom call's result carries no such type, and
-    # platform_dependent needs both branches' types equal: give it x's
+    ranks = tuple(a.ndim for a in operands)
+    batched = tuple(i == 0 or (i == len(ranks) - 1 and r == 4) for i, r in enumerate(ranks))  # x, a given residual
+    return varying_like(x, _split_call(("infer", spec, ranks), functools.partial(_ffi, spec), ranks, batched, 4)(*operands))
+
+
+def varying_like(x, out):
+    """``out`` (an array or a list of them) typed as varying over the manual mesh axes ``x`` varies over: inside
+    shard_map a custom call's results carry no such type, and code mixing them with ``x`` (platform_dependent's
+    branches, a custom_jvp's primal and tangent) needs the types equal."""
     varying = tuple(jax.typeof(x).manual_axis_type.varying)
-    return jax.lax.pcast(out, varying, to="varying") if varying else out
-
-
-@functools.cache
-def _kernel(spec: CBAMSpec, ranks: tuple[int, ...]):
-    """The partitioned custom call with a batching rule, once per spec and operand ranks: under ``vmap`` it runs
-    once per mapped element (`jax.lax.map`; custom_partitioning has no batching rule of its own)."""
-    partitioned = _batch_partitioned(spec, ranks)
-
-    @jax.custom_batching.custom_vmap
-    def kernel(*operands):
-        return partitioned(*operands)
-
-    @kernel.def_vmap
-    def _per_element(axis_size, in_batched, *operands):
-        def one(mapped):
-            it = iter(mapped)
-            return kernel(*(next(it) if b else o for o, b in zip(operands, in_batched)))
-
-        return jax.lax.map(one, tuple(o for o, b in zip(operands, in_batched) if b)), True
-
-    return kernel
+    if not varying:
+        return out
+    cast = lambda a: jax.lax.pcast(a, varying, to="varying")
+    return [cast(a) for a in out] if isinstance(out, (list, tuple)) else cast(out)
 
 
 def _ffi(spec: CBAMSpec, *operands):
@@ -207,39 +207,100 @@ def _ffi(spec: CBAMSpec, *operands):
     )
 
 
-def _batch_partitioned(spec: CBAMSpec, ranks: tuple[int, ...]):
+def train_call(name: str, *operands, **attrs) -> list:
+    """The training handler ``CbamTrain<name>`` (csrc/cbam_train_ffi.cpp, results as listed there) on
+    ``operands``: each device runs it on its own samples when the batch is split, once per element under
+    ``vmap``. Every operand has the batch first but the conv's weight taps (the last operand of Conv, ConvGrad)."""
+    ranks = tuple(a.ndim for a in operands)
+    replicated = len(operands) - 1 if name in ("Conv", "ConvGrad") else None
+    batched = tuple(i != replicated for i in range(len(operands)))
+    key = ("train", name, tuple(sorted(attrs.items())), ranks)
+    call = _split_call(key, functools.partial(_train_ffi, name, attrs), ranks, batched, _TRAIN_RESULT_RANKS[name])
+    return varying_like(operands[0], list(call(*operands)))
+
+
+_TRAIN_RESULT_RANKS = {"PoolHW": (2, 2, 2, 2), "Maps": (3, 3, 3, 3), "Gate": (4,), "GradS": (3,), "GradCa": (2,),
+                       "GradX": (4,), "Conv": (3,), "ConvGrad": (4, 2)}
+
+
+def _train_ffi(name: str, attrs: dict, *operands):
+    x = operands[1] if name.startswith("Grad") or name == "ConvGrad" else operands[0]  # x (B, H, W, C) or the conv's maps
+    dt = x.dtype
+    b, bc, bhw = x.shape[0], (x.shape[0], x.shape[-1]), x.shape[:3]
+    results = {
+        "PoolHW": [(bc, dt), (bc, dt), (bc, jnp.int32), (bc, dt)],
+        "Maps": [(bhw, dt), (bhw, dt), (bhw, jnp.int32), (bhw, dt)],
+        "Gate": [(x.shape, dt)], "GradS": [(bhw, dt)], "GradCa": [(bc, dt)], "GradX": [(x.shape, dt)],
+        "Conv": [((b, *x.shape[2:]), dt)],
+        "ConvGrad": [(x.shape, dt), ((b, operands[-1].size), dt)],
+    }[name]
+    out = jax.ffi.ffi_call(train_target(name), [jax.ShapeDtypeStruct(s, d) for s, d in results])(*operands, **attrs)
+    return tuple(out)
+
+
+_CALLS: dict = {}
+
+
+def _split_call(key, fn, ranks: tuple[int, ...], batched: tuple[bool, ...], out_ranks):
+    """``fn`` (a custom call on operands of ``ranks``) partitioned over a split batch and mapped per element under
+    ``vmap``, built once per ``key``. ``out_ranks``: an int (one result) or a tuple of them (a tuple of results),
+    all with the batch first."""
+    if key not in _CALLS:
+        partitioned = _batch_partitioned(fn, ranks, batched, out_ranks)
+
+        @jax.custom_batching.custom_vmap
+        def kernel(*operands):
+            return partitioned(*operands)
+
+        @kernel.def_vmap
+        def _per_element(axis_size, in_batched, *operands):  # custom_partitioning has no batching rule of its own
+            def one(mapped):
+                it = iter(mapped)
+                return kernel(*(next(it) if b else o for o, b in zip(operands, in_batched)))
+
+            out = jax.lax.map(one, tuple(o for o, b in zip(operands, in_batched) if b))
+            return out, jax.tree.map(lambda _: True, out)
+
+        _CALLS[key] = kernel
+    return _CALLS[key]
+
+
+def _batch_partitioned(fn, ranks: tuple[int, ...], batched: tuple[bool, ...], out_ranks):
     """The custom call for a batch split over devices: each device runs the kernel on its own samples (the
-    block is per sample), with the small operands replicated. Without this rule XLA's partitioner gathers the
-    whole batch onto every device around an opaque custom call. Operands: x, ..., residual (x's shape or
-    empty); the rule names x's, the residual's and the result's batch dimension alike, every other dimension
-    unsplittable."""
-    n = len(ranks)
-    batched = [i == 0 or (i == n - 1 and r == 4) for i, r in enumerate(ranks)]  # x and a given residual
-    names = iter(f"f{i}" for i in range(sum(ranks)))
+    block is per sample), with the other operands replicated. Without this rule XLA's partitioner gathers the
+    whole batch onto every device around an opaque custom call. The rule names every batched operand's and
+    every result's first dimension alike, every other dimension unsplittable; the first operand's batch split
+    decides."""
+    multi = isinstance(out_ranks, tuple)
+    names = iter(f"f{i}" for i in range(sum(ranks) + sum(out_ranks if multi else (out_ranks,))))
     keep = []
 
     def dims(rank, is_batched):
-        if is_batched:
-            return "b h w c"
-        ds = [next(names) for _ in range(rank)]
+        ds = [next(names) for _ in range(rank - is_batched)]
         keep.extend(ds)
-        return " ".join(ds)
+        return " ".join((["b"] if is_batched else []) + ds)
 
-    rule = ", ".join(dims(r, b) for r, b in zip(ranks, batched)) + " -> b h w c"
+    operands = ", ".join(dims(r, b) for r, b in zip(ranks, batched))  # factors named in order of appearance
+    rule = operands + " -> " + ", ".join(dims(r, True) for r in (out_ranks if multi else (out_ranks,)))
 
-    def batch_only(mesh, sharding):  # x's batch split kept, nothing else split
+    def batch_only(mesh, sharding, rank):  # the batch split kept, nothing else split
         spec0 = sharding.spec[0] if isinstance(sharding, NamedSharding) and len(sharding.spec) else None
-        return NamedSharding(mesh, P(spec0, None, None, None))
+        return NamedSharding(mesh, P(spec0, *([None] * (rank - 1))))
+
+    def out_shardings(mesh, sharding):
+        if multi:
+            return tuple(batch_only(mesh, sharding, r) for r in out_ranks)
+        return batch_only(mesh, sharding, out_ranks)
 
     def infer(mesh, arg_shapes, result_shape):
-        return batch_only(mesh, arg_shapes[0].sharding)
+        return out_shardings(mesh, arg_shapes[0].sharding)
 
     def partition(mesh, arg_shapes, result_shape):
-        x_sharding = batch_only(mesh, arg_shapes[0].sharding)
-        args = tuple(x_sharding if b else NamedSharding(mesh, P()) for b in batched)
-        return mesh, functools.partial(_ffi, spec), x_sharding, args
+        first = arg_shapes[0].sharding
+        args = tuple(batch_only(mesh, first, r) if b else NamedSharding(mesh, P()) for r, b in zip(ranks, batched))
+        return mesh, fn, out_shardings(mesh, first), args
 
-    fn = custom_partitioning(functools.partial(_ffi, spec))
-    fn.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=rule,
-                     need_replication_factors=("h", "w", "c", *keep))
-    return fn
+    partitioned = custom_partitioning(fn)
+    partitioned.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=rule,
+                              need_replication_factors=tuple(keep))
+    return partitioned

@@ -28,7 +28,7 @@ from cbam_multi.errors import InputError, SpecError, WeightsError
 from cbam_multi.spec import LEAKY_SLOPE, CBAMSpec, require_spec
 from cbam_multi.weights import init_weights
 
-from . import cpu_kernel
+from . import cpu_kernel, fused  # fused uses this module's pieces at call time (a cycle only at import)
 
 Params = Mapping[str, jax.Array]
 
@@ -305,15 +305,15 @@ def _spatial_gate(params: Params, x: jax.Array, spec: CBAMSpec, train: bool, gat
     return _gate_from_maps(params, maps, spec, train)
 
 
-def _gate_from_maps(params: Params, maps: dict, spec: CBAMSpec, train: bool):
+def _gate_from_maps(params: Params, maps: dict, spec: CBAMSpec, train: bool, conv=None):
     """The spatial attention map (B, H, W, 1) from the channel "mean" and "max" maps (B, H, W), and the BN
-    stats update."""
+    stats update. ``conv(m, kernel, padding)``: the spatial conv (default `_spatial_conv`)."""
     dt = maps["mean"].dtype
     if spec.variant == "light":  # timm LightSpatialAttn: the one map 0.5 * mean + 0.5 * max, (B, H, W, 1)
         m = (0.5 * maps["mean"] + 0.5 * maps["max"])[..., None]
     else:
         m = jnp.stack([maps[k] for k in spec.concat_order], axis=-1)  # (B, H, W, 2)
-    z = _spatial_conv(m, params["spatial.conv.kernel"].astype(dt), spec.padding)  # (B, H, W, 1)
+    z = (conv or _spatial_conv)(m, params["spatial.conv.kernel"].astype(dt), spec.padding)  # (B, H, W, 1)
     if spec.spatial_bias:
         z = z + params["spatial.conv.bias"].astype(dt)
     stats = {}
@@ -353,8 +353,8 @@ def cbam(params: Params, x, spec: CBAMSpec, *, train: bool = False):
     x = _checked_input(x, spec, train)
     _check_params(params, spec, None)
     params = {n: params[n] for n in spec.param_shapes()}
-    if cpu_kernel.applies(spec, x, train):  # eval on CPU: the fused kernel (cbam_multi/csrc/infer_core.h)
-        return _fused(params, x, None, None, spec), {}
+    if fused.applies(spec, x):  # CPU: the kernels (cbam_multi/csrc), forward and derivative
+        return fused.cbam(params, x, spec, train)
     return _cbam(params, x, spec, train)
 
 

@@ -42,11 +42,12 @@ _CSRC = Path(__file__).with_name("csrc")
 # the training Function's kernels: one unit that includes cbam_train.cpp, cbam_train_cl.cpp, cbam_bn_train.cpp and
 # cbam_bn_train_cl.cpp
 _SOURCES = (_SOURCE, _CSRC / "cbam_train_all.cpp")
-# the inference kernel's framework-free core, shared with the JAX backend's XLA FFI handler
+# the framework-free cores (inference; channels_last training passes), shared with the JAX backend's XLA FFI handlers
 _CORE = Path(cbam_multi.__file__).with_name("csrc")
 _INCLUDED = (_CSRC / "cbam_train.cpp", _CSRC / "cbam_train_cl.cpp", _CSRC / "cbam_bn_train.cpp",
-             _CSRC / "cbam_bn_train_cl.cpp", _CSRC / "lanes.h",
-             _CORE / "infer_core.h", _CORE / "infer_simd.h")
+             _CSRC / "cbam_bn_train_cl.cpp", _CSRC / "input_of.h",
+             *(_CORE / name for name in ("infer_core.h", "infer_simd.h", "lanes.h", "train_core_nhwc.h",
+                                         "spatial_conv_core.h")))
 _FLOATS = (torch.float32, torch.float64)
 _log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@
 // mean where the BN backward's are; dL/ds sums a pixel's channels in T (cbam_train_cl.cpp's row_dot3). The BN's
 // sums of h in the forward run in double throughout.
 // Part of cbam_train_all.cpp's unit, after cbam_train_cl.cpp: it uses that file's headers and row helpers
-// (kBlock, check_cl, affine_row, row_dot3) and cbam_bn_train.cpp's check_small.
+// (check_cl; kBlock, affine_row, row_dot3 from train_core_nhwc.h) and cbam_bn_train.cpp's check_small.
 #include "lanes.h"
 
 namespace {

@@ -17,7 +17,8 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
-#include "lanes.h"
+#include "input_of.h"
+#include "spatial_conv_core.h"
 
 #include <algorithm>
 #include <limits>
@@ -329,56 +330,15 @@ at::Tensor grad_x(const at::Tensor& g, const at::Tensor& x, const at::Tensor& ca
 }
 
 
-// The spatial gate's k x k 'same' cross-correlation, Ci (1 or 2) maps -> 1 channel, and its backward.
-// oneDNN's general convolution is slow for this shape (64x2x28x28, k=7: ~20 ms forward+backward on one
-// core): its setup and layout conversions dominate. Here each sample's maps are copied into a zero-padded
-// buffer of row pitch Wp = W + 2p, so every weight tap is one contiguous loop over H * Wp positions (the
-// Wp - W extra columns per row are computed and dropped): loops of a plane's length instead of one per row
-// (28 or 14 long at MNIST's sizes, where loop overhead dominated).
-struct Padded {
-  int64_t H, W, p, Wp, rows;  // rows: H + 2p, plus one so the last row's extra columns stay inside
-  explicit Padded(int64_t H_, int64_t W_, int64_t k) : H(H_), W(W_), p(k / 2), Wp(W_ + 2 * (k / 2)), rows(H_ + 2 * (k / 2) + 1) {}
-  int64_t size() const { return rows * Wp; }
-  // src (H, W) into dst (size()), zero around: src[y][x] at dst[(y + p) * Wp + x + p]
-  template <typename T>
-  void fill(const T* src, T* dst) const {
-    std::fill(dst, dst + size(), T(0));
-    for (int64_t y = 0; y < H; ++y) std::copy(src + y * W, src + (y + 1) * W, dst + (y + p) * Wp + p);
-  }
-  // acc (H, Wp) -> dst (H, W)
-  template <typename T>
-  void crop(const T* acc, T* dst) const {
-    for (int64_t y = 0; y < H; ++y) std::copy(acc + y * Wp, acc + y * Wp + W, dst + y * W);
-  }
-};
-
-// acc[i] += w * src[i] for i < n (one weight tap over a padded plane)
-template <typename T>
-inline void axpy(T w, const T* src, int64_t n, T* acc) {
-  for (int64_t i = 0; i < n; ++i) acc[i] += w * src[i];
-}
-
 at::Tensor conv_fwd(const at::Tensor& in, const at::Tensor& w) {
   TORCH_CHECK(in.is_contiguous() && w.is_contiguous() && in.dim() == 4, "cbam_train.conv_fwd: contiguous NCHW");
-  const int64_t B = in.size(0), Ci = in.size(1), H = in.size(2), W = in.size(3), k = w.size(-1);
-  const Padded pad(H, W, k);
-  const int64_t n = H * pad.Wp;
-  auto out = at::empty({B, 1, H, W}, in.options());
+  const cbam_spatial_conv::Shape sh{in.size(1), in.size(2), in.size(3), w.size(-1)};
+  auto out = at::empty({in.size(0), 1, sh.H, sh.W}, in.options());
   AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "cbam_conv_fwd", [&] {
     const scalar_t *pi = in.data_ptr<scalar_t>(), *pw = w.data_ptr<scalar_t>();
     scalar_t* po = out.data_ptr<scalar_t>();
-    at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
-      std::vector<scalar_t> maps(Ci * pad.size()), acc(n);
-      for (int64_t b = lo; b < hi; ++b) {
-        for (int64_t c = 0; c < Ci; ++c) pad.fill(pi + (b * Ci + c) * H * W, maps.data() + c * pad.size());
-        std::fill(acc.begin(), acc.end(), scalar_t(0));
-        // taps in (c, dy, dx) order: each output sums its terms in that order, as a row-by-row loop would
-        for (int64_t c = 0; c < Ci; ++c)
-          for (int64_t dy = 0; dy < k; ++dy)
-            for (int64_t dx = 0; dx < k; ++dx)
-              axpy(pw[(c * k + dy) * k + dx], maps.data() + c * pad.size() + dy * pad.Wp + dx, n, acc.data());
-        pad.crop(acc.data(), po + b * H * W);
-      }
+    at::parallel_for(0, in.size(0), 1, [&](int64_t lo, int64_t hi) {
+      cbam_spatial_conv::forward_samples(pi, pw, sh, lo, hi, po);
     });
   });
   return out;
@@ -386,36 +346,15 @@ at::Tensor conv_fwd(const at::Tensor& in, const at::Tensor& w) {
 
 std::tuple<at::Tensor, at::Tensor> conv_bwd(const at::Tensor& g, const at::Tensor& in, const at::Tensor& w) {
   TORCH_CHECK(g.is_contiguous() && in.is_contiguous() && w.is_contiguous(), "cbam_train.conv_bwd: contiguous");
-  const int64_t B = in.size(0), Ci = in.size(1), H = in.size(2), W = in.size(3), k = w.size(-1);
-  const Padded pad(H, W, k);
-  const int64_t n = H * pad.Wp, K = Ci * k * k, p = pad.p;
+  const cbam_spatial_conv::Shape sh{in.size(1), in.size(2), in.size(3), w.size(-1)};
   auto gin = at::empty_like(in);
-  auto part = at::empty({B, K}, in.options().dtype(at::kDouble));  // per-sample weight gradients, summed below
+  auto part = at::empty({in.size(0), sh.taps()}, in.options().dtype(at::kDouble));  // per-sample weight gradients
   AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "cbam_conv_bwd", [&] {
     const scalar_t *pi = in.data_ptr<scalar_t>(), *pw = w.data_ptr<scalar_t>(), *pg = g.data_ptr<scalar_t>();
     scalar_t* pgi = gin.data_ptr<scalar_t>();
     double* pp = part.data_ptr<double>();
-    at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
-      std::vector<scalar_t> maps(Ci * pad.size()), gpad(pad.size()), acc(n);
-      for (int64_t b = lo; b < hi; ++b) {
-        for (int64_t c = 0; c < Ci; ++c) pad.fill(pi + (b * Ci + c) * H * W, maps.data() + c * pad.size());
-        pad.fill(pg + b * H * W, gpad.data());
-        // g with zero extra columns, at the maps' pitch: g[y][x] at gz[y * Wp + x]
-        const scalar_t* gz = gpad.data() + p * pad.Wp + p;
-        for (int64_t c = 0; c < Ci; ++c) {
-          const scalar_t* mc = maps.data() + c * pad.size();
-          std::fill(acc.begin(), acc.end(), scalar_t(0));
-          for (int64_t dy = 0; dy < k; ++dy)
-            for (int64_t dx = 0; dx < k; ++dx) {
-              const int64_t j = (c * k + dy) * k + dx;
-              // d maps[y + dy - p][x + dx - p] = w * g[y][x]: gather form, g read at (u + 2p - dy, v + 2p - dx)
-              axpy(pw[j], gpad.data() + (2 * p - dy) * pad.Wp + (2 * p - dx), n, acc.data());
-              const scalar_t* src = mc + dy * pad.Wp + dx;
-              pp[b * K + j] = sum_lanes_f(n, [&](int64_t i) { return gz[i] * src[i]; });
-            }
-          pad.crop(acc.data(), pgi + (b * Ci + c) * H * W);
-        }
-      }
+    at::parallel_for(0, in.size(0), 1, [&](int64_t lo, int64_t hi) {
+      cbam_spatial_conv::backward_samples(pg, pi, pw, sh, lo, hi, pgi, pp);
     });
   });
   return {gin, part.sum(0).to(in.scalar_type()).view(w.sizes())};

@@ -1,13 +1,10 @@
-// Lane-parallel reductions and the BatchNorm-input map shared by the training kernels (cbam_train.cpp,
-// cbam_train_cl.cpp, cbam_bn_train.cpp, cbam_bn_train_cl.cpp).
+// Lane-parallel reductions and the BatchNorm-input map shared by the training kernels, framework-free: the
+// torch backend's (backends/torch/csrc: cbam_train.cpp, cbam_train_cl.cpp, cbam_bn_train.cpp,
+// cbam_bn_train_cl.cpp) and the cores they share with the JAX backend (train_core_nhwc.h, spatial_conv_core.h).
 #pragma once
-
-#include <ATen/core/Tensor.h>
-#include <c10/util/Exception.h>
 
 #include <cmath>
 #include <cstdint>
-#include <optional>
 #include <type_traits>
 
 namespace cbam_lanes {
@@ -188,15 +185,5 @@ struct Input {
     }
   }
 };
-
-// al, be (C,) given: the pass reads a BatchNorm's input h and forms x = bn_x(h, al, be) (fused_bn.py)
-template <typename T>
-Input<T> input_of(const std::optional<at::Tensor>& al, const std::optional<at::Tensor>& be, int64_t C) {
-  TORCH_CHECK(al.has_value() == be.has_value(), "cbam_train: al and be go together");
-  if (!al.has_value()) return Input<T>{nullptr, nullptr};
-  TORCH_CHECK(al->is_contiguous() && be->is_contiguous() && al->numel() == C && be->numel() == C,
-              "cbam_train: al and be must be contiguous (C,)");
-  return Input<T>{al->data_ptr<T>(), be->data_ptr<T>()};
-}
 
 }  // namespace cbam_lanes
