@@ -73,3 +73,25 @@ def test_every_extra_dependency_is_pinned():
         pinned = {r.name for r in parse(file)[1]}
         assert names <= pinned, f"{file} does not pin {sorted(names - pinned)}"
 
+
+
+def test_package_data_carries_every_kernel_source():
+    """A non-editable install compiles the kernels from the files package-data ships: every source and header
+    the two backends' builds read must match one of its globs (relative to the package's directory)."""
+    from fnmatch import fnmatch
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    jax_kernel = pytest.importorskip("cbam_multi.jax.cpu_kernel")
+    torch_kernel = pytest.importorskip("cbam_multi.torch.cpu_kernel")
+    root = Path(jax_kernel.__file__).resolve().parents[2]  # the checkout the backends are installed from
+    tool = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    dirs = {pkg: (root / d).resolve() for pkg, d in tool["package-dir"].items()}
+    files = [*jax_kernel._SOURCES, *jax_kernel._HEADERS, *torch_kernel._SOURCES, *torch_kernel._INCLUDED]
+    missing = []
+    for f in files:
+        f = Path(f).resolve()
+        shipped = any(f.is_relative_to(dirs[pkg]) and fnmatch(f.relative_to(dirs[pkg]).as_posix(), glob)
+                      for pkg, globs in tool["package-data"].items() for glob in globs)
+        if not shipped:
+            missing.append(f.relative_to(root).as_posix())
+    assert not missing, f"package-data does not ship {missing}: add a glob in pyproject.toml"
