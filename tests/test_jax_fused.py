@@ -119,7 +119,7 @@ def test_float32_kernels_with_ties_past_one_vector(tie_rule):
 
 def test_forward_mode_second_order_and_vmap_agree_with_composed():
     """jax.jvp (the tangent map evaluated as the composed JVP), a Hessian-vector product (forward over the
-    kernels' reverse mode) and vmap of the gradient, train mode with BatchNorm, float64."""
+    kernels' reverse mode), vmap of the gradient and of the JVP, train mode with BatchNorm, float64."""
     spec = CBAMSpec.official(16)
     params, x, ct = _inputs(spec, ties=False, seed=7)
     t = jnp.asarray(np.random.default_rng(8).normal(size=x.shape))
@@ -130,7 +130,8 @@ def test_forward_mode_second_order_and_vmap_agree_with_composed():
                 return (F.cbam(params, v, spec, train=True)[0] * ct).sum()
 
             grad = jax.grad(loss)
-            return [jax.jvp(loss, (x,), (t,))[1], jax.jvp(grad, (x,), (t,))[1], jax.vmap(grad)(jnp.stack([x, 0.5 * x]))]
+            return [jax.jvp(loss, (x,), (t,))[1], jax.jvp(grad, (x,), (t,))[1], jax.vmap(grad)(jnp.stack([x, 0.5 * x])),
+                    jax.vmap(lambda t: jax.jvp(loss, (x,), (t,))[1])(jnp.stack([t, x]))]  # the tangent map batched
 
         return jax.jit(run)
 
@@ -205,16 +206,28 @@ got = run(params, xs)
 with cpu_kernel.disabled():
     ref = step()(params, x)
 err = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)))
+
+def per_device():  # shard_map: BatchNorm statistics per device; the replicated weights' gradients summed
+    grad = jax.grad(lambda p, v, c: (F.cbam(p, v, spec, train=True)[0] * c).sum(), argnums=(0, 1))
+    return jax.jit(jax.shard_map(lambda v, c: grad(params, v, c), mesh=split.mesh, in_specs=(P("data"), P("data")),
+                                 out_specs=(P(), P("data"))))
+
+got_sm = per_device()(xs, ct)
+with cpu_kernel.disabled():
+    ref_sm = per_device()(x, ct)
+err_sm = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(got_sm), jax.tree.leaves(ref_sm)))
 # XLA may gather a (B, C) vector of the MLP's backward; what it must not gather is a per-pixel array
 gathered = [int(np.prod([int(d) for d in m.group(1).split(",")])) for m in re.finditer(r"= f32\[([0-9,]+)\][^ ]* all-gather", hlo)]
 print(json.dumps({"devices": jax.device_count(), "kernels": all(cpu_kernel.train_target(n) in hlo for n in cpu_kernel.TRAIN_HANDLERS),
-                  "largest_gather": max(gathered, default=0), "pixels": 8 * 6 * 5, "grad_spec": str(got[1][1].sharding.spec), "err": err}))
+                  "largest_gather": max(gathered, default=0), "pixels": 8 * 6 * 5, "grad_spec": str(got[1][1].sharding.spec), "err": err,
+                  "err_shard_map": err_sm}))
 """
 
 
 def test_a_batch_split_over_devices_stays_split():
     """Sharded jit of a train step: each device runs the kernels on its own samples (no per-pixel array gathered); BN
-    statistics and parameter gradients are reduced over the devices by XLA, as for the composed ops."""
+    statistics and parameter gradients are reduced over the devices by XLA, as for the composed ops. The same
+    gradient inside shard_map (per-device statistics) agrees with the composed ops' there."""
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root), "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     proc = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, timeout=300)
@@ -222,4 +235,4 @@ def test_a_batch_split_over_devices_stays_split():
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["devices"] == 4 and report["kernels"] and report["largest_gather"] < report["pixels"], report
     assert report["grad_spec"] == "P('data',)", report
-    assert report["err"] <= TOLERANCES["float32"]["grad"], report
+    assert report["err"] <= TOLERANCES["float32"]["grad"] and report["err_shard_map"] <= TOLERANCES["float32"]["grad"], report

@@ -97,7 +97,7 @@ def _forward(spec, train, params, x):
     avg, mx, idx_hw, cnt_hw = cpu_kernel.train_call("PoolHW", x)
     ca = F._mlp_gate(params, [avg if k == "avg" else mx for k in spec.channel_pools], spec)
     mean, mxc, idx_c, cnt_c = cpu_kernel.train_call("Maps", x, ca)
-    s, stats = F._gate_from_maps(params, {"mean": mean, "max": mxc}, spec, train, _conv)
+    s, stats = F._gate_from_maps(params, {"mean": mean, "max": mxc}, spec, train, _kernel_conv)
     s = s[..., 0]
     (y,) = cpu_kernel.train_call("Gate", x, ca, s)
     return y, stats, (avg, mx, idx_hw, cnt_hw, ca, mean, mxc, idx_c, cnt_c, s)
@@ -123,6 +123,13 @@ def _zero_tangent(a):
 
 
 # ------------------------------------------------------------------ the spatial conv
+def _kernel_conv(m, kernel, padding):
+    # Inside shard_map the maps vary over the manual mesh axes and the kernel (a replicated weight) does not;
+    # the loops' weight gradient is per device: typed varying here, JAX transposes the cast into its sum
+    axes = tuple(set(jax.typeof(m).manual_axis_type.varying) - set(jax.typeof(kernel).manual_axis_type.varying))
+    return _conv(m, jax.lax.pcast(kernel, axes, to="varying") if axes else kernel, padding)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _conv(m, kernel, padding):
     """`functional._spatial_conv` (NHWC maps (B, H, W, Ci), HWIO kernel (k, k, Ci, 1), padding k // 2) as
@@ -192,8 +199,8 @@ def _lin_jvp(primals, tangents, **params):
 
 
 def _lin_batch(args, dims, **params):
-    moved = [a if d is batching.not_mapped else jnp.moveaxis(a, d, 0) for a, d in zip(args, dims)]
-    axes = [None if d is batching.not_mapped else 0 for d in dims]
+    moved = [a if d is None else jnp.moveaxis(a, d, 0) for a, d in zip(args, dims)]  # None: not mapped
+    axes = [None if d is None else 0 for d in dims]
     return jax.vmap(functools.partial(_lin_composed, **params), in_axes=axes)(*moved), 0
 
 
@@ -216,7 +223,7 @@ def _backward(spec, train, params, x, res, ct):
     (gs,) = cpu_kernel.train_call("GradS", ct, x, ca)
 
     def spatial(p, mean, mxc):
-        return F._gate_from_maps(p, {"mean": mean, "max": mxc}, spec, train, _conv)[0][..., 0]
+        return F._gate_from_maps(p, {"mean": mean, "max": mxc}, spec, train, _kernel_conv)[0][..., 0]
 
     g_sp, g_mean, g_max = jax.vjp(spatial, params, mean, mxc)[1](gs)
     gm = g_mean / c
