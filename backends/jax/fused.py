@@ -120,8 +120,6 @@ def _zero_tangent(a):
     return jnp.zeros(a.shape, jax.dtypes.float0)
 
 
-
-
 # ------------------------------------------------------------------ the spatial conv
 def _kernel_conv(m, kernel, padding):
     # Inside shard_map the maps vary over the manual mesh axes and the kernel (a replicated weight) does not;
@@ -183,14 +181,15 @@ def _lin_composed(*args, spec, train, tree, n_res):
 
 
 def _lin_transpose(ct, *args, spec, train, tree, n_res):
-    n_lin = 1 + tree.num_leaves
-    nonlin, lin = args[:-n_lin], args[-n_lin:]
+    """The backward kernels: cotangents for the tangent operands (t_x, the parameters' tangents) still to be
+    computed (`ad.is_undefined_primal`); None for the rest."""
     if type(ct) is ad.Zero:
         return [None] * len(args)
-    x, params, res = nonlin[0], tree.unflatten(nonlin[1 : 1 + tree.num_leaves]), tuple(nonlin[1 + tree.num_leaves :])
+    x, params, res, _, _ = _unpack(args, tree, n_res)
     g_params, g_x = _backward(spec, train, params, x, res, ct)
+    lin = args[-(1 + tree.num_leaves) :]  # t_x, then the parameters' tangents in params' leaf order
     grads = [g_x, *jax.tree.leaves(g_params)]
-    return [None] * len(nonlin) + [g if ad.is_undefined_primal(t) else None for t, g in zip(lin, grads)]
+    return [None] * (len(args) - len(lin)) + [g if ad.is_undefined_primal(t) else None for t, g in zip(lin, grads)]
 
 
 def _lin_jvp(primals, tangents, **params):
