@@ -82,7 +82,7 @@ def _library_path(arch: str) -> Path:
     for src in (*_SOURCES, *_HEADERS):
         h.update(src.read_bytes())
     root = Path(os.environ.get("CBAM_MULTI_CACHE") or Path.home() / ".cache" / "cbam_multi")
-    return root / "kernels" / f"cbam_infer_ffi_{h.hexdigest()[:12]}.so"
+    return root / "kernels" / f"cbam_multi_ffi_{h.hexdigest()[:12]}.so"
 
 
 def _build() -> Path:
@@ -118,7 +118,7 @@ def available() -> bool:
 def _failure_message(e: Exception) -> str:
     lines = [line.strip() for line in str(e).splitlines() if "error" in line.lower()] or [str(e).strip()]
     return (f"cbam_multi: the fused CBAM CPU kernel for JAX could not be built ({type(e).__name__}: {lines[0]}); "
-            f"CPU inference uses the composed ops instead (set {ENV_VAR}=0 to skip the build)")
+            f"CPU inference and training use the composed ops instead (set {ENV_VAR}=0 to skip the build)")
 
 
 def applies(spec: CBAMSpec, x, train: bool) -> bool:
@@ -182,10 +182,10 @@ def _call(spec: CBAMSpec, params, x, in_affine, residual):
     )
     ranks = tuple(a.ndim for a in operands)
     batched = tuple(i == 0 or (i == len(ranks) - 1 and r == 4) for i, r in enumerate(ranks))  # x, a given residual
-    return varying_like(x, _split_call(("infer", spec, ranks), functools.partial(_ffi, spec), ranks, batched, 4)(*operands))
+    return _varying_like(x, _split_call(("infer", spec, ranks), functools.partial(_ffi, spec), ranks, batched, 4)(*operands))
 
 
-def varying_like(x, out):
+def _varying_like(x, out):
     """``out`` (an array or a list of them) typed as varying over the manual mesh axes ``x`` varies over: inside
     shard_map a custom call's results carry no such type, and code mixing them with ``x`` (platform_dependent's
     branches, a custom_jvp's primal and tangent) needs the types equal."""
@@ -216,7 +216,7 @@ def train_call(name: str, *operands, **attrs) -> list:
     batched = tuple(i != replicated for i in range(len(operands)))
     key = ("train", name, tuple(sorted(attrs.items())), ranks)
     call = _split_call(key, functools.partial(_train_ffi, name, attrs), ranks, batched, _TRAIN_RESULT_RANKS[name])
-    return varying_like(operands[0], list(call(*operands)))
+    return _varying_like(operands[0], list(call(*operands)))
 
 
 _TRAIN_RESULT_RANKS = {"PoolHW": (2, 2, 2, 2), "Maps": (3, 3, 3, 3), "Gate": (4,), "GradS": (3,), "GradCa": (2,),
