@@ -139,10 +139,23 @@ def _full_mnist_available() -> bool:
     return default_mnist_dir() is not None
 
 
+def _seed_kernel_cache(cache: Path) -> None:
+    """The JAX kernel library this machine has built (tests/test_jax_cpu_kernel.py tests the build) copied into
+    the fresh cache the commands run with: they would spend ~8 s compiling it again."""
+    from cbam_multi.fastpath import kernel_arch
+    from cbam_multi.jax import cpu_kernel
+
+    if cpu_kernel.available():
+        lib = cpu_kernel._library_path(kernel_arch())
+        (cache / "kernels").mkdir(parents=True, exist_ok=True)
+        shutil.copy2(lib, cache / "kernels" / lib.name)
+
+
 @pytest.mark.slow
 def test_readme_shell_commands_run(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "CBAM_MULTI_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
+    _seed_kernel_cache(tmp_path / "cache")
     full = _full_mnist_available()
     runs = [(c, spec) for c in readme_commands() for spec in [COMMANDS[c]] if spec[0] == RUN]
     runs = [(c, spec) for c, spec in runs if full or FULL_MNIST not in spec]
