@@ -15,7 +15,7 @@ forward still work, on the composed maths), and ``jax.lax.platform_dependent`` k
 other platform the same program is lowered for. Under ``vmap`` every custom call here runs once per mapped
 element; with the batch split over devices (a sharded ``jit``) each device runs it on its own samples.
 
-Built with the system C++ compiler (``$CXX``, default ``c++``; ~4 s once) against jaxlib's FFI headers, for
+Built with the system C++ compiler (``$CXX``, default ``c++``; ~4-8 s once, the two sources side by side) against jaxlib's FFI headers, for
 ``-march=native`` or ``$CBAM_MULTI_CPU_KERNEL_ARCH``, into ``$CBAM_MULTI_CACHE`` (default ``~/.cache/cbam_multi``)
 under a name keyed by the sources, flags, CPU and jaxlib. If the build fails, one warning says why and the
 composed ops run. ``CBAM_MULTI_CPU_KERNEL=0`` turns the kernel off (both backends), as does ``with disabled():``
@@ -68,16 +68,17 @@ _switch = FastPathSwitch(ENV_VAR)
 disabled = _switch.disabled  # `with cpu_kernel.disabled():` the composed ops inside the block (this thread)
 
 
-def _compiler_command(out: Path, arch: str) -> list[str]:
+def _compiler(arch: str) -> list[str]:
+    """The compiler and its flags for every source."""
     cxx = os.environ.get("CXX") or shutil.which("c++") or "g++"
     # -fopenmp-simd: the core's `omp simd` reductions vectorise (no OpenMP runtime: XLA's threads run it)
-    return [cxx, "-O3", f"-march={arch}", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{_CORE}",
-            f"-I{jax.ffi.include_dir()}", *map(str, _SOURCES), "-o", str(out)]
+    return [cxx, "-O3", f"-march={arch}", "-fopenmp-simd", "-std=c++17", "-fPIC", "-w", f"-I{_CORE}",
+            f"-I{jax.ffi.include_dir()}"]
 
 
 def _library_path(arch: str) -> Path:
     """Where the library for these sources, flags, CPU and jaxlib lives (built by `_build` when missing)."""
-    flags = " ".join(_compiler_command(Path("out"), arch))
+    flags = " ".join(_compiler(arch))
     h = hashlib.sha256(f"{platform.machine()} {' '.join(sorted(cpu_flags()))} {flags} {jaxlib.__version__}".encode())
     for src in (*_SOURCES, *_HEADERS):
         h.update(src.read_bytes())
@@ -91,13 +92,23 @@ def _build() -> Path:
     if not lib.is_file():
         lib.parent.mkdir(parents=True, exist_ok=True)
         tmp = lib.with_name(f".{lib.name}.{os.getpid()}.tmp")
+        objects = [tmp.with_name(f"{tmp.name}.{i}.o") for i in range(len(_SOURCES))]
         try:
-            proc = subprocess.run(_compiler_command(tmp, arch), capture_output=True, text=True, check=False)
+            cc = _compiler(arch)
+            # the sources compile side by side (~4 s each), then link
+            jobs = [subprocess.Popen([*cc, "-c", str(src), "-o", str(obj)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True) for src, obj in zip(_SOURCES, objects)]
+            for job, err in [(job, job.communicate()[1]) for job in jobs]:
+                if job.returncode != 0:
+                    raise RuntimeError(err.strip() or f"compiler exit status {job.returncode}")
+            proc = subprocess.run([cc[0], "-shared", *map(str, objects), "-o", str(tmp)], capture_output=True, text=True,
+                                  check=False)
             if proc.returncode != 0:
-                raise RuntimeError(proc.stderr.strip() or f"compiler exit status {proc.returncode}")
+                raise RuntimeError(proc.stderr.strip() or f"linker exit status {proc.returncode}")
             os.replace(tmp, lib)  # atomic: a concurrent build or load sees no half-written library
         finally:
-            tmp.unlink(missing_ok=True)
+            for f in (tmp, *objects):
+                f.unlink(missing_ok=True)
     loaded = ctypes.cdll.LoadLibrary(str(lib))
     targets = {TARGET: "CbamInferNHWC", **{train_target(name): f"CbamTrain{name}" for name in TRAIN_HANDLERS}}
     for target, symbol in targets.items():
