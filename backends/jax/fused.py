@@ -21,7 +21,8 @@ the composed JVP.
 Applies where `applies` says (CPU, float32/float64, the standard two-gate block with avg/max pools, any
 MLP activation, gate, concat order, kernel size, BatchNorm in either mode), train and eval alike: an
 eval-mode call that is not differentiated still runs the one-pass inference kernel (`cpu_kernel`).
-``CBAM_MULTI_CPU_KERNEL=0`` or ``cpu_kernel.disabled()`` turns both off. The kernels' sums run in another
+``CBAM_MULTI_CPU_KERNEL=0`` or ``cpu_kernel.disabled()`` turns both off; ``jax.lax.platform_dependent``
+keeps the composed ops in a program lowered for another platform. The kernels' sums run in another
 order than XLA's (float32 gradients agree to ~1e-6 relative, float64 to ~1e-14).
 """
 
@@ -60,8 +61,10 @@ def applies(spec: CBAMSpec, x) -> bool:
 
 @functools.partial(jax.jit, static_argnames=("spec", "train"))
 def cbam(params, x, spec: CBAMSpec, train: bool):
-    """`functional.cbam` (checked input, the spec's params) through the kernels -> ``(y, new_stats)``."""
-    return _block(spec, train, params, x)
+    """`functional.cbam` (checked input, the spec's params) through the kernels -> ``(y, new_stats)``; the
+    composed ops where the same program is lowered for another platform (``platform_dependent``)."""
+    return jax.lax.platform_dependent(params, x, cpu=functools.partial(_block, spec, train),
+                                      default=lambda p, v: F._cbam(p, v, spec, train))
 
 
 # ------------------------------------------------------------------ the block and its tangent
