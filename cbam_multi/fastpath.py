@@ -8,12 +8,17 @@ import os
 import threading
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 __all__ = ["ARCH_ENV_VAR", "BuildOnce", "FastPathSwitch", "KERNEL_ENV_VAR", "POOL_CODES", "kernel_arch"]
 
 KERNEL_ENV_VAR = "CBAM_MULTI_CPU_KERNEL"  # 0/off: neither backend builds or runs the fused CPU kernels
 ARCH_ENV_VAR = "CBAM_MULTI_CPU_KERNEL_ARCH"  # -march value (default native), e.g. x86-64-v3 for AVX2 only
 POOL_CODES = {"avg": 0, "max": 1}  # infer_core.h's kPoolAvg, kPoolMax: the channel pools the kernel computes
+# the kernels' framework-free cores (cbam_multi/csrc), which both backends' builds compile in
+CORE_DIR = Path(__file__).with_name("csrc")
+CORE_HEADERS = tuple(CORE_DIR / name for name in ("infer_core.h", "infer_simd.h", "lanes.h", "train_core_nhwc.h",
+                                                  "spatial_conv_core.h"))
 
 
 def kernel_arch() -> str:

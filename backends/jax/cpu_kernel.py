@@ -43,8 +43,7 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-import cbam_multi
-from cbam_multi.fastpath import ARCH_ENV_VAR, KERNEL_ENV_VAR, POOL_CODES, BuildOnce, FastPathSwitch, kernel_arch
+from cbam_multi.fastpath import ARCH_ENV_VAR, CORE_DIR, CORE_HEADERS, KERNEL_ENV_VAR, POOL_CODES, BuildOnce, FastPathSwitch, kernel_arch
 from cbam_multi.machine import cpu_flags
 from cbam_multi.spec import CBAMSpec
 
@@ -56,10 +55,7 @@ TARGET = "cbam_multi_cbam_infer_nhwc"
 TRAIN_HANDLERS = ("PoolHW", "Maps", "Gate", "GradS", "GradCa", "GradX", "Conv", "ConvGrad")
 _CSRC = Path(__file__).with_name("csrc")
 _SOURCES = (_CSRC / "cbam_infer_ffi.cpp", _CSRC / "cbam_train_ffi.cpp")
-_CORE = Path(cbam_multi.__file__).with_name("csrc")
-_HEADERS = (_CSRC / "xla_threads.h",
-            *(_CORE / name for name in ("infer_core.h", "infer_simd.h", "lanes.h", "train_core_nhwc.h",
-                                        "spatial_conv_core.h")))
+_HEADERS = (_CSRC / "xla_threads.h", *CORE_HEADERS)
 _FLOATS = (jnp.float32, jnp.float64)
 
 _built = BuildOnce(lambda: _build(), lambda e: _failure_message(e))
@@ -72,7 +68,7 @@ def _compiler(arch: str) -> list[str]:
     """The compiler and its flags for every source."""
     cxx = os.environ.get("CXX") or shutil.which("c++") or "g++"
     # -fopenmp-simd: the core's `omp simd` reductions vectorise (no OpenMP runtime: XLA's threads run it)
-    return [cxx, "-O3", f"-march={arch}", "-fopenmp-simd", "-std=c++17", "-fPIC", "-w", f"-I{_CORE}",
+    return [cxx, "-O3", f"-march={arch}", "-fopenmp-simd", "-std=c++17", "-fPIC", "-w", f"-I{CORE_DIR}",
             f"-I{jax.ffi.include_dir()}"]
 
 

@@ -27,8 +27,7 @@ from pathlib import Path
 
 import torch
 
-import cbam_multi
-from cbam_multi.fastpath import ARCH_ENV_VAR, KERNEL_ENV_VAR, POOL_CODES, BuildOnce, FastPathSwitch, kernel_arch
+from cbam_multi.fastpath import ARCH_ENV_VAR, CORE_HEADERS, KERNEL_ENV_VAR, POOL_CODES, BuildOnce, FastPathSwitch, kernel_arch
 from cbam_multi.machine import cpu_flags
 
 from .guards import functorch_wrapped, has_hooks
@@ -42,12 +41,10 @@ _CSRC = Path(__file__).with_name("csrc")
 # the training Function's kernels: one unit that includes cbam_train.cpp, cbam_train_cl.cpp, cbam_bn_train.cpp and
 # cbam_bn_train_cl.cpp
 _SOURCES = (_SOURCE, _CSRC / "cbam_train_all.cpp")
-# the framework-free cores (inference; channels_last training passes), shared with the JAX backend's XLA FFI handlers
-_CORE = Path(cbam_multi.__file__).with_name("csrc")
+# and the framework-free cores (inference; lane helpers, channels_last training passes, spatial conv), shared with
+# the JAX backend's XLA FFI handlers
 _INCLUDED = (_CSRC / "cbam_train.cpp", _CSRC / "cbam_train_cl.cpp", _CSRC / "cbam_bn_train.cpp",
-             _CSRC / "cbam_bn_train_cl.cpp", _CSRC / "input_of.h",
-             *(_CORE / name for name in ("infer_core.h", "infer_simd.h", "lanes.h", "train_core_nhwc.h",
-                                         "spatial_conv_core.h")))
+             _CSRC / "cbam_bn_train_cl.cpp", _CSRC / "input_of.h", *CORE_HEADERS)
 _FLOATS = (torch.float32, torch.float64)
 _log = logging.getLogger(__name__)
 
