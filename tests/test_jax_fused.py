@@ -121,7 +121,8 @@ def test_float32_kernels_with_ties_past_one_vector(tie_rule):
 
 def test_forward_mode_second_order_and_vmap_agree_with_composed():
     """jax.jvp (the tangent map evaluated as the composed JVP), a Hessian-vector product (forward over the
-    kernels' reverse mode), vmap of the gradient and of the JVP, train mode with BatchNorm, float64."""
+    kernels' reverse mode), vmap of the gradient and of the JVP, the gradient under jax.checkpoint, train mode with
+    BatchNorm, float64."""
     spec = CBAMSpec.official(16)
     params, x, ct = _inputs(spec, ties=False, seed=7)
     t = jnp.asarray(np.random.default_rng(8).normal(size=x.shape))
@@ -133,7 +134,8 @@ def test_forward_mode_second_order_and_vmap_agree_with_composed():
 
             grad = jax.grad(loss)
             return [jax.jvp(loss, (x,), (t,))[1], jax.jvp(grad, (x,), (t,))[1], jax.vmap(grad)(jnp.stack([x, 0.5 * x])),
-                    jax.vmap(lambda t: jax.jvp(loss, (x,), (t,))[1])(jnp.stack([t, x]))]  # the tangent map batched
+                    jax.vmap(lambda t: jax.jvp(loss, (x,), (t,))[1])(jnp.stack([t, x])),  # the tangent map batched
+                    jax.grad(jax.checkpoint(loss))(t)]  # rematerialised: the kernels' forward runs again in the backward
 
         return jax.jit(run)
 
