@@ -1,5 +1,5 @@
-"""A fast path's on/off switch, a kernel library built once on first use, and the facts both backends' builds
-of the fused inference kernel (`cbam_multi/csrc/infer_core.h`) share (framework-free)."""
+"""A fast path's on/off switch, a kernel library built once on first use, and the facts both backends' kernel
+builds share (the switches, the -march choice, the pool codes, the framework-free cores in `cbam_multi/csrc`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["ARCH_ENV_VAR", "BuildOnce", "FastPathSwitch", "KERNEL_ENV_VAR", "POOL_CODES", "kernel_arch"]
+__all__ = ["ARCH_ENV_VAR", "CORE_DIR", "CORE_HEADERS", "BuildOnce", "FastPathSwitch", "KERNEL_ENV_VAR", "POOL_CODES",
+           "kernel_arch"]
 
 KERNEL_ENV_VAR = "CBAM_MULTI_CPU_KERNEL"  # 0/off: neither backend builds or runs the fused CPU kernels
 ARCH_ENV_VAR = "CBAM_MULTI_CPU_KERNEL_ARCH"  # -march value (default native), e.g. x86-64-v3 for AVX2 only

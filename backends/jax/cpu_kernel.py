@@ -221,16 +221,14 @@ def train_call(name: str, *operands, **attrs) -> list:
     ranks = tuple(a.ndim for a in operands)
     replicated = len(operands) - 1 if name in ("Conv", "ConvGrad") else None
     batched = tuple(i != replicated for i in range(len(operands)))
+    out_ranks = tuple(r.ndim for r in _train_results(name, operands))
     key = ("train", name, tuple(sorted(attrs.items())), ranks)
-    call = _split_call(key, functools.partial(_train_ffi, name, attrs), ranks, batched, _TRAIN_RESULT_RANKS[name])
+    call = _split_call(key, functools.partial(_train_ffi, name, attrs), ranks, batched, out_ranks)
     return _varying_like(operands[0], list(call(*operands)))
 
 
-_TRAIN_RESULT_RANKS = {"PoolHW": (2, 2, 2, 2), "Maps": (3, 3, 3, 3), "Gate": (4,), "GradS": (3,), "GradCa": (2,),
-                       "GradX": (4,), "Conv": (3,), "ConvGrad": (4, 2)}
-
-
-def _train_ffi(name: str, attrs: dict, *operands):
+def _train_results(name: str, operands) -> list[jax.ShapeDtypeStruct]:
+    """The results of ``CbamTrain<name>`` on operands of these shapes (the whole batch, or one device's part)."""
     x = operands[1] if name.startswith("Grad") or name == "ConvGrad" else operands[0]  # x (B, H, W, C) or the conv's maps
     dt = x.dtype
     b, bc, bhw = x.shape[0], (x.shape[0], x.shape[-1]), x.shape[:3]
@@ -241,8 +239,11 @@ def _train_ffi(name: str, attrs: dict, *operands):
         "Conv": [((b, *x.shape[2:]), dt)],
         "ConvGrad": [(x.shape, dt), ((b, operands[-1].size), dt)],
     }[name]
-    out = jax.ffi.ffi_call(train_target(name), [jax.ShapeDtypeStruct(s, d) for s, d in results])(*operands, **attrs)
-    return tuple(out)
+    return [jax.ShapeDtypeStruct(shape, d) for shape, d in results]
+
+
+def _train_ffi(name: str, attrs: dict, *operands):
+    return tuple(jax.ffi.ffi_call(train_target(name), _train_results(name, operands))(*operands, **attrs))
 
 
 _CALLS: dict = {}

@@ -329,7 +329,7 @@ at::Tensor grad_x(const at::Tensor& g, const at::Tensor& x, const at::Tensor& ca
   return gx;
 }
 
-
+// The spatial gate's conv and its backward: the loops of cbam_multi/csrc/spatial_conv_core.h (which says why)
 at::Tensor conv_fwd(const at::Tensor& in, const at::Tensor& w) {
   TORCH_CHECK(in.is_contiguous() && w.is_contiguous() && in.dim() == 4, "cbam_train.conv_fwd: contiguous NCHW");
   const cbam_spatial_conv::Shape sh{in.size(1), in.size(2), in.size(3), w.size(-1)};
