@@ -79,3 +79,24 @@ def pytest_collection_modifyitems(config, items):
 def cli_torch_threads() -> int | None:
     """torch's thread count in a plain process (None without torch): what `cbam-multi parity` runs with."""
     return CLI_TORCH_THREADS
+
+
+@pytest.fixture(scope="session")
+def on_four_devices():
+    """Runs a Python script in a fresh process with four forced host devices (XLA reads the flag at start-up) and
+    returns the JSON object its last stdout line prints; a failing script fails the test with its stderr's tail."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parent)
+    env = {**os.environ, "PYTHONPATH": root, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+
+    def run(script: str, timeout: float = 300) -> dict:
+        proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    return run

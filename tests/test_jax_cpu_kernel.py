@@ -284,12 +284,9 @@ print(json.dumps({"devices": jax.device_count(), "custom_call": cpu_kernel.TARGE
 """
 
 
-def test_a_batch_split_over_devices_stays_split():
+def test_a_batch_split_over_devices_stays_split(on_four_devices):
     """Sharded jit: each device runs the kernel on its own samples (custom partitioning), no gather of the batch."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    proc = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = on_four_devices(SHARDED)
     assert report["devices"] == 4 and report["custom_call"] and not report["all_gather"], report
     assert report["out_spec"] == "P('data',)", report
     assert report["err"] <= TOLERANCES["float32"]["y"], report

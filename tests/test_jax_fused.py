@@ -12,11 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 
@@ -229,15 +224,11 @@ print(json.dumps({"devices": jax.device_count(), "kernels": all(cpu_kernel.train
 """
 
 
-def test_a_batch_split_over_devices_stays_split():
+def test_a_batch_split_over_devices_stays_split(on_four_devices):
     """Sharded jit of a train step: each device runs the kernels on its own samples (no per-pixel array gathered); BN
     statistics and parameter gradients are reduced over the devices by XLA, as for the composed ops. The same
     gradient inside shard_map (per-device statistics) agrees with the composed ops' there."""
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(root), "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    proc = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = on_four_devices(SHARDED)
     assert report["devices"] == 4 and report["kernels"] and report["largest_gather"] < report["pixels"], report
     assert report["grad_spec"] == "P('data',)", report
     assert report["err"] <= TOLERANCES["float32"]["grad"] and report["err_shard_map"] <= TOLERANCES["float32"]["grad"], report

@@ -222,21 +222,11 @@ print(json.dumps(runs))
 
 
 @pytest.mark.slow
-def test_jax_train_step_sharded_over_4_devices_matches_1():
+def test_jax_train_step_sharded_over_4_devices_matches_1(on_four_devices):
     """The batch split over 4 forced host devices (BN statistics all-reduced by XLA) gives the 1-device numbers.
     Both runs in one process with 4 forced host devices (a 1-device mesh and a 4-device mesh): one interpreter
     start and import instead of two."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": root, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    res = subprocess.run([sys.executable, "-c", _SHARDED], env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert res.returncode == 0, res.stderr[-2000:]
-    runs = {int(n): r for n, r in json.loads(res.stdout.strip().splitlines()[-1]).items()}
+    runs = {int(n): r for n, r in on_four_devices(_SHARDED, timeout=600).items()}
     assert runs[4]["devices"] == 4 and runs[1]["devices"] == 1
     assert np.allclose(runs[4]["losses"], runs[1]["losses"], rtol=1e-12, atol=0)
     assert abs(runs[4]["var"] - runs[1]["var"]) <= 1e-12 * abs(runs[1]["var"])
