@@ -1,11 +1,12 @@
-"""Under torch.compile the CBAM block (and a ResNet block's last BN with it) calls the CPU kernels as custom
-ops (`cbam_multi.torch.compiled`) and computes what the composed eager ops compute.
+"""Under torch.compile the CBAM block (and a ResNet block's last BN with it) calls the CPU kernels
+(`cbam_multi.torch.compiled`: training passes as custom ops in traced code, `compiled_train`; inference as
+one op) and computes what the composed eager ops compute.
 
 One case table (CBAM alone or BN then CBAM, presets, tie rules, tied inputs, BN modes, layouts) crossed with
 dtypes: two compiled train calls against two eager composed calls, comparing outputs, the gradients of the
 input and of every parameter, and every buffer (running statistics, ``num_batches_tracked``). Most cases
 compile with the ``aot_eager`` backend (dynamo, AOTAutograd and functionalization: everything but
-inductor's code generation, which the ops are opaque to); parity_tests/ compile their torch.compile cases
+inductor's code generation, to which the kernel ops are opaque); parity_tests/ compile their torch.compile cases
 with inductor, where the ops apply too (the "compile~eager" rows: outputs, gradients, BN statistics).
 """
 
@@ -20,7 +21,7 @@ pytest.importorskip("torch._dynamo")
 
 from cbam_multi import CBAMSpec, ResNetSpec
 from cbam_multi.parity import TOLERANCES
-from cbam_multi.torch import CBAM, cpu_kernel, fused, fused_bn
+from cbam_multi.torch import CBAM, cpu_kernel, fused
 from cbam_multi.torch.models import ResNet
 
 pytestmark = pytest.mark.skipif(not cpu_kernel.available(), reason="the CPU kernel library did not build")
@@ -89,10 +90,18 @@ class _Pair(torch.nn.Module):
 
 def _graph_targets(backend_name, seen):
     def backend(gm, example_inputs):
-        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        # the autograd Functions' bodies are subgraphs (dynamo's autograd_function_apply)
+        for module in gm.modules():
+            if isinstance(module, torch.fx.GraphModule):
+                seen.extend(str(n.target) for n in module.graph.nodes if n.op == "call_function")
         return torch._dynamo.lookup_backend(backend_name)(gm, example_inputs)
 
     return backend
+
+
+def _kernel_calls(seen) -> int:
+    """How many blocks' kernel passes the traced graphs call (one channel-maps pass per block)."""
+    return sum(t.startswith("cbam_multi.c_maps") for t in seen)
 
 
 def _steps(model, h, ct, compiled_backend=None, seen=None):
@@ -141,7 +150,7 @@ def test_compiled_ops_match_composed_eager(case, dtype):
         got = _steps(model, h, ct, "aot_eager", seen)
     with fused.disabled(), cpu_kernel.disabled():
         ref = _steps(reference, h.double(), ct.double())
-    assert any("bn_cbam_fwd" in t for t in seen), f"the compiled graph did not call the op: {sorted(set(seen))}"
+    assert _kernel_calls(seen) == 1, f"the compiled graph did not call the kernels: {sorted(set(seen))}"
     tol = TOLERANCES[dtype]
     err = _err(got, ref, scale_grads=dtype != "float64")
     assert err <= tol["grad"], f"compiled ops vs composed eager ({dtype}): max err {err:.3e}"
@@ -165,32 +174,45 @@ def test_compiled_inference_calls_the_inference_kernel():
     assert err <= TOLERANCES["float64"]["y"], f"compiled inference vs composed: max abs err {err:.3e}"
 
 
-def test_switches_and_non_finite_input():
-    """The kernels switched off: the compiled graph traces the composed ops. A NaN in the input: the op
-    runs torch's ops inside (torch's NaN rules), so the output's NaNs are where the composed ops put them."""
+def test_switches_off_trace_the_composed_ops():
+    """The kernels switched off: the compiled graph traces the composed ops."""
     model = _modules("official", "first", "train", "float64")
     h, _ = _inputs(False, "float64", "nchw")
     seen: list = []
     with fused.kernels(False):
         torch._dynamo.reset()
         torch.compile(_Pair(model), fullgraph=True, backend=_graph_targets("aot_eager", seen))(h.requires_grad_())
-    assert seen and not any("bn_cbam_fwd" in t for t in seen)
-    h = h.detach().clone()
-    h[1, 3, 2, 2] = float("nan")
-    seen.clear()
+    assert seen and _kernel_calls(seen) == 0
+
+
+@pytest.mark.parametrize("mode,layout", [(None, "nchw"), (None, "channels_last"), ("train", "nchw"),
+                                         ("train", "channels_last")])
+def test_non_finite_input_like_the_composed_ops(mode, layout):
+    """NaN and infinities in the input: the compiled kernels put NaN and infinities in the output and in every
+    gradient where the composed ops put them, and the finite values agree. CBAM alone uses the seed preset (no
+    spatial BN, so the samples stay apart); with a BN in train mode the batch statistics spread them."""
+    model = _modules("seed" if mode is None else "official", "first", mode, "float64")
     reference = copy.deepcopy(model)
-    torch._dynamo.reset()
-    y = torch.compile(_Pair(model), fullgraph=True, backend=_graph_targets("aot_eager", seen))(h.requires_grad_())
+    h, ct = _inputs(False, "float64", layout)
+    h = h.clone()
+    h[0, 2, 1, 3] = float("nan")
+    h[1, 0, 0, 5] = float("inf")
+    h[2, 4, 4, 2] = -float("inf")
+    seen: list = []
+    got = _steps(model, h, ct, "aot_eager", seen)
     with fused.disabled():
-        ref = reference(h)
-    assert any("bn_cbam_fwd" in t for t in seen)
-    assert torch.equal(torch.isnan(y), torch.isnan(ref))
-    assert torch.allclose(y, ref, equal_nan=True, atol=TOLERANCES["float64"]["y"], rtol=0)
+        ref = _steps(reference, h, ct)
+    assert _kernel_calls(seen) == 1
+    for a, b in zip(got, ref, strict=True):
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isfinite(), b.isfinite())
+        finite = b.isfinite()
+        err = (a[finite] - b[finite]).abs().max().item() if finite.any() else 0.0
+        assert err <= TOLERANCES["float64"]["grad"], f"finite values vs composed: max abs err {err:.3e}"
 
 
 def _compiled_step_vs_composed(model, x):
     """One loss-gradient step of ``model`` compiled (fullgraph, aot_eager) and of a copy with the composed ops
-    -> (calls of the forward op in the compiled graph, max abs difference of output, gradients and buffers)."""
+    -> (blocks calling the kernel passes in the compiled graph, max abs difference of output, gradients and buffers)."""
     reference = copy.deepcopy(model)
     seen: list = []
     torch._dynamo.reset()
@@ -201,13 +223,13 @@ def _compiled_step_vs_composed(model, x):
         ref.square().sum().backward()
     got = [y.detach(), *(p.grad for p in model.parameters()), *model.buffers()]
     want = [ref.detach(), *(p.grad for p in reference.parameters()), *reference.buffers()]
-    return sum("bn_cbam_fwd" in t for t in seen), _err(got, want)
+    return _kernel_calls(seen), _err(got, want)
 
 
 def test_compiled_resnet_train_step_matches_composed():
     """A ResNet-18-CBAM (width 16, 32x32) train step under torch.compile (fullgraph; ``aot_eager``: inductor
     takes ~30 s to compile the network here, and parity_tests' compile rows run inductor with the ops): every
-    block's last BN + CBAM is the op pair, and logits, every gradient and every buffer match the composed
+    block's last BN + CBAM calls the kernel passes, and logits, every gradient and every buffer match the composed
     network."""
     spec = ResNetSpec(18, "cifar", num_classes=10, width=16)
     torch.manual_seed(0)
@@ -217,51 +239,76 @@ def test_compiled_resnet_train_step_matches_composed():
     assert err <= TOLERANCES["float64"]["grad"], f"compiled ResNet vs composed: max abs err {err:.3e}"
 
 
-@pytest.mark.parametrize("mode", ["train", "eval"])
-def test_op_pair_takes_channels_last_buffers(mode, monkeypatch):
-    """Inductor may hand the ops channels_last buffers where the traced model was NCHW (they are tagged
-    flexible_layout): called so, the pair runs the channels_last BN + CBAM kernels, returns
-    channels_last outputs (what its fake implementation promises) and computes what the composed ops do."""
-    from cbam_multi.torch import compiled
+@pytest.mark.parametrize("mode", [None, "train", "eval"], ids=["cbam", "bn-train", "bn-eval"])
+def test_kernel_passes_take_channels_last_buffers(mode):
+    """Inductor may hand the kernel ops channels_last buffers where the traced model was NCHW (they are tagged
+    flexible_layout), and a cotangent in another layout than the input: run on such tensors, the passes call
+    the channels_last kernels, return channels_last results (what their fake implementations promise) and
+    compute what the composed ops do."""
+    from cbam_multi.torch import compiled, compiled_train
 
     assert compiled.register()
     model = _modules("official", "first", mode, "float64")
+    bn, cbam = (model[0], model[1]) if mode else (None, model[0])
     reference = copy.deepcopy(model)
     h, ct = _inputs(True, "float64", "channels_last")
-    params = list(model.parameters())
     hh = h.clone().requires_grad_()
-    kernels = []
-    forward = fused_bn._BNThenCBAMKernels.forward
-    monkeypatch.setattr(fused_bn._BNThenCBAMKernels, "forward", staticmethod(lambda *a: kernels.append(1) or forward(*a)))
-    y = compiled.bn_cbam(model[0], model[1], hh)  # outside torch.compile: the op pair itself
-    assert kernels == [1], "the op pair runs the channels_last BN + CBAM kernels"
+    y = compiled_train.bn_cbam_traced(bn, cbam, hh)  # outside torch.compile: the stages run as they are
     assert y.is_contiguous(memory_format=torch.channels_last)
-    got = [y.detach(), *torch.autograd.grad(y, [hh, *params], ct), *(b.clone() for b in model.buffers())]
+    got = [y.detach(), *torch.autograd.grad(y, [hh, *model.parameters()], ct.contiguous()),
+           *(b.clone() for b in model.buffers())]
     assert got[1].is_contiguous(memory_format=torch.channels_last)
     hr = h.clone().requires_grad_()
     with fused.disabled():
         yr = reference(hr)
     want = [yr.detach(), *torch.autograd.grad(yr, [hr, *reference.parameters()], ct), *reference.buffers()]
     err = _err(got, want)
-    assert err <= TOLERANCES["float64"]["grad"], f"op pair on channels_last vs composed: max abs err {err:.3e}"
+    assert err <= TOLERANCES["float64"]["grad"], f"kernel passes on channels_last vs composed: max abs err {err:.3e}"
+
+
+def _recorded_op_calls(monkeypatch, bn, cbam, h, ct) -> dict:
+    """The arguments each op `bn_cbam_traced` calls in traced code (``cbam_multi::c_*``, ``bn_pool_finish``) got in
+    one forward and backward."""
+    from cbam_multi.torch import compiled_train
+
+    calls: dict = {}
+
+    class Recorder:
+        def __getattr__(self, name):
+            op = getattr(torch.ops.cbam_multi, name)
+            traced = name.startswith("c_") or name == "bn_pool_finish"
+            return lambda *args: (calls.setdefault(name, args) if traced else args) and op(*args)
+
+    monkeypatch.setattr(compiled_train, "_ops", Recorder())
+    y = compiled_train.bn_cbam_traced(bn, cbam, h)
+    torch.autograd.grad(y, [h, *cbam.parameters()], ct)
+    return calls
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("with_bn", [True, False], ids=["bn-cbam", "cbam"])
-def test_ops_pass_torch_library_opcheck(layout, with_bn):
-    """torch.library.opcheck: schema, autograd registration, fake implementation against the real one (shapes
-    and strides, both layouts) and AOT dispatch with dynamic shapes, for the training op and the inference op."""
+def test_ops_pass_torch_library_opcheck(layout, with_bn, monkeypatch):
+    """torch.library.opcheck on the arguments a training step gives each kernel op (schema, autograd
+    registration, fake implementation against the real one: shapes and strides, both layouts, and AOT dispatch
+    with dynamic shapes), and on the inference op."""
     from cbam_multi.torch import compiled
 
     assert compiled.register()
     model = _modules("official", "first", "train" if with_bn else None, "float64")
     bn, cbam = (model[0], model[1]) if with_bn else (None, model[0])
-    h, _ = _inputs(False, "float64", layout)
-    h.requires_grad_()
+    h, ct = _inputs(False, "float64", layout)
+    calls = _recorded_op_calls(monkeypatch, bn, cbam, h.requires_grad_(), ct)
+    family = {"c_bn_pool", "c_bn_grad_s", "c_bn_plane_sums", "c_bn_grad_h"} if with_bn else {
+        "c_pool_hw", "c_grad_s", "c_grad_ca", "c_grad_x"}
+    assert set(calls) == family | {"c_maps", "c_gate"} | ({"bn_pool_finish"} if with_bn else set()), sorted(calls)
+    maps = torch.randn(4, 2, 7, 6, dtype=torch.float64)
+    calls["spatial_conv_fwd"] = (maps, cbam.spatial.conv.weight)
+    calls["spatial_conv_bwd"] = (torch.randn(4, 1, 7, 6, dtype=torch.float64), maps, cbam.spatial.conv.weight)
+    for name, args in calls.items():
+        args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+        results = torch.library.opcheck(getattr(torch.ops.cbam_multi, name).default, args)
+        assert set(results.values()) == {"SUCCESS"}, (name, results)
     sbn = cbam.spatial.bn
-    results = torch.library.opcheck(torch.ops.cbam_multi.bn_cbam_fwd.default,
-                                    (h, *compiled._compress(compiled.op_tensors(bn, cbam)), compiled._config(bn, cbam)))
-    assert set(results.values()) == {"SUCCESS"}, results
     cbam.eval()
     x = h.detach()
     scale, shift = torch.rand(16, dtype=torch.float64) + 0.5, torch.randn(16, dtype=torch.float64)
@@ -289,7 +336,7 @@ def test_export_keeps_standard_ops():
 @pytest.mark.parametrize("preset", ["seed", "official"])
 def test_compiled_mnist_net_train_step_matches_composed(preset):
     """The MNIST CNN compiles as one graph (fullgraph: its input check causes no graph break) and its CBAM
-    blocks take the op pair; loss gradients match the composed eager network."""
+    blocks call the kernel passes; loss gradients match the composed eager network."""
     from cbam_multi.models import MNISTNetSpec
     from cbam_multi.torch.models import MNISTNet
 

@@ -26,7 +26,7 @@ functorch transform), float32/float64 strided NCHW or channels_last input, the s
 both gates, pools among avg/max, no autocast, no hooks. Everything else (lp/lse pools, the light variant,
 half precision, double backward, which this path does not support) runs the composed ops, which stay
 the reference this path is tested against (tests/test_torch_fused.py). ``disabled()`` turns it off.
-Under torch.compile on CPU, `compiled` runs this Function's forward and backward bodies as custom ops.
+Under torch.compile on CPU, `compiled_train` runs the same kernel passes and small maps as traced code.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def applies(cbam, x: torch.Tensor) -> bool:
         return False
     return (
         torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()  # under torch.compile, `compiled` runs this Function's bodies as custom ops
+        and not torch.compiler.is_compiling()  # under torch.compile, `compiled_train` traces the same passes
         and not torch.jit.is_tracing()
         and type(x) is torch.Tensor
         and not functorch_wrapped(x)
@@ -116,31 +116,41 @@ class _CBAMTrain(torch.autograd.Function):
         return (block_backward(ctx, g, x, small, ctx.needs_input_grad[0]), None, *ctx.param_grads)
 
 
-def channel_graph(cbam, pooled: list):
-    """The channel gate ``ca`` (B, C) from the pooled vectors, as a small autograd graph on detached leaves
-    (differentiated in the backward with ``torch.autograd.grad``) -> (ca, leaves)."""
+def channel_gate(cbam, pooled: list) -> torch.Tensor:
+    """The channel gate ``ca`` (B, C) from the pooled (B, C) vectors: the shared MLP on their stack, summed, gated."""
     spec, ch = cbam.spec, cbam.channel
     b, c = pooled[0].shape
+    stacked = pooled[0] if len(pooled) == 1 else torch.cat(pooled, 0)
+    logits = CF.shared_mlp(stacked, ch.fc1.weight, ch.fc1.bias, ch.fc2.weight, ch.fc2.bias, spec.mlp_act)
+    if len(pooled) > 1:
+        logits = logits.view(len(pooled), b, c).sum(0)
+    return CF.apply_gate(logits, spec.gate)
+
+
+def channel_graph(cbam, pooled: list):
+    """`channel_gate` as a small autograd graph on detached leaves of the pooled vectors (differentiated in the
+    backward with ``torch.autograd.grad``) -> (ca, leaves)."""
     with torch.enable_grad():
         leaves = [p.detach().requires_grad_() for p in pooled]
-        stacked = leaves[0] if len(leaves) == 1 else torch.cat(leaves, 0)
-        logits = CF.shared_mlp(stacked, ch.fc1.weight, ch.fc1.bias, ch.fc2.weight, ch.fc2.bias, spec.mlp_act)
-        if len(leaves) > 1:
-            logits = logits.view(len(leaves), b, c).sum(0)
-        return CF.apply_gate(logits, spec.gate), leaves
+        return channel_gate(cbam, leaves), leaves
+
+
+def spatial_gate(cbam, mean_c: torch.Tensor, max_c: torch.Tensor, kern: bool) -> torch.Tensor:
+    """The spatial gate ``s`` (B, 1, H, W) from the channel mean and max maps: the conv on them in
+    ``concat_order`` (``kern``: as CPU loops, `_SpatialConv`), BN in train or eval mode, the gate."""
+    spec, sp = cbam.spec, cbam.spatial
+    maps = torch.cat([mean_c if name == "mean" else max_c for name in spec.concat_order], dim=1)
+    z = _SpatialConv.apply(maps, sp.conv.weight, sp.conv.bias) if kern else sp.conv(maps)
+    if sp.bn is not None:
+        z = sp.bn(z)
+    return CF.apply_gate(z, spec.gate)
 
 
 def spatial_graph(cbam, mean_c: torch.Tensor, max_c: torch.Tensor, kern: bool):
-    """The spatial gate ``s`` (B, 1, H, W) from the channel mean and max maps (conv, BN in train or eval
-    mode, gate), a small autograd graph on detached leaves -> (s, {"mean": leaf, "max": leaf})."""
-    spec, sp = cbam.spec, cbam.spatial
+    """`spatial_gate` as a small autograd graph on detached leaves of the maps -> (s, {"mean": leaf, "max": leaf})."""
     with torch.enable_grad():
         leaves = {"mean": mean_c.detach().requires_grad_(), "max": max_c.detach().requires_grad_()}
-        maps = torch.cat([leaves[n] for n in spec.concat_order], dim=1)
-        z = _SpatialConv.apply(maps, sp.conv.weight, sp.conv.bias) if kern else sp.conv(maps)
-        if sp.bn is not None:
-            z = sp.bn(z)
-        return CF.apply_gate(z, spec.gate), leaves
+        return spatial_gate(cbam, leaves["mean"], leaves["max"], kern), leaves
 
 
 def block_forward(ctx, x: torch.Tensor, cbam):
