@@ -17,9 +17,9 @@ expanded scalar, no memory) taken as an input by the later one, whose backward r
 input's gradient. So autograd, AOTAutograd and inductor see one ordinary graph, the same passes as eager.
 
 The custom ops take either layout (``flexible_layout``: inductor hands them channels_last buffers after its
-layout optimisation) and call the NCHW or the channels_last kernel at run time. Non-finite inputs follow the
-kernels' rules (the NaN-aware H,W max of the shared core; a NaN poisons its sample's gates as in the
-composed ops); tests/test_torch_compiled.py compares the NaN patterns with the composed ops.
+layout optimisation) and call the NCHW or the channels_last kernel at run time. Non-finite inputs stay on
+the kernels (the eager Functions hand them to torch ops; a data-dependent switch would break the graph): the
+NaN and infinity patterns of the output and the gradients are the composed ops' (tests/test_torch_compiled.py).
 """
 
 from __future__ import annotations
@@ -122,18 +122,18 @@ _FAKES = {
     c_bn_plane_sums: lambda h, *a: (_sums(h, 6), _bc(h, torch.int64), _bc(h)),
     c_bn_grad_h: lambda g, h, *a: torch.empty_like(h),
 }
-_registered: dict = {}
+_registered: list = []
 
 
-def register_ops() -> dict:
-    """Define the ``cbam_multi::c_*`` ops once (call with the kernel library loaded) -> name -> op."""
+def register_ops() -> None:
+    """Define the ``cbam_multi::c_*`` ops and the other traced ops' fake implementations, once (call with the
+    kernel library loaded; `compiled.register` does)."""
     if not _registered:
         tags = (torch.Tag.flexible_layout,)
         for impl, fake in _FAKES.items():
             op = torch.library.custom_op(f"cbam_multi::{impl.__name__}", impl, mutates_args=(), device_types="cpu",
                                          tags=tags)
             op.register_fake(fake)
-            _registered[impl.__name__] = getattr(_ops, impl.__name__)
         # the small-map ops the eager code calls directly: shapes for tracing
         torch.library.register_fake("cbam_multi::spatial_conv_fwd")(
             lambda maps, w: maps.new_empty((maps.shape[0], 1, *maps.shape[2:])))
@@ -141,7 +141,7 @@ def register_ops() -> dict:
             lambda g, maps, w: (torch.empty_like(maps), torch.empty_like(w)))
         torch.library.register_fake("cbam_multi::bn_pool_finish")(
             lambda s, hmax, hmin, al, be, hw: (torch.empty_like(hmax), torch.empty_like(hmax)))
-    return _registered
+        _registered.append(True)
 
 
 # ------------------------------------------------------------------ the three stages
