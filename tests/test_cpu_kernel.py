@@ -286,9 +286,9 @@ def test_portable_build_without_avx512(tmp_path):
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_resnet_eval_folds_the_last_batchnorm_into_the_kernel(dtype, layout):
-    """Eval-mode ResNet-CBAM: every block's last BatchNorm, and its shortcut add and ReLU, run inside the
-    kernel call (`bn_then_cbam_infer` with the residual: the BN's and the block's outputs formed in cache), and
-    the network computes what the composed ops compute."""
+    """Eval-mode ResNet-CBAM: every block's last BatchNorm, and its shortcut add and ReLU (and a downsample's
+    BatchNorm), run inside the kernel call (`bn_then_cbam_infer` with the residual: the BNs' and the block's
+    outputs formed in cache), and the network computes what the composed ops compute."""
     from cbam_multi import ResNetSpec
     from cbam_multi.torch.models import ResNet
 
@@ -306,7 +306,7 @@ def test_resnet_eval_folds_the_last_batchnorm_into_the_kernel(dtype, layout):
         x = x.contiguous(memory_format=torch.channels_last)
     calls = []
     real = cpu_kernel.bn_then_cbam_infer
-    cpu_kernel.bn_then_cbam_infer = lambda *a: calls.append(len(a) == 4 and a[3] is not None) or real(*a)
+    cpu_kernel.bn_then_cbam_infer = lambda *a: calls.append((a[3] is not None, a[4] is not None)) or real(*a)
     try:
         with torch.inference_mode():
             got = model(x)
@@ -314,7 +314,8 @@ def test_resnet_eval_folds_the_last_batchnorm_into_the_kernel(dtype, layout):
                 ref = model(x)
     finally:
         cpu_kernel.bn_then_cbam_infer = real
-    assert calls == [True] * 16  # once per block, with the shortcut, and not under cpu_kernel.disabled()
+    # once per block, with the shortcut (a stage's first block: its downsample's BN folded), not when disabled()
+    assert calls == [(True, i in (0, 3, 7, 13)) for i in range(16)], calls
     err = (got - ref).abs().max().item()
     assert err <= TOLERANCES[dtype]["y"], f"folded BN + kernel vs composed: max abs err {err:.3e}"
     bn = model.layer1[0].bn3
@@ -331,7 +332,8 @@ def test_resnet_eval_folds_the_last_batchnorm_into_the_kernel(dtype, layout):
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_residual_add_and_relu_in_the_kernel(dtype, layout):
     """``cbam_infer(..., residual=r)`` is ``relu(cbam(x) + r)`` (a NaN in r stays NaN, as torch.relu keeps
-    it); a residual of another shape is refused by the kernel's own check."""
+    it), with ``residual_affine`` ``relu(cbam(x) + bn(r))`` for an eval BN; a residual of another shape is
+    refused by the kernel's own check."""
     td = DTYPES[dtype]
     model = _model(CBAMSpec.official(16), dtype=td).eval()
     g = torch.Generator().manual_seed(4)
@@ -347,5 +349,15 @@ def test_residual_add_and_relu_in_the_kernel(dtype, layout):
         assert torch.equal(torch.isnan(got), torch.isnan(ref))
         err = (got - ref).nan_to_num().abs().max().item()
         assert err <= TOLERANCES[dtype]["y"], f"relu(cbam(x) + r) in the kernel vs composed: max abs err {err:.3e}"
+        bn = torch.nn.BatchNorm2d(16, dtype=td).eval()
+        bn.running_mean.normal_(generator=g)
+        bn.running_var.uniform_(0.5, 1.5, generator=g)
+        bn.weight.uniform_(-1.5, 1.5, generator=g)
+        got = cpu_kernel.cbam_infer(model, x, residual=r, residual_affine=cpu_kernel.eval_bn_affine(bn))
+        with cpu_kernel.disabled():
+            ref = torch.relu(model(x) + bn(r))
+        assert torch.equal(torch.isnan(got), torch.isnan(ref))
+        err = (got - ref).nan_to_num().abs().max().item()
+        assert err <= TOLERANCES[dtype]["y"], f"relu(cbam(x) + bn(r)) in the kernel vs composed: max abs err {err:.3e}"
         with pytest.raises(RuntimeError, match="residual must be"):
             cpu_kernel.cbam_infer(model, x, residual=r[:, :, :-1])

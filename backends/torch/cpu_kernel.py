@@ -148,12 +148,14 @@ def applies(cbam, x: torch.Tensor) -> bool:
 
 
 def cbam_infer(cbam, x: torch.Tensor, in_affine: tuple[torch.Tensor, torch.Tensor] | None = None,
-               residual: torch.Tensor | None = None) -> torch.Tensor:
+               residual: torch.Tensor | None = None,
+               residual_affine: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The fused forward of a `CBAM` module (call only where `applies`). ``in_affine``: per-channel (scale,
     shift) of an eval-mode BatchNorm in front of the block; ``x`` is then the BN's input, and the BN's
     output is formed sample by sample in cache instead of written to memory (see `bn_then_cbam_infer`).
     ``residual`` (x's shape and dtype): returns ``relu(cbam(x) + residual)``, a ResNet block's tail, so the
-    block's output is not written and read back for the add."""
+    block's output is not written and read back for the add; ``residual_affine``: the (scale, shift) of an
+    eval-mode BatchNorm on the residual (a downsample's), applied as the kernel reads it."""
     spec = cbam.spec
     ch, sp = cbam.channel, cbam.spatial
     c = spec.channels
@@ -178,31 +180,45 @@ def cbam_infer(cbam, x: torch.Tensor, in_affine: tuple[torch.Tensor, torch.Tenso
         spec.gate == "hard_sigmoid",
         *(in_affine or (None, None)),
         residual,  # the kernel takes it in x's memory format (converting one in another)
+        *(residual_affine or (None, None)),
     )
 
 
-def bn_then_cbam_applies(bn, cbam, h: torch.Tensor) -> bool:
-    """Whether ``cbam(bn(h))`` may run the kernel with the BatchNorm folded in: a plain eval-mode
-    ``nn.BatchNorm2d`` (running statistics, affine, no hooks) and `applies` for the block."""
+def eval_bn_folds(bn, x: torch.Tensor) -> bool:
+    """Whether ``bn`` is a plain eval-mode ``nn.BatchNorm2d`` (running statistics, affine, no hooks, nothing
+    recorded) that a kernel may apply to ``x`` as the per-channel affine map `eval_bn_affine`."""
     return (
         type(bn) is torch.nn.BatchNorm2d
         and not bn.training
         and bn.track_running_stats
         and bn.affine
-        and bn.weight.dtype == h.dtype
+        and bn.weight.dtype == x.dtype
         and not has_hooks(bn)
         and not (torch.is_grad_enabled() and (bn.weight.requires_grad or bn.bias.requires_grad))
-        and applies(cbam, h)
     )
 
 
-def bn_then_cbam_infer(bn, cbam, h: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """``cbam(bn(h))`` in one kernel call (call only where `bn_then_cbam_applies`): x = h * scale + shift
-    per channel with torch's eval-mode constants, the block's passes on it in cache. With ``residual``:
-    ``relu(cbam(bn(h)) + residual)``."""
+def eval_bn_affine(bn) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) with ``bn(h) = h * scale + shift`` per channel, from torch's eval-mode constants."""
     scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
     shift = bn.bias - bn.running_mean * scale
-    return cbam_infer(cbam, h, (scale.contiguous(), shift.contiguous()), residual)
+    return scale.contiguous(), shift.contiguous()
+
+
+def bn_then_cbam_applies(bn, cbam, h: torch.Tensor) -> bool:
+    """Whether ``cbam(bn(h))`` may run the kernel with the BatchNorm folded in: `eval_bn_folds` for ``bn`` and
+    `applies` for the block."""
+    return eval_bn_folds(bn, h) and applies(cbam, h)
+
+
+def bn_then_cbam_infer(bn, cbam, h: torch.Tensor, residual: torch.Tensor | None = None,
+                       residual_bn=None) -> torch.Tensor:
+    """``cbam(bn(h))`` in one kernel call (call only where `bn_then_cbam_applies`): x = h * scale + shift
+    per channel with torch's eval-mode constants, the block's passes on it in cache. With ``residual``:
+    ``relu(cbam(bn(h)) + residual)``, or ``relu(cbam(bn(h)) + residual_bn(residual))`` (where `eval_bn_folds`
+    holds for ``residual_bn``: its output is never stored)."""
+    res_affine = None if residual_bn is None else eval_bn_affine(residual_bn)
+    return cbam_infer(cbam, h, eval_bn_affine(bn), residual, res_affine)
 
 
 def _autograd_records(cbam, x: torch.Tensor) -> bool:

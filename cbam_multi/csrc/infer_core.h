@@ -63,6 +63,9 @@ struct Params {
   bool hard;
   const T* in_scale;  // (C,) eval BatchNorm in front of the block, x = h * in_scale + in_shift; null: x given
   const T* in_shift;
+  // (C,) eval BatchNorm on the residual (a ResNet downsample's), added as res * res_scale + res_shift; null: as is
+  const T* res_scale = nullptr;
+  const T* res_shift = nullptr;
 };
 
 
@@ -240,11 +243,11 @@ void spatial_gate(const Params<T>& p, int64_t H, int64_t W, int64_t r0, int64_t 
   for (int64_t i = r0 * W; i < r1 * W; ++i) sg[i] = gate((z[i] + p.conv_bias) * p.z_scale + p.z_shift, p.hard);
 }
 
-// out = (x * cg) * sg, or relu((x * cg) * sg + res) with a residual (a ResNet block's shortcut add and ReLU)
-// at positions [p0, p1)
+// out = (x * cg) * sg, or relu((x * cg) * sg + res) with a residual (a ResNet block's shortcut add and ReLU;
+// res * rs + rt with the residual's eval BatchNorm, rs null: none) at positions [p0, p1)
 template <typename T, bool ChannelsLast>
-void apply_gates(const T* x, const Affine<T>& in, const T* cg, const T* sg, const T* res, int64_t C, int64_t HW,
-                 int64_t p0, int64_t p1, T* out) {
+void apply_gates(const T* x, const Affine<T>& in, const T* cg, const T* sg, const T* res, const T* rs, const T* rt,
+                 int64_t C, int64_t HW, int64_t p0, int64_t p1, T* out) {
   if (!ChannelsLast) {
     const int64_t n = p1 - p0;
     for (int64_t c = 0; c < C; ++c) {
@@ -260,7 +263,12 @@ void apply_gates(const T* x, const Affine<T>& in, const T* cg, const T* sg, cons
       }
       if (res) {
         const T* r = res + c * HW + p0;
-        for (int64_t i = 0; i < n; ++i) o[i] = relu(o[i] + r[i]);  // o is still in L1: a short second loop
+        if (rs) {
+          const T a = rs[c], e = rt[c];
+          for (int64_t i = 0; i < n; ++i) o[i] = relu(o[i] + (r[i] * a + e));
+        } else {
+          for (int64_t i = 0; i < n; ++i) o[i] = relu(o[i] + r[i]);  // o is still in L1: a short second loop
+        }
       }
     }
   } else {
@@ -275,7 +283,11 @@ void apply_gates(const T* x, const Affine<T>& in, const T* cg, const T* sg, cons
       }
       if (res) {
         const T* r = res + p * C;
-        for (int64_t c = 0; c < C; ++c) o[c] = relu(o[c] + r[c]);
+        if (rs) {
+          for (int64_t c = 0; c < C; ++c) o[c] = relu(o[c] + (r[c] * rs[c] + rt[c]));
+        } else {
+          for (int64_t c = 0; c < C; ++c) o[c] = relu(o[c] + r[c]);
+        }
       }
     }
   }
@@ -319,7 +331,8 @@ void run(const T* xd, const T* res, T* od, int64_t B, int64_t C, int64_t H, int6
         const int64_t ready = r1 == H ? H : std::max(done, r1 - pad);  // rows whose conv window is complete
         if (ready == done) continue;
         spatial_gate(p, H, W, done, ready, mean.data(), cmax.data(), z.data(), sg.data());
-        apply_gates<T, ChannelsLast>(xb, in, cg, sg.data(), rb, C, HW, done * W, ready * W, od + b * C * HW);
+        apply_gates<T, ChannelsLast>(xb, in, cg, sg.data(), rb, p.res_scale, p.res_shift, C, HW, done * W, ready * W,
+                                     od + b * C * HW);
         done = ready;
       }
     }

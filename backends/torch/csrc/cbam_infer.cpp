@@ -36,7 +36,8 @@ at::Tensor cbam_infer(const at::Tensor& x_in, const at::Tensor& fc1_w, const std
                       const std::optional<at::Tensor>& bn_mean, const std::optional<at::Tensor>& bn_var,
                       double bn_eps, int64_t mean_channel, bool hard_sigmoid,
                       const std::optional<at::Tensor>& in_scale, const std::optional<at::Tensor>& in_shift,
-                      const std::optional<at::Tensor>& residual) {
+                      const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& res_scale,
+                      const std::optional<at::Tensor>& res_shift) {
   TORCH_CHECK(x_in.dim() == 4 && x_in.device().is_cpu(), "cbam_infer: x must be a 4-D CPU tensor");
   // NCHW or channels_last as given; any other strides (torch.compile may pass any layout: the op is tagged
   // flexible_layout) are copied to NCHW first
@@ -74,6 +75,10 @@ at::Tensor cbam_infer(const at::Tensor& x_in, const at::Tensor& fc1_w, const std
                 "cbam_infer: residual must be a CPU tensor of x's shape and dtype");
     res_t = residual->contiguous(channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   }
+  TORCH_CHECK(res_scale.has_value() == res_shift.has_value() && (!res_scale || residual),
+              "cbam_infer: res_scale and res_shift go together, with a residual");
+  check_param(opt(res_scale), x, "res_scale", C);
+  check_param(opt(res_shift), x, "res_shift", C);
 
   at::Tensor out = at::empty_like(x);  // keeps x's memory format
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_infer", [&] {
@@ -96,6 +101,8 @@ at::Tensor cbam_infer(const at::Tensor& x_in, const at::Tensor& fc1_w, const std
     p.hard = hard_sigmoid;
     p.in_scale = in_scale ? in_scale->const_data_ptr<scalar_t>() : nullptr;
     p.in_shift = in_shift ? in_shift->const_data_ptr<scalar_t>() : nullptr;
+    p.res_scale = res_scale ? res_scale->const_data_ptr<scalar_t>() : nullptr;
+    p.res_shift = res_shift ? res_shift->const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* res = residual ? res_t.const_data_ptr<scalar_t>() : nullptr;
     const auto on_aten_threads = [](int64_t n, const auto& body) { at::parallel_for(0, n, 1, body); };
     const scalar_t* xd = x.const_data_ptr<scalar_t>();
@@ -116,7 +123,8 @@ TORCH_LIBRARY(cbam_multi, m) {
   m.def(
       "cbam_infer(Tensor x, Tensor fc1_w, Tensor? fc1_b, Tensor fc2_w, Tensor? fc2_b, int[] pools, Tensor conv_w, "
       "Tensor? conv_b, Tensor? bn_w, Tensor? bn_b, Tensor? bn_mean, Tensor? bn_var, float bn_eps, int mean_channel, "
-      "bool hard_sigmoid, Tensor? in_scale=None, Tensor? in_shift=None, Tensor? residual=None) -> Tensor",
+      "bool hard_sigmoid, Tensor? in_scale=None, Tensor? in_shift=None, Tensor? residual=None, Tensor? res_scale=None, "
+      "Tensor? res_shift=None) -> Tensor",
       // inductor may hand the op its buffers in whatever layout it chose (channels_last after its layout
       // optimisation): the kernel reads NCHW and channels_last alike, and its output takes x's layout
       {at::Tag::flexible_layout});

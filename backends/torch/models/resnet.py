@@ -24,6 +24,7 @@ from cbam_multi.models.resnet import ResNetSpec
 from cbam_multi.weights import init_weights
 
 from .. import compiled, cpu_kernel, fused_bn
+from ..guards import has_hooks
 from ..modules import CBAM
 from ..weights import Layout, torch_layouts
 from .common import import_model_weights
@@ -62,15 +63,27 @@ class ResidualBlock(nn.Module):
         for i in range(1, self.n_convs):
             out = F.relu(getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(out)))
         h = getattr(self, f"conv{self.n_convs}")(out)
+        if self._tail_in_one_kernel(h, x):
+            # CPU inference: relu(cbam(bn(h)) + shortcut) in one kernel call, a downsample's BN applied by it too
+            shortcut, shortcut_bn = x, None
+            if self.downsample is not None and has_hooks(self.downsample):
+                shortcut = self.downsample(x)  # its hooks see its output
+            elif self.downsample is not None:
+                conv, shortcut_bn = self.downsample
+                shortcut = conv(x)
+                if not cpu_kernel.eval_bn_folds(shortcut_bn, shortcut):
+                    shortcut, shortcut_bn = shortcut_bn(shortcut), None
+            return cpu_kernel.bn_then_cbam_infer(getattr(self, f"bn{self.n_convs}"), self.cbam, h, shortcut, shortcut_bn)
         shortcut = x if self.downsample is None else self.downsample(x)
-        if self._tail_in_one_kernel(h, shortcut):  # CPU inference: relu(cbam(bn(h)) + shortcut), one kernel call
-            return cpu_kernel.bn_then_cbam_infer(getattr(self, f"bn{self.n_convs}"), self.cbam, h, shortcut)
         return F.relu(self.last_bn_then_cbam(h) + shortcut)
 
-    def _tail_in_one_kernel(self, h: torch.Tensor, shortcut: torch.Tensor) -> bool:
-        if self.cbam is None or shortcut.shape != h.shape or shortcut.dtype != h.dtype:
+    def _tail_in_one_kernel(self, h: torch.Tensor, x: torch.Tensor) -> bool:
+        """Whether this block's tail runs as one inference-kernel call (the shortcut ``x``, or the downsample's
+        output, has h's shape: ResNet's construction)."""
+        if self.cbam is None or x.dtype != h.dtype or (self.downsample is None and x.shape != h.shape):
             return False
-        if torch.is_grad_enabled() and shortcut.requires_grad:
+        if torch.is_grad_enabled() and (x.requires_grad or any(
+                p.requires_grad for p in ([] if self.downsample is None else self.downsample.parameters()))):
             return False
         bn = getattr(self, f"bn{self.n_convs}")
         if compiled.applies(bn, self.cbam, h):
