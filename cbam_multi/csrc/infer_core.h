@@ -309,33 +309,57 @@ void run(const T* xd, const T* res, T* od, int64_t B, int64_t C, int64_t H, int6
       ChannelsLast ? std::max<int64_t>(std::max<int64_t>(1, pad), kBandBytes / std::max<int64_t>(1, row_bytes)) : H;
   const Affine<T> in{p.in_scale, p.in_shift};
   std::vector<T> sums(B * C), mxs(B * C), cgs(B * C);
+  // one sample's maps, gate and product in bands of rows: the product re-reads rows the maps read a band earlier
+  // (still in L2) instead of the whole sample again, which outgrows L2 (ResNet's layer1: 3.2 MB); NCHW runs the
+  // three passes over the whole sample (one band)
+  struct Scratch {
+    std::vector<T> mean, cmax, z, sg, row;
+  };
+  auto gate_sample = [&](int64_t b, Scratch& s) {
+    const T* xb = xd + b * C * HW;
+    const T* cg = cgs.data() + b * C;
+    const T* rb = res ? res + b * C * HW : nullptr;
+    int64_t done = 0;  // rows gated and written
+    for (int64_t r0 = 0; r0 < H; r0 += band) {
+      const int64_t r1 = std::min(H, r0 + band);
+      spatial_maps<T, ChannelsLast>(xb, in, cg, C, HW, r0 * W, r1 * W, s.mean.data(), s.cmax.data(), s.row.data());
+      const int64_t ready = r1 == H ? H : std::max(done, r1 - pad);  // rows whose conv window is complete
+      if (ready == done) continue;
+      spatial_gate(p, H, W, done, ready, s.mean.data(), s.cmax.data(), s.z.data(), s.sg.data());
+      apply_gates<T, ChannelsLast>(xb, in, cg, s.sg.data(), rb, p.res_scale, p.res_shift, C, HW, done * W, ready * W,
+                                   od + b * C * HW);
+      done = ready;
+    }
+  };
+  auto scratch = [&] {
+    return Scratch{std::vector<T>(HW), std::vector<T>(HW), std::vector<T>(HW), std::vector<T>(HW),
+                   std::vector<T>(ChannelsLast && p.in_scale ? C : 0)};
+  };
+  // Where the MLP's weights are small next to a sample (ResNet's layer1 and layer2), each sample runs all its
+  // passes in turn, so the second read of x finds it in L3 (a batch of layer1 outgrows L3 between the passes);
+  // where they are large (layer3, layer4: up to 2 MB per block), the batch shares one read of the weights and
+  // its x, a few MB, stays in L3 anyway. Same values either way (channel_gates rounds each sample alike).
+  const int64_t weight_bytes = 2 * p.hidden * C * static_cast<int64_t>(sizeof(T));
+  if (weight_bytes * 8 <= C * HW * static_cast<int64_t>(sizeof(T))) {
+    parallel_for(B, [&](int64_t begin, int64_t end) {
+      Scratch s = scratch();
+      const auto serial = [](int64_t n, const auto& body) { body(0, n); };
+      for (int64_t b = begin; b < end; ++b) {
+        channel_pools<T, ChannelsLast>(xd + b * C * HW, in, C, HW, sums.data() + b * C, mxs.data() + b * C);
+        channel_gates(p, 1, C, HW, sums.data() + b * C, mxs.data() + b * C, cgs.data() + b * C, serial);
+        gate_sample(b, s);
+      }
+    });
+    return;
+  }
   parallel_for(B, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b)
       channel_pools<T, ChannelsLast>(xd + b * C * HW, in, C, HW, sums.data() + b * C, mxs.data() + b * C);
   });
   channel_gates(p, B, C, HW, sums.data(), mxs.data(), cgs.data(), parallel_for);
   parallel_for(B, [&](int64_t begin, int64_t end) {
-    std::vector<T> mean(HW), cmax(HW), z(HW), sg(HW);
-    std::vector<T> rowbuf(ChannelsLast && p.in_scale ? C : 0);
-    for (int64_t b = begin; b < end; ++b) {
-      const T* xb = xd + b * C * HW;
-      const T* cg = cgs.data() + b * C;
-      // maps, gate and product in bands of rows: the product re-reads rows the maps read a band earlier
-      // (still in L2) instead of the whole sample again, which outgrows L2 (ResNet's layer1: 3.2 MB);
-      // NCHW runs the three passes over the whole sample (one band)
-      const T* rb = res ? res + b * C * HW : nullptr;
-      int64_t done = 0;  // rows gated and written
-      for (int64_t r0 = 0; r0 < H; r0 += band) {
-        const int64_t r1 = std::min(H, r0 + band);
-        spatial_maps<T, ChannelsLast>(xb, in, cg, C, HW, r0 * W, r1 * W, mean.data(), cmax.data(), rowbuf.data());
-        const int64_t ready = r1 == H ? H : std::max(done, r1 - pad);  // rows whose conv window is complete
-        if (ready == done) continue;
-        spatial_gate(p, H, W, done, ready, mean.data(), cmax.data(), z.data(), sg.data());
-        apply_gates<T, ChannelsLast>(xb, in, cg, sg.data(), rb, p.res_scale, p.res_shift, C, HW, done * W, ready * W,
-                                     od + b * C * HW);
-        done = ready;
-      }
-    }
+    Scratch s = scratch();
+    for (int64_t b = begin; b < end; ++b) gate_sample(b, s);
   });
 }
 
