@@ -96,9 +96,15 @@ def test_options_the_kernel_lacks_run_the_composed_ops(case):
     assert err <= TOLERANCES["float64"]["y"], f"max abs err {err:.3e}"
 
 
+@pytest.mark.parametrize("bn_in_front", [False, True], ids=["cbam", "bn-then-cbam"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_nan_and_inf_propagate_like_the_composed_ops(layout):
+def test_nan_and_inf_propagate_like_the_composed_ops(layout, bn_in_front):
+    """Alone, and with an eval BatchNorm folded in front (`bn_then_cbam_infer`: the maps' affine rows)."""
     model = _model(CBAMSpec.official(16))
+    bn = torch.nn.BatchNorm2d(16).eval()
+    with torch.no_grad():
+        bn.running_var.uniform_(0.5, 1.5)
+        bn.weight.uniform_(0.5, 1.5)
     x = torch.randn(3, 16, 6, 5)
     x[0, 3, 2, 1] = float("nan")  # sample 0: NaN reaches the pools, so the whole sample is NaN
     x[1, 5, 0, 0] = float("inf")
@@ -106,9 +112,9 @@ def test_nan_and_inf_propagate_like_the_composed_ops(layout):
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
-        fused = model(x)
+        fused = cpu_kernel.bn_then_cbam_infer(bn, model, x) if bn_in_front else model(x)
         with cpu_kernel.disabled():
-            composed = model(x)
+            composed = model(bn(x) if bn_in_front else x)
     assert torch.equal(fused.isnan(), composed.isnan()) and fused[0].isnan().all()
     finite = composed.isfinite()
     assert torch.equal(fused.isfinite(), finite)

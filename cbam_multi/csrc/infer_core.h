@@ -69,6 +69,36 @@ struct Params {
 };
 
 
+// folds U consecutive channels_last rows into the per-channel sums and maxima (U = 4: the accumulators are
+// loaded and stored once per four rows, not once per row; the same additions in the same order)
+template <typename T, int U>
+void pool_rows(const T* __restrict rows, const T* __restrict scale, const T* __restrict shift, int64_t C,
+               T* __restrict sum, T* __restrict mx) {
+  if (scale) {
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      T s = sum[c], m = mx[c];
+      for (int u = 0; u < U; ++u) {
+        const T v = rows[u * C + c] * scale[c] + shift[c];
+        s += v;
+        m = v > m ? v : m;
+      }
+      sum[c] = s, mx[c] = m;
+    }
+  } else {
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      T s = sum[c], m = mx[c];
+      for (int u = 0; u < U; ++u) {
+        const T v = rows[u * C + c];
+        s += v;
+        m = v > m ? v : m;
+      }
+      sum[c] = s, mx[c] = m;
+    }
+  }
+}
+
 // per-channel sums and maxima over H*W -> sum[C], mx[C]
 template <typename T, bool ChannelsLast>
 void channel_pools(const T* x, const Affine<T>& in, int64_t C, int64_t HW, T* sum, T* mx) {
@@ -87,23 +117,9 @@ void channel_pools(const T* x, const Affine<T>& in, int64_t C, int64_t HW, T* su
   }
   // vectorised across channels; a vector max drops NaN, but a NaN also makes the channel's sum NaN: then
   // (rarely) that channel's max is taken again, NaN-aware, as row_sum_max does for NCHW rows
-  for (int64_t p = 0; p < HW; ++p) {
-    const T* row = x + p * C;
-    if (in.scale) {
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const T v = row[c] * in.scale[c] + in.shift[c];
-        sum[c] += v;
-        mx[c] = v > mx[c] ? v : mx[c];
-      }
-    } else {
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        sum[c] += row[c];
-        mx[c] = row[c] > mx[c] ? row[c] : mx[c];
-      }
-    }
-  }
+  int64_t p = 0;
+  for (; p + 4 <= HW; p += 4) pool_rows<T, 4>(x + p * C, in.scale, in.shift, C, sum, mx);
+  for (; p < HW; ++p) pool_rows<T, 1>(x + p * C, in.scale, in.shift, C, sum, mx);
   for (int64_t c = 0; c < C; ++c) {
     if (sum[c] != sum[c]) {
       T m = -std::numeric_limits<T>::infinity();
@@ -116,7 +132,8 @@ void channel_pools(const T* x, const Affine<T>& in, int64_t C, int64_t HW, T* su
 
 template <typename T>
 inline T relu(T v) {
-  return v > T(0) ? v : (v != v ? v : T(0));  // NaN stays NaN, as in torch.relu
+  // NaN stays NaN, as in torch.relu (0 < NaN is false); one vmaxps(0, v), where the test for NaN took three more
+  return T(0) > v ? T(0) : v;
 }
 
 // cg = gate(sum over pools of fc2(relu(fc1(pool)))), computed as gate(fc2_w (sum of relu(fc1(pool)))
@@ -208,6 +225,7 @@ void spatial_maps(const T* x, const Affine<T>& in, const T* cg, int64_t C, int64
     for (int64_t p = p0; p < p1; ++p) {
       const T* r = x + p * C;
       if (in.scale) {
+        if (row_sum_max_affine_scaled(r, in.scale, in.shift, cg, C, mean[p], mx[p])) continue;
         for (int64_t c = 0; c < C; ++c) row[c] = r[c] * in.scale[c] + in.shift[c];
         r = row;
       }
@@ -233,8 +251,8 @@ void spatial_gate(const Params<T>& p, int64_t H, int64_t W, int64_t r0, int64_t 
         const int64_t i0 = std::max<int64_t>(r0, -oy), i1 = std::min<int64_t>(r1, H - oy);
         const int64_t j0 = std::max<int64_t>(0, -ox), j1 = std::min<int64_t>(W, W - ox);
         for (int64_t i = i0; i < i1; ++i) {
-          T* zr = z + i * W;
-          const T* mr = map + (i + oy) * W + ox;
+          T* __restrict zr = z + i * W;  // restrict: distinct buffers, so the row vectorises
+          const T* __restrict mr = map + (i + oy) * W + ox;
           for (int64_t j = j0; j < j1; ++j) zr[j] += w * mr[j];
         }
       }

@@ -77,7 +77,41 @@ inline void row_sum_max(const float* row, const float* scale, int64_t n, float& 
   sum_out = sum;
   max_out = sum != sum ? nan_aware_max(row, scale, n) : _mm512_reduce_max_ps(vm);  // vmaxps drops NaN
 }
+
+// row_sum_max of (h * a + e) * scale without storing h * a + e (an eval BatchNorm in front of the block; the
+// fused multiply-add rounds as the other passes' compiled h * a + e does). False where the row holds a NaN or
+// inf - inf: the caller then forms the row and takes the NaN-aware path.
+inline bool row_sum_max_affine_scaled(const float* h, const float* a, const float* e, const float* scale, int64_t n,
+                                      float& sum_out, float& max_out) {
+  __m512 vs = _mm512_setzero_ps(), vm = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 x = _mm512_fmadd_ps(_mm512_loadu_ps(h + i), _mm512_loadu_ps(a + i), _mm512_loadu_ps(e + i));
+    const __m512 v = _mm512_mul_ps(x, _mm512_loadu_ps(scale + i));
+    vs = _mm512_add_ps(vs, v);
+    vm = _mm512_max_ps(vm, v);
+  }
+  if (i < n) {
+    const __mmask16 k = tail_mask(n - i);
+    const __m512 x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, h + i), _mm512_maskz_loadu_ps(k, a + i),
+                                     _mm512_maskz_loadu_ps(k, e + i));
+    const __m512 v = _mm512_mul_ps(x, _mm512_maskz_loadu_ps(k, scale + i));
+    vs = _mm512_add_ps(vs, v);  // masked-off lanes hold 0
+    vm = _mm512_mask_max_ps(vm, k, vm, v);
+  }
+  const float sum = _mm512_reduce_add_ps(vs);
+  if (sum != sum) return false;
+  sum_out = sum;
+  max_out = _mm512_reduce_max_ps(vm);
+  return true;
+}
 #endif
+
+// the portable version: the caller forms the row
+template <typename T>
+bool row_sum_max_affine_scaled(const T*, const T*, const T*, const T*, int64_t, T&, T&) {
+  return false;
+}
 
 // x = h * scale[c] + shift[c]: an eval BatchNorm in front of the block, applied as each pass reads h, so its
 // output is never written (scale null: x is the input itself)
