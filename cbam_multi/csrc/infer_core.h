@@ -294,6 +294,7 @@ void apply_gates(const T* x, const Affine<T>& in, const T* cg, const T* sg, cons
       const T s = sg[p];
       const T* row = x + p * C;
       T* o = out + p * C;
+      if (res && gate_residual_row(row, in.scale, in.shift, cg, s, res + p * C, rs, rt, C, o)) continue;
       if (in.scale) {
         for (int64_t c = 0; c < C; ++c) o[c] = ((row[c] * in.scale[c] + in.shift[c]) * cg[c]) * s;
       } else {

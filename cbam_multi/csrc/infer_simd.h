@@ -105,11 +105,37 @@ inline bool row_sum_max_affine_scaled(const float* h, const float* a, const floa
   max_out = _mm512_reduce_max_ps(vm);
   return true;
 }
+
+// A ResNet block's tail on one channels_last row: o = relu(((h * a + e) * cg) * s + res), res = r or r * ra + re
+// (a = null: x = h; ra = null: the residual as is), in one loop. Explicit operations, so each product is rounded
+// before the add (as torch rounds the block's output before the shortcut add) and nothing is contracted.
+inline bool gate_residual_row(const float* h, const float* a, const float* e, const float* cg, float s, const float* r,
+                              const float* ra, const float* re, int64_t n, float* o) {
+  const __m512 vs = _mm512_set1_ps(s), zero = _mm512_setzero_ps();
+  auto one = [&](int64_t i, __mmask16 k) {
+    __m512 x = _mm512_maskz_loadu_ps(k, h + i);
+    if (a) x = _mm512_fmadd_ps(x, _mm512_maskz_loadu_ps(k, a + i), _mm512_maskz_loadu_ps(k, e + i));
+    const __m512 y = _mm512_mul_ps(_mm512_mul_ps(x, _mm512_maskz_loadu_ps(k, cg + i)), vs);
+    __m512 v = _mm512_maskz_loadu_ps(k, r + i);
+    if (ra) v = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(k, ra + i), _mm512_maskz_loadu_ps(k, re + i));
+    // max(0, t) returns t where t is NaN (vmaxps returns its second operand then), as torch.relu keeps NaN
+    _mm512_mask_storeu_ps(o + i, k, _mm512_max_ps(zero, _mm512_add_ps(y, v)));
+  };
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) one(i, static_cast<__mmask16>(0xFFFF));
+  if (i < n) one(i, tail_mask(n - i));
+  return true;
+}
 #endif
 
-// the portable version: the caller forms the row
+// the portable versions: the caller runs its loops
 template <typename T>
 bool row_sum_max_affine_scaled(const T*, const T*, const T*, const T*, int64_t, T&, T&) {
+  return false;
+}
+
+template <typename T>
+bool gate_residual_row(const T*, const T*, const T*, const T*, T, const T*, const T*, const T*, int64_t, T*) {
   return false;
 }
 
