@@ -354,12 +354,12 @@ void run(const T* xd, const T* res, T* od, int64_t B, int64_t C, int64_t H, int6
     return Scratch{std::vector<T>(HW), std::vector<T>(HW), std::vector<T>(HW), std::vector<T>(HW),
                    std::vector<T>(ChannelsLast && p.in_scale ? C : 0)};
   };
-  // Where the MLP's weights are small next to a sample (ResNet's layer1 and layer2), each sample runs all its
+  // Where the MLP's weights are no larger than a sample (ResNet's layer1 to layer3), each sample runs all its
   // passes in turn, so the second read of x finds it in L3 (a batch of layer1 outgrows L3 between the passes);
-  // where they are large (layer3, layer4: up to 2 MB per block), the batch shares one read of the weights and
-  // its x, a few MB, stays in L3 anyway. Same values either way (channel_gates rounds each sample alike).
+  // where they are larger (layer4: 2 MB per block against 0.4 MB per sample), the batch shares one read of the
+  // weights and its x stays in L3 anyway. Same values either way (channel_gates rounds each sample alike).
   const int64_t weight_bytes = 2 * p.hidden * C * static_cast<int64_t>(sizeof(T));
-  if (weight_bytes * 8 <= C * HW * static_cast<int64_t>(sizeof(T))) {
+  if (weight_bytes <= C * HW * static_cast<int64_t>(sizeof(T))) {
     parallel_for(B, [&](int64_t begin, int64_t end) {
       Scratch s = scratch();
       const auto serial = [](int64_t n, const auto& body) { body(0, n); };
