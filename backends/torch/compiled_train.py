@@ -220,11 +220,10 @@ class _BNPools(torch.autograd.Function):
         s1 = (t1 + hw * gavg64 + gmx64 * (1.0 if first else cnt_hw)).sum(0)
         s2 = invstd * ((t2 + gavg64 * (psum - hw * mu) + gmx64 * q2_5).sum(0) + (mu - mean) * s1)
         a = weight.double() * invstd
-        zero = torch.zeros_like(a)
         if ctx.batch_stats:  # dh = a * (dx - S1/N - xhat * S2/N)
             coef = torch.stack([a, -a * invstd * s2 / (b * hw), -a * s1 / (b * hw), mean], 1)
         else:  # running statistics: the BN is a per-channel affine map
-            coef = torch.stack([a, zero, zero, mean], 1)
+            coef = torch.stack([a, torch.zeros_like(a), torch.zeros_like(a), mean], 1)
         gh = _ops.c_bn_grad_h(g, h, al, be, ca64.to(dt).view(b, c, 1, 1), s, gm, gr, max_c, idx_c, gavg, gmx, mx,
                               idx_hw.long(), coef.to(dt), first)
         return gh, s2.to(dt), s1.to(dt), None, None, None, None, None
