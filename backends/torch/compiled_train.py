@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import fused
+from . import fused, fused_bn
 
 __all__ = ["bn_cbam_traced", "register_ops"]
 
@@ -35,16 +35,11 @@ _ops = torch.ops.cbam_multi
 
 
 # ------------------------------------------------------------------ the kernel passes as custom ops
-def _fmt(x: Tensor):
-    return torch.contiguous_format if x.is_contiguous() else torch.channels_last
-
-
-def _kernel(name: str, x: Tensor):
-    return getattr(_ops, name if x.is_contiguous() else name + "_cl")
+_kernel = fused._kernel  # the NCHW or the channels_last kernel, by x's layout (as the eager Functions pick it)
 
 
 def _like(t: Tensor, x: Tensor) -> Tensor:
-    return t.contiguous(memory_format=_fmt(x))
+    return t.contiguous(memory_format=fused._memory_format(x))
 
 
 def _small(*ts):
@@ -190,15 +185,12 @@ class _BNPools(torch.autograd.Function):
     def forward(ctx, h, weight, bias, running_mean, running_var, batch_stats: bool, eps: float, first: bool):
         b, c, hw = h.shape[0], h.shape[1], h.shape[2] * h.shape[3]
         psum, pm2, hmax, hmin = _ops.c_bn_pool(h)
-        if batch_stats:  # Chan's combination of the per-plane sums
-            mean = psum.sum(0) / (b * hw)
-            var = (pm2 + hw * (psum / hw - mean) ** 2).sum(0) / (b * hw)
+        if batch_stats:
+            mean, var = fused_bn.batch_statistics(psum, pm2, hw)
         else:
             mean, var = running_mean.to(torch.float64, copy=True), running_var.to(torch.float64, copy=True)
         invstd = torch.rsqrt(var + eps)
-        w64 = weight.double()
-        al = (w64 * invstd).to(h.dtype)
-        be = (bias.double() - mean * w64 * invstd).to(h.dtype)
+        al, be = fused_bn.affine_map(weight, bias, mean, invstd, h.dtype)
         avg, mx = _ops.bn_pool_finish(psum, hmax, hmin, al, be, hw)
         ctx.save_for_backward(h, weight, al, be, mx, psum, mean, invstd)
         ctx.batch_stats, ctx.first = batch_stats, first
@@ -214,16 +206,10 @@ class _BNPools(torch.autograd.Function):
         ca64, cnt_hw, q2_5, idx_hw, t1, t2 = per_channel.unbind(-1)
         gavg = gavg / hw
         gmx = gmx if first else gmx / cnt_hw.to(dt)
-        gavg64, gmx64 = gavg.double(), gmx.double()
         mu = mean.to(dt).double()  # the kernels' sums are centred on the mean as rounded to h's dtype
-        # S1 = sum dL/dx and sum dL/dx * (h - mu) per channel; then sum dL/dx * xhat
-        s1 = (t1 + hw * gavg64 + gmx64 * (1.0 if first else cnt_hw)).sum(0)
-        s2 = invstd * ((t2 + gavg64 * (psum - hw * mu) + gmx64 * q2_5).sum(0) + (mu - mean) * s1)
-        a = weight.double() * invstd
-        if ctx.batch_stats:  # dh = a * (dx - S1/N - xhat * S2/N)
-            coef = torch.stack([a, -a * invstd * s2 / (b * hw), -a * s1 / (b * hw), mean], 1)
-        else:  # running statistics: the BN is a per-channel affine map
-            coef = torch.stack([a, torch.zeros_like(a), torch.zeros_like(a), mean], 1)
+        s1, s2 = fused_bn.bn_grad_sums(t1, t2, gavg.double(), gmx.double(), 1.0 if first else cnt_hw, q2_5, psum, mu,
+                                       mean, invstd, hw)
+        coef = fused_bn.grad_h_coef(weight, invstd, mean, s1, s2, b * hw, ctx.batch_stats)
         gh = _ops.c_bn_grad_h(g, h, al, be, ca64.to(dt).view(b, c, 1, 1), s, gm, gr, max_c, idx_c, gavg, gmx, mx,
                               idx_hw.long(), coef.to(dt), first)
         return gh, s2.to(dt), s1.to(dt), None, None, None, None, None
@@ -251,14 +237,11 @@ class _Maps(torch.autograd.Function):
         if al is None:
             gca = _ops.c_grad_ca(g, x, ca4, s, gm, gr, max_c, idx_c, first)
             per_channel = ca4.view(b, c, 1)
-        else:  # dL/dca = sum_hw dL/dy1 * x = sum g*s*x + sum gm*x + sum hit*gr*x
+        else:
             q2, idx_hw, cnt_hw = _ops.c_bn_plane_sums(x, al, be, ca4, gm, gr, max_c, idx_c, mx, mu, first)
-            gca = (q1[..., 1] + q2[..., 0] + q2[..., 3]).to(dt)
-            ca64 = ca4.view(b, c).double()
-            gm_total = gm.double().sum((1, 2, 3))[:, None]
-            t1 = ca64 * (q1[..., 0] + gm_total + q2[..., 2])
-            t2 = ca64 * (q1[..., 2] + q2[..., 1] + q2[..., 4])
-            per_channel = torch.stack([ca64, cnt_hw.double(), q2[..., 5], idx_hw.double(), t1, t2], -1)
+            gca, t1, t2 = fused_bn.plane_terms(q1, q2, ca4, gm)
+            gca = gca.to(dt)
+            per_channel = torch.stack([ca4.view(b, c).double(), cnt_hw.double(), q2[..., 5], idx_hw.double(), t1, t2], -1)
         maps = torch.cat([s, gm, gr, max_c, idx_c.to(dt)], 1)
         return None, gca.view(b, c, 1, 1), None, None, None, None, g, maps, per_channel, None
 
@@ -282,22 +265,6 @@ class _Gate(torch.autograd.Function):
         return None, None, gs, None, None, None, g, s, q1
 
 
-def _update_running_stats(bn, mean: Tensor, var: Tensor, n: int) -> None:
-    """What ``nn.BatchNorm2d.forward`` writes in training: the counter and the running averages (momentum, or
-    the cumulative average for ``momentum=None``), from the float64 batch statistics."""
-    if not (bn.training and bn.track_running_stats and bn.running_mean is not None):
-        return
-    with torch.no_grad():
-        factor = bn.momentum
-        if bn.num_batches_tracked is not None:
-            bn.num_batches_tracked.add_(1)
-            if factor is None:
-                factor = 1.0 / bn.num_batches_tracked.double()
-        rm, rv = bn.running_mean, bn.running_var
-        rm.copy_(rm.double() * (1 - factor) + mean * factor)
-        rv.copy_(rv.double() * (1 - factor) + var * (n / (n - 1)) * factor)
-
-
 def bn_cbam_traced(bn, cbam, h: Tensor) -> Tensor:
     """``cbam(bn(h))`` (``cbam(h)`` for ``bn=None``) as traced code around the kernel passes (call only where
     `compiled.applies` holds and the inference kernel does not)."""
@@ -311,7 +278,7 @@ def bn_cbam_traced(bn, cbam, h: Tensor) -> Tensor:
         avg, mx, al, be, mean, var, tg, tmaps, tchannel = _BNPools.apply(
             h, bn.weight, bn.bias, bn.running_mean, bn.running_var, batch_stats, bn.eps, first)
         if batch_stats:
-            _update_running_stats(bn, mean, var, h.shape[0] * h.shape[2] * h.shape[3])
+            fused_bn.update_running_stats(bn, mean, var, h.shape[0] * h.shape[2] * h.shape[3])
         mu = mean.to(h.dtype)
     ca = fused.channel_gate(cbam, [avg if kind == "avg" else mx for kind in spec.channel_pools])
     ca4 = ca[:, :, None, None]

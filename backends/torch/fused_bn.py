@@ -147,15 +147,73 @@ def _kernel_statistics(bn: nn.BatchNorm2d, psum: torch.Tensor, pm2: torch.Tensor
     batch_stats = bn.training or bn.running_mean is None
     if not batch_stats:
         return bn.running_mean.to(torch.float64, copy=True), bn.running_var.to(torch.float64, copy=True), False
+    mean, var = batch_statistics(psum, pm2, hw)
+    update_running_stats(bn, mean, var, psum.shape[0] * hw)
+    return mean, var, True
+
+
+# ------------------------------------------------------------------ the kernels' BN maths, shared with
+# `compiled_train` (which runs the same passes as traced code, split over three autograd Functions)
+def batch_statistics(psum: torch.Tensor, pm2: torch.Tensor, hw: int):
+    """float64 (mean, biased variance) per channel from ``bn_pool``'s per-plane sums and squared deviations
+    (Chan's combination)."""
     n = psum.shape[0] * hw
     mean = psum.sum(0) / n
-    var = (pm2 + hw * (psum / hw - mean) ** 2).sum(0) / n
-    if bn.training and bn.track_running_stats:
-        momentum = momentum_factor(bn)
+    return mean, (pm2 + hw * (psum / hw - mean) ** 2).sum(0) / n
+
+
+def update_running_stats(bn, mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
+    """What ``nn.BatchNorm2d.forward`` writes in training from these float64 batch statistics of ``n`` values per
+    channel: the counter and the running averages (momentum, or for ``momentum=None`` the cumulative average;
+    its factor a tensor, so torch.compile traces it). ``bn``: the module, or a stand-in with its attributes."""
+    if not (bn.training and bn.track_running_stats):
+        return
+    with torch.no_grad():
+        factor = 0.0 if bn.momentum is None else bn.momentum
+        if bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+            if bn.momentum is None:
+                factor = 1.0 / bn.num_batches_tracked.double()
         rm, rv = bn.running_mean, bn.running_var
-        rm.copy_(rm.double() * (1 - momentum) + mean * momentum)
-        rv.copy_(rv.double() * (1 - momentum) + var * (n / (n - 1)) * momentum)
-    return mean, var, True
+        rm.copy_(rm.double() * (1 - factor) + mean * factor)
+        rv.copy_(rv.double() * (1 - factor) + var * (n / (n - 1)) * factor)
+
+
+def affine_map(weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, dtype):
+    """(al, be) in ``dtype``: the BN's output ``x = h * al + be`` as the kernels form it, from float64 statistics."""
+    w64 = weight.detach().double()
+    return (w64 * invstd).to(dtype), (bias.detach().double() - mean * w64 * invstd).to(dtype)
+
+
+def plane_terms(q1: torch.Tensor, q2: torch.Tensor, ca4: torch.Tensor, gm: torch.Tensor):
+    """From the per-plane sums of ``bn_grad_s`` (q1) and ``bn_plane_sums`` (q2): dL/dca (float64, (B, C); it is
+    sum g*s*x + sum gm*x + sum hit*gr*x) and the two (B, C) float64 terms of the BN's gradient sums that need no
+    pooled-vector gradient (`bn_grad_sums` adds those)."""
+    b, c = ca4.shape[:2]
+    ca64 = ca4.view(b, c).double()
+    gm_total = gm.double().sum((1, 2, 3))[:, None]
+    gca = q1[..., 1] + q2[..., 0] + q2[..., 3]
+    return gca, ca64 * (q1[..., 0] + gm_total + q2[..., 2]), ca64 * (q1[..., 2] + q2[..., 1] + q2[..., 4])
+
+
+def bn_grad_sums(t1, t2, gavg, gmx, n_hits, q2_5, psum, mu, mean, invstd, hw: int):
+    """The BN's gradient sums per channel, float64: S1 = sum dL/dx and S2 = sum dL/dx * xhat. dL/dx = (g*s + gm +
+    hit*gr) * ca + gavg + hit_hw * gmx is linear in g, so they come from `plane_terms` (t1, t2) and the pooled
+    vectors' gradients (gavg, gmx float64; n_hits: 1 or the H,W tie counts; q2_5: bn_plane_sums' hit_hw * (h - mu)
+    sums); the kernels centre their sums on ``mu`` (the mean as rounded to h's dtype, float64 here)."""
+    s1 = (t1 + hw * gavg + gmx * n_hits).sum(0)
+    # sum dL/dx * (h - mu), then sum dL/dx * xhat = invstd * (that + (mu - mean) * S1)
+    s_gh = (t2 + gavg * (psum - hw * mu) + gmx * q2_5).sum(0)
+    return s1, invstd * (s_gh + (mu - mean) * s1)
+
+
+def grad_h_coef(weight, invstd, mean, s1, s2, n: int, batch_stats: bool) -> torch.Tensor:
+    """(C, 4) float64 coefficients of ``bn_grad_h``: dh = a * (dx - S1/N - xhat * S2/N) with batch statistics,
+    dh = a * dx with running ones (the BN is then a per-channel affine map)."""
+    a = weight.detach().double() * invstd
+    if batch_stats:
+        return torch.stack([a, -a * invstd * s2 / n, -a * s1 / n, mean], 1)
+    return torch.stack([a, torch.zeros_like(a), torch.zeros_like(a), mean], 1)
 
 
 class _BNThenCBAMKernels(torch.autograd.Function):
@@ -171,9 +229,7 @@ class _BNThenCBAMKernels(torch.autograd.Function):
         psum, pm2, hmax, hmin = pool  # bn_pool(h) (or bn_pool_cl), checked finite by the caller
         mean, var, batch_stats = _kernel_statistics(bn, psum, pm2, hw)
         invstd = torch.rsqrt(var + bn.eps)
-        w64 = weight.detach().double()
-        al = (w64 * invstd).to(h.dtype)
-        be = (bias.detach().double() - mean * w64 * invstd).to(h.dtype)
+        al, be = affine_map(weight, bias, mean, invstd, h.dtype)
         avg, mx = ops.bn_pool_finish(psum, hmax, hmin, al, be, hw)
         ca, leaves1 = fused.channel_graph(cbam, [avg if kind == "avg" else mx for kind in spec.channel_pools])
         ca4 = ca.detach().contiguous()[:, :, None, None]
@@ -205,32 +261,19 @@ class _BNThenCBAMKernels(torch.autograd.Function):
         gm = (grads2[0] / c).contiguous()
         gr = (grads2[1] if first else grads2[1] / cnt_c).contiguous()
         q2, idx_hw, cnt_hw = fused._kernel("bn_plane_sums", h)(h, al, be, ca4, gm, gr, max_c, idx_c, mx, mu, first)
-        # channel gate: dL/dca = sum_hw dL/dy1 * x = sum g*s*x + sum gm*x + sum hit*gr*x
-        gca = (q1[..., 1] + q2[..., 0] + q2[..., 3]).to(dt)
+        gca, t1, t2 = plane_terms(q1, q2, ca4, gm)
+        gca = gca.to(dt)
         ch_train = [p for p in ch_params if p.requires_grad]
         grads1 = torch.autograd.grad(ca, [*leaves1, *ch_train], gca, allow_unused=True)
         by_kind = dict(zip(ctx.pools, grads1[: len(ctx.pools)]))
         zeros = torch.zeros(b, c, dtype=dt)
         gavg = by_kind["avg"] / hw if "avg" in by_kind else zeros
         gmx = zeros if "max" not in by_kind else (by_kind["max"] if first else by_kind["max"] / cnt_hw)
-        # BN: dL/dx = (g*s + gm + hit*gr) * ca + gavg + hit_hw * gmx is linear in g, so its per-channel sums
-        # S1 = sum dL/dx and sum dL/dx * (h - mu) come from the per-plane sums (float64)
-        ca64, gavg64, gmx64 = ca4.view(b, c).double(), gavg.double(), gmx.double()
         n_hits = 1.0 if first else cnt_hw.double()
-        gm_total = gm.double().sum((1, 2, 3))[:, None]
-        s1 = (ca64 * (q1[..., 0] + gm_total + q2[..., 2]) + hw * gavg64 + gmx64 * n_hits).sum(0)
-        # sum dL/dx * (h - mu), then sum dL/dx * xhat = invstd * (that + (mu - mean) * S1)
-        s_gh = (ca64 * (q1[..., 2] + q2[..., 1] + q2[..., 4]) + gavg64 * (psum - hw * mu.double())
-                + gmx64 * q2[..., 5]).sum(0)
-        s2 = invstd * (s_gh + (mu.double() - mean) * s1)
+        s1, s2 = bn_grad_sums(t1, t2, gavg.double(), gmx.double(), n_hits, q2[..., 5], psum, mu.double(), mean, invstd, hw)
         gh = None
         if need_h:
-            a = weight.detach().double() * invstd
-            if ctx.batch_stats:  # dh = a * (dx - S1/N - xhat * S2/N)
-                n = b * hw
-                coef = torch.stack([a, -a * invstd * s2 / n, -a * s1 / n, mean], 1)
-            else:  # running statistics: the BN is a per-channel affine map
-                coef = torch.stack([a, torch.zeros_like(a), torch.zeros_like(a), mean], 1)
+            coef = grad_h_coef(weight, invstd, mean, s1, s2, b * hw, ctx.batch_stats)
             gh = fused._kernel("bn_grad_h", h)(g, h, al, be, ca4, s, gm, gr, max_c, idx_c, gavg.contiguous(), gmx.contiguous(), mx,
                                idx_hw, coef.to(dt).contiguous(), first)
         gw = s2.to(dt) if need_w else None
