@@ -312,7 +312,14 @@ def test_resnet_eval_folds_the_last_batchnorm_into_the_kernel(dtype, layout):
         x = x.contiguous(memory_format=torch.channels_last)
     calls = []
     real = cpu_kernel.bn_then_cbam_infer
-    cpu_kernel.bn_then_cbam_infer = lambda *a: calls.append((a[3] is not None, a[4] is not None)) or real(*a)
+
+    def recorded(*a, **kw):
+        calls.append((a[3] is not None, a[4] is not None, kw.get("overwrite", False)))
+        return real(*a, **kw)
+
+    cpu_kernel.bn_then_cbam_infer = recorded
+    held = []  # a hook holding layer2.0's last conv output: that block's kernel must not write over it
+    hook = model.layer2[0].conv3.register_forward_hook(lambda mod, args, out: held.append((out, out.clone())))
     try:
         with torch.inference_mode():
             got = model(x)
@@ -320,8 +327,11 @@ def test_resnet_eval_folds_the_last_batchnorm_into_the_kernel(dtype, layout):
                 ref = model(x)
     finally:
         cpu_kernel.bn_then_cbam_infer = real
-    # once per block, with the shortcut (a stage's first block: its downsample's BN folded), not when disabled()
-    assert calls == [(True, i in (0, 3, 7, 13)) for i in range(16)], calls
+        hook.remove()
+    # once per block, with the shortcut (a stage's first block: its downsample's BN folded), the output written
+    # over the last conv's (except where a hook holds it), not when disabled()
+    assert calls == [(True, i in (0, 3, 7, 13), i != 3) for i in range(16)], calls
+    assert torch.equal(held[0][0], held[0][1]), "the kernel wrote over a conv output a hook holds"
     err = (got - ref).abs().max().item()
     assert err <= TOLERANCES[dtype]["y"], f"folded BN + kernel vs composed: max abs err {err:.3e}"
     bn = model.layer1[0].bn3
@@ -367,3 +377,33 @@ def test_residual_add_and_relu_in_the_kernel(dtype, layout):
         assert err <= TOLERANCES[dtype]["y"], f"relu(cbam(x) + bn(r)) in the kernel vs composed: max abs err {err:.3e}"
         with pytest.raises(RuntimeError, match="residual must be"):
             cpu_kernel.cbam_infer(model, x, residual=r[:, :, :-1])
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_overwrite_writes_the_output_over_the_input(dtype, layout):
+    """``overwrite=True`` (the in-place op ``cbam_infer_``, for a ResNet block's last conv output) gives the
+    out-of-place op's values exactly, in the input's own storage: with a BN in front and a residual, with a
+    residual that is the input itself (taken before it is overwritten), and for strides the kernel does not read
+    (computed on a copy and written back)."""
+    td = DTYPES[dtype]
+    model = _model(CBAMSpec.official(16), dtype=td).eval()
+    g = torch.Generator().manual_seed(5)
+    x, r = (torch.randn(3, 16, 9, 7, generator=g, dtype=torch.float64).to(td) for _ in range(2))
+    if layout == "channels_last":
+        x, r = x.contiguous(memory_format=torch.channels_last), r.contiguous(memory_format=torch.channels_last)
+    scale, shift = torch.rand(16, generator=g, dtype=td) + 0.5, torch.randn(16, generator=g, dtype=td)
+    with torch.no_grad():
+        for args in [((scale, shift), r), (None, None)]:
+            want = cpu_kernel.cbam_infer(model, x, *args)
+            h = x.clone()
+            got = cpu_kernel.cbam_infer(model, h, *args, overwrite=True)
+            assert got is h and torch.equal(got, want), f"in place vs out of place: max abs err {(got - want).abs().max():.3e}"
+        h = x.clone()
+        want = cpu_kernel.cbam_infer(model, x, residual=x)
+        assert torch.equal(cpu_kernel.cbam_infer(model, h, residual=h, overwrite=True), want)
+        wide = torch.randn(3, 16, 9, 14, generator=g, dtype=torch.float64).to(td)
+        view = wide[..., ::2]  # every other column: neither NCHW-contiguous nor channels_last
+        want = cpu_kernel.cbam_infer(model, view.contiguous())
+        cpu_kernel.cbam_infer(model, view, overwrite=True)
+        assert torch.equal(wide[..., ::2], want) and torch.equal(view, want)

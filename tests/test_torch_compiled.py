@@ -13,6 +13,7 @@ with inductor, where the ops apply too (the "compile~eager" rows: outputs, gradi
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 
@@ -174,6 +175,25 @@ def test_compiled_inference_calls_the_inference_kernel():
     assert err <= TOLERANCES["float64"]["y"], f"compiled inference vs composed: max abs err {err:.3e}"
 
 
+def test_compiled_inference_writes_the_block_output_over_the_conv_output():
+    """Under inductor a block's tail is the in-place op on its last conv's output (nothing else reads it), and
+    inductor really runs it in place: the op writes the conv's buffer, which the graph returns, with no copy."""
+    from torch._inductor.utils import run_and_get_code
+
+    block = ResNet(ResNetSpec(50, "imagenet", num_classes=10, width=16)).eval().layer1[0]  # with a downsample
+    x = torch.randn(2, 16, 8, 8)
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        y, (code,) = run_and_get_code(torch.compile(block, fullgraph=True), x)
+        with fused.disabled(), cpu_kernel.disabled():
+            ref = block(x)
+    call = re.search(r"torch\.ops\.cbam_multi\.cbam_infer_\.default\((buf\d+),", code)
+    assert call and f"return ({call.group(1)}, )" in code, "the tail is not the in-place op on the returned buffer"
+    assert "clone" not in code and "copy_" not in code, "inductor copied the conv output instead of writing over it"
+    err = (y - ref).abs().max().item()
+    assert err <= TOLERANCES["float32"]["y"], f"compiled block vs composed: max abs err {err:.3e}"
+
+
 def test_switches_off_trace_the_composed_ops():
     """The kernels switched off: the compiled graph traces the composed ops (dynamo's graph decides it; the
     ``eager`` backend runs that graph without AOTAutograd's tracing of the composed backward)."""
@@ -316,9 +336,9 @@ def test_ops_pass_torch_library_opcheck(layout, with_bn, monkeypatch):
             cbam.channel.fc2.weight.detach().reshape(16, cbam.spec.hidden), cbam.channel.fc2.bias, [0, 1],
             cbam.spatial.conv.weight.detach(), cbam.spatial.conv.bias, sbn.weight.detach(), sbn.bias.detach(),
             sbn.running_mean, sbn.running_var, sbn.eps, 0, False, scale, shift, torch.randn_like(x))
-    results = torch.library.opcheck(torch.ops.cbam_multi.cbam_infer.default, args,
-                                    test_utils=("test_schema", "test_faketensor"))
-    assert set(results.values()) == {"SUCCESS"}, results
+    for op, op_args in [(torch.ops.cbam_multi.cbam_infer, args), (torch.ops.cbam_multi.cbam_infer_, (x.clone(), *args[1:]))]:
+        results = torch.library.opcheck(op.default, op_args, test_utils=("test_schema", "test_faketensor"))
+        assert set(results.values()) == {"SUCCESS"}, (op, results)
 
 
 def test_export_keeps_standard_ops():

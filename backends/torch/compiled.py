@@ -106,6 +106,7 @@ def register() -> bool:
             ok = cpu_kernel.available()
             if ok:
                 torch.library.register_fake("cbam_multi::cbam_infer")(lambda x, *args: torch.empty_like(x))
+                torch.library.register_fake("cbam_multi::cbam_infer_")(lambda x, *args: None)
                 compiled_train.register_ops()
             _registered.append(ok)
     return _registered[0]

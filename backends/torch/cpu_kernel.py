@@ -149,20 +149,24 @@ def applies(cbam, x: torch.Tensor) -> bool:
 
 def cbam_infer(cbam, x: torch.Tensor, in_affine: tuple[torch.Tensor, torch.Tensor] | None = None,
                residual: torch.Tensor | None = None,
-               residual_affine: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+               residual_affine: tuple[torch.Tensor, torch.Tensor] | None = None, *,
+               overwrite: bool = False) -> torch.Tensor:
     """The fused forward of a `CBAM` module (call only where `applies`). ``in_affine``: per-channel (scale,
     shift) of an eval-mode BatchNorm in front of the block; ``x`` is then the BN's input, and the BN's
     output is formed sample by sample in cache instead of written to memory (see `bn_then_cbam_infer`).
     ``residual`` (x's shape and dtype): returns ``relu(cbam(x) + residual)``, a ResNet block's tail, so the
     block's output is not written and read back for the add; ``residual_affine``: the (scale, shift) of an
-    eval-mode BatchNorm on the residual (a downsample's), applied as the kernel reads it."""
+    eval-mode BatchNorm on the residual (a downsample's), applied as the kernel reads it. ``overwrite``: the
+    output is written over ``x`` and returned (for an ``x`` nothing else reads: a ResNet block's last conv output;
+    no new buffer, and each output line is one the kernel has just read)."""
     spec = cbam.spec
     ch, sp = cbam.channel, cbam.spatial
     c = spec.channels
     bn = sp.bn
     # contiguous(): a no-op unless the module was moved with .to(memory_format=torch.channels_last),
     # which restrides the 4-D conv weights; the kernel reads them densely (a few hundred values)
-    return torch.ops.cbam_multi.cbam_infer(
+    op = torch.ops.cbam_multi.cbam_infer_ if overwrite else torch.ops.cbam_multi.cbam_infer
+    out = op(
         x,
         ch.fc1.weight.reshape(spec.hidden, c).contiguous(),  # nn.Linear (out, in) or 1x1 nn.Conv2d (out, in, 1, 1)
         ch.fc1.bias,
@@ -182,6 +186,7 @@ def cbam_infer(cbam, x: torch.Tensor, in_affine: tuple[torch.Tensor, torch.Tenso
         residual,  # the kernel takes it in x's memory format (converting one in another)
         *(residual_affine or (None, None)),
     )
+    return x if overwrite else out
 
 
 def eval_bn_folds(bn, x: torch.Tensor) -> bool:
@@ -212,13 +217,13 @@ def bn_then_cbam_applies(bn, cbam, h: torch.Tensor) -> bool:
 
 
 def bn_then_cbam_infer(bn, cbam, h: torch.Tensor, residual: torch.Tensor | None = None,
-                       residual_bn=None) -> torch.Tensor:
+                       residual_bn=None, *, overwrite: bool = False) -> torch.Tensor:
     """``cbam(bn(h))`` in one kernel call (call only where `bn_then_cbam_applies`): x = h * scale + shift
     per channel with torch's eval-mode constants, the block's passes on it in cache. With ``residual``:
     ``relu(cbam(bn(h)) + residual)``, or ``relu(cbam(bn(h)) + residual_bn(residual))`` (where `eval_bn_folds`
-    holds for ``residual_bn``: its output is never stored)."""
+    holds for ``residual_bn``: its output is never stored). ``overwrite``: the output is written over ``h``."""
     res_affine = None if residual_bn is None else eval_bn_affine(residual_bn)
-    return cbam_infer(cbam, h, eval_bn_affine(bn), residual, res_affine)
+    return cbam_infer(cbam, h, eval_bn_affine(bn), residual, res_affine, overwrite=overwrite)
 
 
 def _autograd_records(cbam, x: torch.Tensor) -> bool:

@@ -29,19 +29,24 @@ T scalar(const at::Tensor* t, T fallback) {
   return t ? t->const_data_ptr<T>()[0] : fallback;
 }
 
-at::Tensor cbam_infer(const at::Tensor& x_in, const at::Tensor& fc1_w, const std::optional<at::Tensor>& fc1_b,
-                      const at::Tensor& fc2_w, const std::optional<at::Tensor>& fc2_b, at::IntArrayRef pools,
-                      const at::Tensor& conv_w, const std::optional<at::Tensor>& conv_b,
-                      const std::optional<at::Tensor>& bn_w, const std::optional<at::Tensor>& bn_b,
-                      const std::optional<at::Tensor>& bn_mean, const std::optional<at::Tensor>& bn_var,
-                      double bn_eps, int64_t mean_channel, bool hard_sigmoid,
-                      const std::optional<at::Tensor>& in_scale, const std::optional<at::Tensor>& in_shift,
-                      const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& res_scale,
-                      const std::optional<at::Tensor>& res_shift) {
-  TORCH_CHECK(x_in.dim() == 4 && x_in.device().is_cpu(), "cbam_infer: x must be a 4-D CPU tensor");
-  // NCHW or channels_last as given; any other strides (torch.compile may pass any layout: the op is tagged
-  // flexible_layout) are copied to NCHW first
-  const at::Tensor x = x_in.is_contiguous() || x_in.is_contiguous(at::MemoryFormat::ChannelsLast) ? x_in : x_in.contiguous();
+// the parameters both ops share after x, and the same names as arguments
+#define CBAM_INFER_PARAMS                                                                                           \
+  const at::Tensor &fc1_w, const std::optional<at::Tensor>&fc1_b, const at::Tensor &fc2_w,                          \
+      const std::optional<at::Tensor>&fc2_b, at::IntArrayRef pools, const at::Tensor &conv_w,                       \
+      const std::optional<at::Tensor>&conv_b, const std::optional<at::Tensor>&bn_w,                                 \
+      const std::optional<at::Tensor>&bn_b, const std::optional<at::Tensor>&bn_mean,                                \
+      const std::optional<at::Tensor>&bn_var, double bn_eps, int64_t mean_channel, bool hard_sigmoid,               \
+      const std::optional<at::Tensor>&in_scale, const std::optional<at::Tensor>&in_shift,                           \
+      const std::optional<at::Tensor>&residual, const std::optional<at::Tensor>&res_scale,                          \
+      const std::optional<at::Tensor>&res_shift
+#define CBAM_INFER_ARGS                                                                                             \
+  fc1_w, fc1_b, fc2_w, fc2_b, pools, conv_w, conv_b, bn_w, bn_b, bn_mean, bn_var, bn_eps, mean_channel, hard_sigmoid, \
+      in_scale, in_shift, residual, res_scale, res_shift
+
+// Checks the arguments and runs the kernel on x (NCHW-contiguous or channels_last) into out (x's shape, strides and
+// dtype; may be x itself: every pass reads a position of x before the product pass writes it, and that pass
+// reads nothing else of x there)
+void run_into(const at::Tensor& x, const at::Tensor& out, CBAM_INFER_PARAMS) {
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               "cbam_infer: x must be float32 or float64, got ", x.scalar_type());
   const bool channels_last = !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
@@ -80,7 +85,6 @@ at::Tensor cbam_infer(const at::Tensor& x_in, const at::Tensor& fc1_w, const std
   check_param(opt(res_scale), x, "res_scale", C);
   check_param(opt(res_shift), x, "res_shift", C);
 
-  at::Tensor out = at::empty_like(x);  // keeps x's memory format
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_infer", [&] {
     Params<scalar_t> p;
     p.w1 = fc1_w.const_data_ptr<scalar_t>();
@@ -114,20 +118,62 @@ at::Tensor cbam_infer(const at::Tensor& x_in, const at::Tensor& fc1_w, const std
       run<scalar_t, false>(xd, res, od, B, C, H, W, p, on_aten_threads);
     }
   });
+}
+
+bool kernel_layout(const at::Tensor& x) {
+  return x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+void check_input(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 4 && x.device().is_cpu(), "cbam_infer: x must be a 4-D CPU tensor");
+}
+
+at::Tensor cbam_infer(const at::Tensor& x_in, CBAM_INFER_PARAMS) {
+  check_input(x_in);
+  // NCHW or channels_last as given; any other strides (torch.compile may pass any layout: the op is tagged
+  // flexible_layout) are copied to NCHW first
+  const at::Tensor x = kernel_layout(x_in) ? x_in : x_in.contiguous();
+  at::Tensor out = at::empty_like(x);  // keeps x's memory format
+  run_into(x, out, CBAM_INFER_ARGS);
   return out;
+}
+
+// The same with the output written over x: a ResNet block's tail where x (its last conv's output) is read by
+// nothing else. No output buffer to fault in and no read-for-ownership of one: each output line is one the
+// product pass has just read.
+void cbam_infer_(const at::Tensor& x, CBAM_INFER_PARAMS) {
+  check_input(x);
+  if (residual && residual->is_alias_of(x)) {  // the product pass would read residual values it has overwritten
+    const std::optional<at::Tensor> res_copy = residual->clone();
+    cbam_infer_(x, fc1_w, fc1_b, fc2_w, fc2_b, pools, conv_w, conv_b, bn_w, bn_b, bn_mean, bn_var, bn_eps,
+                mean_channel, hard_sigmoid, in_scale, in_shift, res_copy, res_scale, res_shift);
+    return;
+  }
+  if (kernel_layout(x)) {
+    run_into(x, x, CBAM_INFER_ARGS);
+  } else {
+    const at::Tensor xc = x.contiguous();
+    run_into(xc, xc, CBAM_INFER_ARGS);
+    x.copy_(xc);
+  }
 }
 
 }  // namespace
 
 TORCH_LIBRARY(cbam_multi, m) {
-  m.def(
-      "cbam_infer(Tensor x, Tensor fc1_w, Tensor? fc1_b, Tensor fc2_w, Tensor? fc2_b, int[] pools, Tensor conv_w, "
-      "Tensor? conv_b, Tensor? bn_w, Tensor? bn_b, Tensor? bn_mean, Tensor? bn_var, float bn_eps, int mean_channel, "
-      "bool hard_sigmoid, Tensor? in_scale=None, Tensor? in_shift=None, Tensor? residual=None, Tensor? res_scale=None, "
-      "Tensor? res_shift=None) -> Tensor",
-      // inductor may hand the op its buffers in whatever layout it chose (channels_last after its layout
-      // optimisation): the kernel reads NCHW and channels_last alike, and its output takes x's layout
-      {at::Tag::flexible_layout});
+#define CBAM_INFER_SCHEMA_TAIL                                                                                     \
+  "Tensor fc1_w, Tensor? fc1_b, Tensor fc2_w, Tensor? fc2_b, int[] pools, Tensor conv_w, Tensor? conv_b, "        \
+  "Tensor? bn_w, Tensor? bn_b, Tensor? bn_mean, Tensor? bn_var, float bn_eps, int mean_channel, bool hard_sigmoid, " \
+  "Tensor? in_scale=None, Tensor? in_shift=None, Tensor? residual=None, Tensor? res_scale=None, "                  \
+  "Tensor? res_shift=None)"
+  // inductor may hand the ops their buffers in whatever layout it chose (channels_last after its layout
+  // optimisation): the kernel reads NCHW and channels_last alike, and its output takes x's layout
+  m.def("cbam_infer(Tensor x, " CBAM_INFER_SCHEMA_TAIL " -> Tensor", {at::Tag::flexible_layout});
+  // functionalised under torch.compile; inductor writes in place where x is not read afterwards
+  m.def("cbam_infer_(Tensor(a!) x, " CBAM_INFER_SCHEMA_TAIL " -> ()", {at::Tag::flexible_layout});
 }
 
-TORCH_LIBRARY_IMPL(cbam_multi, CPU, m) { m.impl("cbam_infer", &cbam_infer); }
+TORCH_LIBRARY_IMPL(cbam_multi, CPU, m) {
+  m.impl("cbam_infer", &cbam_infer);
+  m.impl("cbam_infer_", &cbam_infer_);
+}

@@ -73,7 +73,8 @@ class ResidualBlock(nn.Module):
                 shortcut = conv(x)
                 if not cpu_kernel.eval_bn_folds(shortcut_bn, shortcut):
                     shortcut, shortcut_bn = shortcut_bn(shortcut), None
-            return cpu_kernel.bn_then_cbam_infer(getattr(self, f"bn{self.n_convs}"), self.cbam, h, shortcut, shortcut_bn)
+            return cpu_kernel.bn_then_cbam_infer(getattr(self, f"bn{self.n_convs}"), self.cbam, h, shortcut, shortcut_bn,
+                                                 overwrite=self._last_conv_output_is_private())
         shortcut = x if self.downsample is None else self.downsample(x)
         return F.relu(self.last_bn_then_cbam(h) + shortcut)
 
@@ -89,6 +90,14 @@ class ResidualBlock(nn.Module):
         if compiled.applies(bn, self.cbam, h):
             return compiled.infers(bn, self.cbam, h)
         return cpu_kernel.bn_then_cbam_applies(bn, self.cbam, h)
+
+    def _last_conv_output_is_private(self) -> bool:
+        """Whether nothing but this block's tail can read its last conv's output (a plain conv without hooks, so no
+        hook holds it): the tail kernel may write the block's output over it. Under torch.compile this only
+        decides the op; functionalisation keeps a value anything else reads, and inductor writes in place
+        where nothing does."""
+        conv = getattr(self, f"conv{self.n_convs}")
+        return type(conv) is nn.Conv2d and not has_hooks(conv)
 
     def last_bn_then_cbam(self, h: torch.Tensor) -> torch.Tensor:
         bn = getattr(self, f"bn{self.n_convs}")
