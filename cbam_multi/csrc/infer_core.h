@@ -35,6 +35,7 @@ constexpr int64_t kTile = 1024;    // spatial positions per channel-reduction ti
 constexpr int64_t kBandBytes = 128 * 1024;  // x per band of rows in the maps + product passes (L2 holds a few)
 constexpr int64_t kWeightBlockBytes = 64 * 1024;  // MLP weight rows shared by the batch's samples (in L2)
 constexpr int64_t kPoolAvg = 0, kPoolMax = 1;
+constexpr int64_t kPrefetchRows = 8;  // channels_last positions ahead that a pass prefetches (prefetch_values)
 
 
 template <typename T>
@@ -118,7 +119,10 @@ void channel_pools(const T* x, const Affine<T>& in, int64_t C, int64_t HW, T* su
   // vectorised across channels; a vector max drops NaN, but a NaN also makes the channel's sum NaN: then
   // (rarely) that channel's max is taken again, NaN-aware, as row_sum_max does for NCHW rows
   int64_t p = 0;
-  for (; p + 4 <= HW; p += 4) pool_rows<T, 4>(x + p * C, in.scale, in.shift, C, sum, mx);
+  for (; p + 4 <= HW; p += 4) {
+    if (p + kPrefetchRows + 4 <= HW) prefetch_values(x + (p + kPrefetchRows) * C, 4 * C);
+    pool_rows<T, 4>(x + p * C, in.scale, in.shift, C, sum, mx);
+  }
   for (; p < HW; ++p) pool_rows<T, 1>(x + p * C, in.scale, in.shift, C, sum, mx);
   for (int64_t c = 0; c < C; ++c) {
     if (sum[c] != sum[c]) {
@@ -224,6 +228,7 @@ void spatial_maps(const T* x, const Affine<T>& in, const T* cg, int64_t C, int64
   } else {
     for (int64_t p = p0; p < p1; ++p) {
       const T* r = x + p * C;
+      if (p + kPrefetchRows < p1) prefetch_values(r + kPrefetchRows * C, C);
       if (in.scale) {
         if (row_sum_max_affine_scaled(r, in.scale, in.shift, cg, C, mean[p], mx[p])) continue;
         for (int64_t c = 0; c < C; ++c) row[c] = r[c] * in.scale[c] + in.shift[c];
@@ -292,6 +297,7 @@ void apply_gates(const T* x, const Affine<T>& in, const T* cg, const T* sg, cons
   } else {
     for (int64_t p = p0; p < p1; ++p) {
       const T s = sg[p];
+      if (res && p + kPrefetchRows < p1) prefetch_values(res + (p + kPrefetchRows) * C, C);
       const T* row = x + p * C;
       T* o = out + p * C;
       if (res && gate_residual_row(row, in.scale, in.shift, cg, s, res + p * C, rs, rt, C, o)) continue;

@@ -139,6 +139,17 @@ bool gate_residual_row(const T*, const T*, const T*, const T*, T, const T*, cons
   return false;
 }
 
+// Asks for the cache lines of n consecutive values ahead of their use. The channels_last passes walk rows of
+// C values (one position each) in order, yet prefetching a few rows ahead by hand made every ResNet-50 stage
+// shape 3-14 % faster (benchmarks/RESULTS.md): the hardware prefetcher alone leaves the next rows of the
+// input and of the residual late.
+template <typename T>
+inline void prefetch_values(const T* p, int64_t n) {
+  const char* b = reinterpret_cast<const char*>(p);
+  const int64_t bytes = n * static_cast<int64_t>(sizeof(T));
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(b + o, 0, 3);
+}
+
 // x = h * scale[c] + shift[c]: an eval BatchNorm in front of the block, applied as each pass reads h, so its
 // output is never written (scale null: x is the input itself)
 template <typename T>
