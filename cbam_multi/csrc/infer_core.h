@@ -226,15 +226,31 @@ void spatial_maps(const T* x, const Affine<T>& in, const T* cg, int64_t C, int64
       }
     }
   } else {
-    for (int64_t p = p0; p < p1; ++p) {
+    auto one_row = [&](int64_t p) {
       const T* r = x + p * C;
-      if (p + kPrefetchRows < p1) prefetch_values(r + kPrefetchRows * C, C);
       if (in.scale) {
-        if (row_sum_max_affine_scaled(r, in.scale, in.shift, cg, C, mean[p], mx[p])) continue;
+        if (row_sum_max_affine_scaled(r, in.scale, in.shift, cg, C, mean[p], mx[p])) return;
         for (int64_t c = 0; c < C; ++c) row[c] = r[c] * in.scale[c] + in.shift[c];
         r = row;
       }
       row_sum_max(r, cg, C, mean[p], mx[p]);
+    };
+    int64_t p = p0;
+    T s4[4], m4[4];
+    for (; p + 4 <= p1; p += 4) {
+      if (p + kPrefetchRows + 4 <= p1) prefetch_values(x + (p + kPrefetchRows) * C, 4 * C);
+      if (!rows4_sum_max(x + p * C, C, in.scale, in.shift, cg, s4, m4)) break;
+      for (int u = 0; u < 4; ++u) {
+        if (s4[u] != s4[u]) {
+          one_row(p + u);  // a NaN (or inf - inf) in the row: the one-row path takes the max NaN-aware
+        } else {
+          mean[p + u] = s4[u], mx[p + u] = m4[u];
+        }
+      }
+    }
+    for (; p < p1; ++p) {
+      if (p + kPrefetchRows < p1) prefetch_values(x + (p + kPrefetchRows) * C, C);
+      one_row(p);
     }
   }
   for (int64_t i = p0; i < p1; ++i) mean[i] /= T(C);
@@ -297,8 +313,11 @@ void apply_gates(const T* x, const Affine<T>& in, const T* cg, const T* sg, cons
   } else {
     for (int64_t p = p0; p < p1; ++p) {
       const T s = sg[p];
-      if (res && p + kPrefetchRows < p1) prefetch_values(res + (p + kPrefetchRows) * C, C);
       const T* row = x + p * C;
+      if (p + kPrefetchRows < p1) {  // x's rows are in L2 (the maps read them a band earlier), res's in memory
+        prefetch_values(row + kPrefetchRows * C, C);
+        if (res) prefetch_values(res + (p + kPrefetchRows) * C, C);
+      }
       T* o = out + p * C;
       if (res && gate_residual_row(row, in.scale, in.shift, cg, s, res + p * C, rs, rt, C, o)) continue;
       if (in.scale) {

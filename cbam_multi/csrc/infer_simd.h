@@ -126,6 +126,37 @@ inline bool gate_residual_row(const float* h, const float* a, const float* e, co
   if (i < n) one(i, tail_mask(n - i));
   return true;
 }
+
+// row_sum_max (scale = the channel gate) of four consecutive channels_last rows (pixels) at once, or of their
+// BatchNorm map (h * a + e) * scale where a is given: per row the same operations in the same order as the
+// one-row functions (bit-identical results), with the gate's and the affine's loads shared and four independent
+// chains in flight. A row whose sum is NaN gets a meaningless max: the caller takes it again, NaN-aware. False
+// (portable build): the caller takes every row one by one.
+inline bool rows4_sum_max(const float* h, int64_t C, const float* a, const float* e, const float* scale,
+                          float* sum_out, float* max_out) {
+  __m512 vs[4], vm[4];
+  for (int u = 0; u < 4; ++u) vs[u] = _mm512_setzero_ps(), vm[u] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  auto step = [&](int64_t i, __mmask16 k, bool tail) {
+    const __m512 g = _mm512_maskz_loadu_ps(k, scale + i);
+    __m512 va = g, ve = g;
+    if (a) va = _mm512_maskz_loadu_ps(k, a + i), ve = _mm512_maskz_loadu_ps(k, e + i);
+    for (int u = 0; u < 4; ++u) {
+      __m512 x = _mm512_maskz_loadu_ps(k, h + u * C + i);
+      if (a) x = _mm512_fmadd_ps(x, va, ve);
+      const __m512 v = _mm512_mul_ps(x, g);
+      vs[u] = _mm512_add_ps(vs[u], v);  // masked-off lanes hold 0
+      vm[u] = tail ? _mm512_mask_max_ps(vm[u], k, vm[u], v) : _mm512_max_ps(vm[u], v);
+    }
+  };
+  int64_t i = 0;
+  for (; i + 16 <= C; i += 16) step(i, static_cast<__mmask16>(0xFFFF), false);
+  if (i < C) step(i, tail_mask(C - i), true);
+  for (int u = 0; u < 4; ++u) {
+    sum_out[u] = _mm512_reduce_add_ps(vs[u]);
+    max_out[u] = _mm512_reduce_max_ps(vm[u]);
+  }
+  return true;
+}
 #endif
 
 // the portable versions: the caller runs its loops
@@ -136,6 +167,11 @@ bool row_sum_max_affine_scaled(const T*, const T*, const T*, const T*, int64_t, 
 
 template <typename T>
 bool gate_residual_row(const T*, const T*, const T*, const T*, T, const T*, const T*, const T*, int64_t, T*) {
+  return false;
+}
+
+template <typename T>
+bool rows4_sum_max(const T*, int64_t, const T*, const T*, const T*, T*, T*) {
   return false;
 }
 
