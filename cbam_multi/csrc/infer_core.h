@@ -35,7 +35,7 @@ constexpr int64_t kTile = 1024;    // spatial positions per channel-reduction ti
 constexpr int64_t kBandBytes = 128 * 1024;  // x per band of rows in the maps + product passes (L2 holds a few)
 constexpr int64_t kWeightBlockBytes = 64 * 1024;  // MLP weight rows shared by the batch's samples (in L2)
 constexpr int64_t kPoolAvg = 0, kPoolMax = 1;
-constexpr int64_t kPrefetchRows = 8;  // channels_last positions ahead that a pass prefetches (prefetch_values)
+using cbam_lanes::kPrefetchRows;  // channels_last positions ahead that a pass prefetches (prefetch_values)
 
 
 template <typename T>

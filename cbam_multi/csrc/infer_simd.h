@@ -7,11 +7,15 @@
 #include <cstdint>
 #include <limits>
 
+#include "lanes.h"
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
 namespace cbam_infer_simd {
+
+using cbam_lanes::prefetch_values;
 
 // max that propagates NaN, like torch.amax: keeps a NaN already in `a`, takes a NaN in `b`
 template <typename T>
@@ -173,17 +177,6 @@ bool gate_residual_row(const T*, const T*, const T*, const T*, T, const T*, cons
 template <typename T>
 bool rows4_sum_max(const T*, int64_t, const T*, const T*, const T*, T*, T*) {
   return false;
-}
-
-// Asks for the cache lines of n consecutive values ahead of their use. The channels_last passes walk rows of
-// C values (one position each) in order, yet prefetching a few rows ahead by hand made every ResNet-50 stage
-// shape 3-14 % faster (benchmarks/RESULTS.md): the hardware prefetcher alone leaves the next rows of the
-// input and of the residual late.
-template <typename T>
-inline void prefetch_values(const T* p, int64_t n) {
-  const char* b = reinterpret_cast<const char*>(p);
-  const int64_t bytes = n * static_cast<int64_t>(sizeof(T));
-  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(b + o, 0, 3);
 }
 
 // x = h * scale[c] + shift[c]: an eval BatchNorm in front of the block, applied as each pass reads h, so its

@@ -35,6 +35,8 @@ namespace cbam_train_nhwc {
 constexpr int64_t kBlock = 16;  // rows per partial sum (in T, then added in double) in pool_hw, grad_ca
 
 using cbam_lanes::bn_x;
+using cbam_lanes::kPrefetchRows;
+using cbam_lanes::prefetch_values;
 
 // One row of C values: sum, max, first argmax and tie count of y = row * g; 32-bit index and count lanes,
 // as wide as the float ones (64-bit ones ran the tie loop 12-22 % slower at C = 32..64)
@@ -176,8 +178,10 @@ void pool_hw_samples(const T* x, int64_t lo, int64_t hi, int64_t HW, int64_t C, 
       const int64_t p1 = std::min(HW, p0 + kBlock);
       std::fill(part.begin(), part.end(), T(0));
       int64_t p = p0;
-      for (; p + 4 <= p1; p += 4)
+      for (; p + 4 <= p1; p += 4) {
+        if (p + kPrefetchRows + 4 <= HW) prefetch_values(xb + (p + kPrefetchRows) * C, 4 * C);
         pool_rows<T, 4>(xb + p * C, C, static_cast<int32_t>(p), part.data(), m.data(), first.data(), n.data());
+      }
       for (; p < p1; ++p)
         pool_rows<T, 1>(xb + p * C, C, static_cast<int32_t>(p), part.data(), m.data(), first.data(), n.data());
       for (int64_t c = 0; c < C; ++c) sum[c] += double(part[c]);
@@ -308,6 +312,10 @@ void grad_ca_samples(const T* g, const T* x, const Saved<T, I>& sv, int64_t lo, 
       auto rows = [&](auto u_const) {
         constexpr int U = decltype(u_const)::value;
         const int64_t q = b * HW + p;
+        if (p + kPrefetchRows + U <= HW) {
+          prefetch_values(g + (q + kPrefetchRows) * C, U * C);
+          prefetch_values(x + (q + kPrefetchRows) * C, U * C);
+        }
         if (sv.first)
           gca_rows<T, I, U, true>(g + q * C, x + q * C, k, sv.s + q, sv.gm + q, sv.gr + q, sv.mxc + q, sv.idxc + q,
                                   C32, part.data());
