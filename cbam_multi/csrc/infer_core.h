@@ -338,8 +338,10 @@ void apply_gates(const T* x, const Affine<T>& in, const T* cg, const T* sg, cons
 }
 
 // The whole block for samples [0, B) of x (B, C, H, W) or, ChannelsLast, (B, H, W, C): out = cbam(x), or
-// relu(cbam(x) + res) with a residual (null: none). parallel_for(n, body) runs body(begin, end) over
-// disjoint ranges covering [0, n), on whatever threads the framework owns (ATen's pool, XLA's).
+// relu(cbam(x) + res) with a residual (null: none, else not overlapping out). out may be x itself: every pass
+// reads a position of x before the product pass writes it, and that pass reads x there only. parallel_for(n,
+// body) runs body(begin, end) over disjoint ranges covering [0, n), on whatever threads the framework owns
+// (ATen's pool, XLA's).
 template <typename T, bool ChannelsLast, typename ParallelFor>
 void run(const T* xd, const T* res, T* od, int64_t B, int64_t C, int64_t H, int64_t W, const Params<T>& p,
          ParallelFor&& parallel_for) {
