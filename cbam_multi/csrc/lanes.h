@@ -12,9 +12,10 @@ namespace cbam_lanes {
 
 // Asks for the cache lines of n consecutive values ahead of their use. The channels_last passes walk rows of
 // C values (one position each) in order, yet prefetching kPrefetchRows rows ahead by hand made the inference
-// passes 5-14 % faster on every ResNet-50 stage shape and the training core's H,W pools and dL/dca sums 12-40 %
-// (benchmarks/RESULTS.md): the hardware prefetcher alone leaves the next rows late. The training core's
-// per-pixel passes (maps, gate, dL/ds, dL/dx) ran no faster or slower with it and do without.
+// passes 5-14 % faster on every ResNet-50 stage shape, the training core's H,W pools and dL/dca sums 12-40 % and
+// the channels_last BN + CBAM kernels' statistics and sums up to 37 % (benchmarks/RESULTS.md): the hardware
+// prefetcher alone leaves the next rows late. The training core's per-pixel passes (maps, gate, dL/ds, dL/dx)
+// ran no faster or slower with it and do without.
 constexpr int64_t kPrefetchRows = 8;
 
 template <typename T>

@@ -15,6 +15,8 @@
 namespace {
 
 using cbam_lanes::bn_x;
+using cbam_lanes::kPrefetchRows;
+using cbam_lanes::prefetch_values;
 
 // One row of C values each (pragmas cannot sit inside the dispatch macro's argument, hence these helpers).
 // sum[c] += h[c] in double (the backward's BN sums subtract H*W times the mean from it: a float partial sum's
@@ -132,9 +134,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_pool_cl(const at::
         double* q = pm2 + b * C;
         scalar_t *m = pmx + b * C, *n = pmn + b * C;
         for (int64_t c = 0; c < C; ++c) s[c] = 0.0, q[c] = 0.0, m[c] = hb[c], n[c] = hb[c];
-        for (int64_t p = 0; p < HW; ++p) sum_max_min_row(hb + p * C, C, s, m, n);
+        for (int64_t p = 0; p < HW; ++p) {
+          if (p + kPrefetchRows < HW) prefetch_values(hb + (p + kPrefetchRows) * C, C);
+          sum_max_min_row(hb + p * C, C, s, m, n);
+        }
         for (int64_t c = 0; c < C; ++c) mean[c] = s[c] / double(HW);
-        for (int64_t p = 0; p < HW; ++p) sq_dev_row(hb + p * C, mean.data(), C, q);
+        for (int64_t p = 0; p < HW; ++p) {
+          if (p + kPrefetchRows < HW) prefetch_values(hb + (p + kPrefetchRows) * C, C);
+          sq_dev_row(hb + p * C, mean.data(), C, q);
+        }
       }
     });
   });
@@ -168,6 +176,10 @@ std::tuple<at::Tensor, at::Tensor> bn_grad_s_cl(const at::Tensor& g, const at::T
           std::fill(part.begin(), part.end(), scalar_t(0));
           for (int64_t p = p0; p < p1;) {
             const int64_t q = b * HW + p, u_n = p + 4 <= p1 ? 4 : 1;
+            if (p + kPrefetchRows + u_n <= HW) {
+              prefetch_values(pd + (q + kPrefetchRows) * C, u_n * C);
+              prefetch_values(ph + (q + kPrefetchRows) * C, u_n * C);
+            }
             for (int64_t u = 0; u < u_n; ++u) {
               scalar_t* x = xrows.data() + u * C;
               affine_row(ph + (q + u) * C, pa, pb, C, x);
@@ -230,6 +242,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_plane_sums_cl(
           for (int64_t p = p0; p < p1; ++p) {
             const int64_t q = b * HW + p;
             const scalar_t* hr = ph + q * C;
+            if (p + kPrefetchRows < HW) prefetch_values(hr + kPrefetchRows * C, C);
             affine_row(hr, pa, pb, C, xrow.data());
             const int32_t p32 = static_cast<int32_t>(p);
             if (first) {
