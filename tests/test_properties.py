@@ -2,7 +2,7 @@
 (with ties and NaN) give the same CBAM in torch, JAX and the float64 oracle; random invalid specs and
 spec JSON always raise SpecError, never another exception.
 
-CI runs a fixed seed (``derandomize``) and 100 examples per property (the "ci" profile). A longer,
+CI runs a fixed seed (``derandomize``) and 60 examples per property (the "ci" profile). A longer,
 randomised run: ``HYPOTHESIS_PROFILE=long python -m pytest tests/test_properties.py`` (2,000 examples
 per property, new seeds each run; a failure prints the example and the ``@reproduce_failure`` line).
 The profiles are registered in ``conftest.py``.
