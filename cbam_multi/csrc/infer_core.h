@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "infer_simd.h"
@@ -226,32 +227,33 @@ void spatial_maps(const T* x, const Affine<T>& in, const T* cg, int64_t C, int64
       }
     }
   } else {
-    auto one_row = [&](int64_t p) {
+    auto nan_aware_row = [&](int64_t p) {  // the portable build's path, and a row whose sum is NaN
       const T* r = x + p * C;
       if (in.scale) {
-        if (row_sum_max_affine_scaled(r, in.scale, in.shift, cg, C, mean[p], mx[p])) return;
         for (int64_t c = 0; c < C; ++c) row[c] = r[c] * in.scale[c] + in.shift[c];
         r = row;
       }
       row_sum_max(r, cg, C, mean[p], mx[p]);
     };
-    int64_t p = p0;
-    T s4[4], m4[4];
-    for (; p + 4 <= p1; p += 4) {
-      if (p + kPrefetchRows + 4 <= p1) prefetch_values(x + (p + kPrefetchRows) * C, 4 * C);
-      if (!rows4_sum_max(x + p * C, C, in.scale, in.shift, cg, s4, m4)) break;
-      for (int u = 0; u < 4; ++u) {
-        if (s4[u] != s4[u]) {
-          one_row(p + u);  // a NaN (or inf - inf) in the row: the one-row path takes the max NaN-aware
+    // U positions at once; false: the portable build, whose caller takes each row NaN-aware
+    auto rows = [&](auto u_const, int64_t p) {
+      constexpr int U = decltype(u_const)::value;
+      T s[U], m[U];
+      if (p + kPrefetchRows + U <= p1) prefetch_values(x + (p + kPrefetchRows) * C, U * C);
+      if (!rows_sum_max<U>(x + p * C, C, in.scale, in.shift, cg, s, m)) return false;
+      for (int u = 0; u < U; ++u) {
+        if (s[u] != s[u]) {
+          nan_aware_row(p + u);
         } else {
-          mean[p + u] = s4[u], mx[p + u] = m4[u];
+          mean[p + u] = s[u], mx[p + u] = m[u];
         }
       }
-    }
-    for (; p < p1; ++p) {
-      if (p + kPrefetchRows < p1) prefetch_values(x + (p + kPrefetchRows) * C, C);
-      one_row(p);
-    }
+      return true;
+    };
+    int64_t p = p0;
+    while (p + 4 <= p1 && rows(std::integral_constant<int, 4>{}, p)) p += 4;
+    for (; p < p1; ++p)
+      if (!rows(std::integral_constant<int, 1>{}, p)) nan_aware_row(p);
   }
   for (int64_t i = p0; i < p1; ++i) mean[i] /= T(C);
 }

@@ -82,34 +82,6 @@ inline void row_sum_max(const float* row, const float* scale, int64_t n, float& 
   max_out = sum != sum ? nan_aware_max(row, scale, n) : _mm512_reduce_max_ps(vm);  // vmaxps drops NaN
 }
 
-// row_sum_max of (h * a + e) * scale without storing h * a + e (an eval BatchNorm in front of the block; the
-// fused multiply-add rounds as the other passes' compiled h * a + e does). False where the row holds a NaN or
-// inf - inf: the caller then forms the row and takes the NaN-aware path.
-inline bool row_sum_max_affine_scaled(const float* h, const float* a, const float* e, const float* scale, int64_t n,
-                                      float& sum_out, float& max_out) {
-  __m512 vs = _mm512_setzero_ps(), vm = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const __m512 x = _mm512_fmadd_ps(_mm512_loadu_ps(h + i), _mm512_loadu_ps(a + i), _mm512_loadu_ps(e + i));
-    const __m512 v = _mm512_mul_ps(x, _mm512_loadu_ps(scale + i));
-    vs = _mm512_add_ps(vs, v);
-    vm = _mm512_max_ps(vm, v);
-  }
-  if (i < n) {
-    const __mmask16 k = tail_mask(n - i);
-    const __m512 x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, h + i), _mm512_maskz_loadu_ps(k, a + i),
-                                     _mm512_maskz_loadu_ps(k, e + i));
-    const __m512 v = _mm512_mul_ps(x, _mm512_maskz_loadu_ps(k, scale + i));
-    vs = _mm512_add_ps(vs, v);  // masked-off lanes hold 0
-    vm = _mm512_mask_max_ps(vm, k, vm, v);
-  }
-  const float sum = _mm512_reduce_add_ps(vs);
-  if (sum != sum) return false;
-  sum_out = sum;
-  max_out = _mm512_reduce_max_ps(vm);
-  return true;
-}
-
 // A ResNet block's tail on one channels_last row: o = relu(((h * a + e) * cg) * s + res), res = r or r * ra + re
 // (a = null: x = h; ra = null: the residual as is), in one loop. Explicit operations, so each product is rounded
 // before the add (as torch rounds the block's output before the shortcut add) and nothing is contracted.
@@ -131,20 +103,22 @@ inline bool gate_residual_row(const float* h, const float* a, const float* e, co
   return true;
 }
 
-// row_sum_max (scale = the channel gate) of four consecutive channels_last rows (pixels) at once, or of their
-// BatchNorm map (h * a + e) * scale where a is given: per row the same operations in the same order as the
-// one-row functions (bit-identical results), with the gate's and the affine's loads shared and four independent
-// chains in flight. A row whose sum is NaN gets a meaningless max: the caller takes it again, NaN-aware. False
-// (portable build): the caller takes every row one by one.
-inline bool rows4_sum_max(const float* h, int64_t C, const float* a, const float* e, const float* scale,
-                          float* sum_out, float* max_out) {
-  __m512 vs[4], vm[4];
-  for (int u = 0; u < 4; ++u) vs[u] = _mm512_setzero_ps(), vm[u] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+// row_sum_max (scale = the channel gate) of U consecutive channels_last rows (pixels) at once, or of their
+// BatchNorm map (h * a + e) * scale where a is given, without storing it (the fused multiply-add rounds as the
+// other passes' compiled h * a + e does): per row the operations and order of the one-row row_sum_max, with the
+// gate's and the affine's loads shared and U independent chains in flight. A row whose sum is NaN (a NaN, or
+// inf - inf) gets a meaningless max: the caller takes it again, NaN-aware. False (portable build): the caller
+// takes every row itself.
+template <int U>
+inline bool rows_sum_max(const float* h, int64_t C, const float* a, const float* e, const float* scale,
+                         float* sum_out, float* max_out) {
+  __m512 vs[U], vm[U];
+  for (int u = 0; u < U; ++u) vs[u] = _mm512_setzero_ps(), vm[u] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   auto step = [&](int64_t i, __mmask16 k, bool tail) {
     const __m512 g = _mm512_maskz_loadu_ps(k, scale + i);
     __m512 va = g, ve = g;
     if (a) va = _mm512_maskz_loadu_ps(k, a + i), ve = _mm512_maskz_loadu_ps(k, e + i);
-    for (int u = 0; u < 4; ++u) {
+    for (int u = 0; u < U; ++u) {
       __m512 x = _mm512_maskz_loadu_ps(k, h + u * C + i);
       if (a) x = _mm512_fmadd_ps(x, va, ve);
       const __m512 v = _mm512_mul_ps(x, g);
@@ -155,7 +129,7 @@ inline bool rows4_sum_max(const float* h, int64_t C, const float* a, const float
   int64_t i = 0;
   for (; i + 16 <= C; i += 16) step(i, static_cast<__mmask16>(0xFFFF), false);
   if (i < C) step(i, tail_mask(C - i), true);
-  for (int u = 0; u < 4; ++u) {
+  for (int u = 0; u < U; ++u) {
     sum_out[u] = _mm512_reduce_add_ps(vs[u]);
     max_out[u] = _mm512_reduce_max_ps(vm[u]);
   }
@@ -165,17 +139,12 @@ inline bool rows4_sum_max(const float* h, int64_t C, const float* a, const float
 
 // the portable versions: the caller runs its loops
 template <typename T>
-bool row_sum_max_affine_scaled(const T*, const T*, const T*, const T*, int64_t, T&, T&) {
-  return false;
-}
-
-template <typename T>
 bool gate_residual_row(const T*, const T*, const T*, const T*, T, const T*, const T*, const T*, int64_t, T*) {
   return false;
 }
 
-template <typename T>
-bool rows4_sum_max(const T*, int64_t, const T*, const T*, const T*, T*, T*) {
+template <int U, typename T>
+bool rows_sum_max(const T*, int64_t, const T*, const T*, const T*, T*, T*) {
   return false;
 }
 
